@@ -1,0 +1,1 @@
+"""The ``bmcell`` command line."""

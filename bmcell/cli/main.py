@@ -1,0 +1,43 @@
+"""Entry point of the ``bmcell`` command.
+
+Commands that talk to the system read the same BMCELL_* variables as the services;
+where one is unset, the embedded stack's ``.run/stack.env`` supplies it, so after
+``bmcell stack up`` every command works with no configuration.
+"""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+from bmcell.cli.stack import stack
+from bmcell.stack.config import StackConfig
+
+
+def load_stack_env() -> None:
+    env_file = StackConfig().env_file
+    if not env_file.exists():
+        return
+    for line in env_file.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key not in os.environ:
+            os.environ[key] = value
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="bmcell")
+def cli() -> None:
+    """bmcell: grow a labelled bone marrow cell library and its classifier together."""
+    load_stack_env()
+
+
+cli.add_command(stack)
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

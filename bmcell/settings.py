@@ -1,0 +1,109 @@
+"""Typed settings, read from the environment in one place.
+
+Every variable is ``BMCELL_<FIELD>`` (upper case). Addresses of what a process talks
+to have no default: a missing one stops the process at start with a message naming
+the variable. ``bmcell stack up`` sets all of them for the embedded stack; ``deploy/``
+sets them for a cluster (a test checks the two agree with this module).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypeVar
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from bmcell.errors import ConfigError
+
+ENV_PREFIX = "BMCELL_"
+
+
+class Settings(BaseSettings):
+    """What every process needs: where state lives and how to log."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    database_url: str = Field(description="Postgres conninfo, e.g. postgresql://u@host:5432/bmcell")
+    s3_endpoint: str = Field(description="host:port of the S3 (MinIO) server")
+    s3_access_key: SecretStr = SecretStr("bmcell")
+    s3_secret_key: SecretStr = SecretStr("bmcell-secret")
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+    data_bucket: str = "bmcell-data"
+    models_bucket: str = "bmcell-models"
+    db_pool_min: int = Field(1, ge=1)
+    db_pool_max: int = Field(8, ge=1)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+    outbound_timeout_s: float = Field(
+        30.0, gt=0, description="deadline for calls to other services"
+    )
+
+
+class ServiceSettings(Settings):
+    """A gRPC service: where it listens and how it stops."""
+
+    host: str = "127.0.0.1"
+    grpc_port: int = Field(ge=1, le=65535)
+    metrics_port: int = Field(ge=1, le=65535)
+    grpc_workers: int = Field(8, ge=1)
+    shutdown_grace_s: float = Field(10.0, ge=0)
+
+
+class SegmenterSettings(ServiceSettings):
+    grpc_port: int = Field(50051, ge=1, le=65535)
+    metrics_port: int = Field(9101, ge=1, le=65535)
+    max_upload_bytes: int = Field(32 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(16_000_000, ge=10_000)
+    crop_size: int = Field(282, ge=32)
+    segmenter_model: str = "unet"
+
+
+class ClassifierSettings(ServiceSettings):
+    grpc_port: int = Field(50052, ge=1, le=65535)
+    metrics_port: int = Field(9102, ge=1, le=65535)
+    triton_url: str = Field(description="host:port of Triton's gRPC endpoint")
+    triton_timeout_s: float = Field(10.0, gt=0)
+    triton_retries: int = Field(3, ge=0)
+    model_name: str = "bmcell-cell"
+    batch_size: int = Field(64, ge=1)
+
+
+class SelectorSettings(ServiceSettings):
+    grpc_port: int = Field(50053, ge=1, le=65535)
+    metrics_port: int = Field(9103, ge=1, le=65535)
+    classifier_addr: str = Field(description="host:port of the classifier service")
+
+
+class TrainerSettings(ServiceSettings):
+    grpc_port: int = Field(50054, ge=1, le=65535)
+    metrics_port: int = Field(9104, ge=1, le=65535)
+    ray_address: str = Field(description="Ray cluster address (host:port of the GCS)")
+    classifier_addr: str = Field(description="host:port of the classifier service")
+    num_workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    epochs: int = Field(30, ge=1, description="250 in the study; the CPU default is 30")
+    input_size: int = Field(96, ge=32)
+
+
+class LabelApiSettings(Settings):
+    host: str = "127.0.0.1"
+    http_port: int = Field(8080, ge=1, le=65535)
+    lease_seconds: int = Field(300, ge=5)
+
+
+S = TypeVar("S", bound=Settings)
+
+
+def load(cls: type[S], **overrides: object) -> S:
+    """Build ``cls`` from the environment; a bad or missing value raises ConfigError."""
+    try:
+        return cls(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            name = ENV_PREFIX + "_".join(str(p) for p in err["loc"]).upper()
+            problems.append(
+                f"{name} is required" if err["type"] == "missing" else f"{name}: {err['msg']}"
+            )
+        raise ConfigError(f"{cls.__name__}: " + "; ".join(problems)) from exc

@@ -1,0 +1,364 @@
+"""What the embedded stack runs, in start order, and how each one proves it is ready."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from bmcell.stack.config import StackConfig
+
+S3_ACCESS_KEY = "bmcell"
+S3_SECRET_KEY = "bmcell-secret"
+
+
+@dataclass
+class Component:
+    name: str
+    argv: list[str]
+    ports: dict[str, int]
+    ready: Callable[[], bool]
+    env: dict[str, str] = field(default_factory=dict)
+    user: str | None = None
+    prepare: Callable[[], None] | None = None
+    after_ready: Callable[[], None] | None = None
+    grpc_service: str | None = None
+    # Seconds between SIGTERM and SIGKILL of the component's process group.
+    stop_timeout_s: float = 20.0
+
+    @property
+    def endpoint(self) -> str:
+        return ", ".join(f"{k}=127.0.0.1:{v}" for k, v in self.ports.items())
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def grpc_serving(addr: str, service: str = "") -> bool:
+    try:
+        with grpc.insecure_channel(addr) as ch:
+            resp = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=2
+            )
+        return resp.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.RpcError:
+        return False
+
+
+def service_env(cfg: StackConfig) -> dict[str, str]:
+    """The BMCELL_* settings every service and the CLI get for this stack."""
+    return {
+        "BMCELL_DATABASE_URL": f"postgresql://bmcell@{cfg.addr('postgres')}/bmcell",
+        "BMCELL_S3_ENDPOINT": cfg.addr("s3"),
+        "BMCELL_S3_ACCESS_KEY": S3_ACCESS_KEY,
+        "BMCELL_S3_SECRET_KEY": S3_SECRET_KEY,
+        "BMCELL_TRITON_URL": cfg.addr("triton_grpc"),
+        "BMCELL_RAY_ADDRESS": cfg.addr("ray"),
+        "BMCELL_CLASSIFIER_ADDR": cfg.addr("classifier"),
+        "BMCELL_SEGMENTER_ADDR": cfg.addr("segmenter"),
+        "BMCELL_SELECTOR_ADDR": cfg.addr("selector"),
+        "BMCELL_TRAINER_ADDR": cfg.addr("trainer"),
+        "BMCELL_LABELAPI_URL": f"http://{cfg.addr('labelapi')}",
+        "BMCELL_TRITON_REPOSITORY": str(cfg.run_dir / "triton-repo"),
+    }
+
+
+# --- Postgres ---------------------------------------------------------------------
+
+
+def _pg_bindir() -> Path:
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), reverse=True)
+    if candidates:
+        return candidates[0].parent
+    found = shutil.which("postgres")
+    if found:
+        return Path(found).resolve().parent
+    raise RuntimeError("PostgreSQL is not installed: run `make setup` (installs postgresql-15)")
+
+
+def _pg_user() -> str | None:
+    """Postgres refuses to run as root: use the ``postgres`` account then."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        raise RuntimeError(
+            "running as root needs a 'postgres' user (apt-get install postgresql-15)"
+        ) from None
+    return "postgres"
+
+
+def postgres(cfg: StackConfig) -> Component:
+    data = cfg.run_dir / "postgres"
+    sock = Path(tempfile.gettempdir()) / f"bmcell-pg-{cfg.port('postgres')}"
+    user = _pg_user()
+    bindir = _pg_bindir()
+
+    def chown(path: Path) -> None:
+        if user:
+            pw = pwd.getpwnam(user)
+            os.chown(path, pw.pw_uid, pw.pw_gid)
+
+    def prepare() -> None:
+        sock.mkdir(exist_ok=True)
+        chown(sock)
+        if (data / "PG_VERSION").exists():
+            return
+        data.mkdir(parents=True, exist_ok=True)
+        data.chmod(0o700)
+        chown(data)
+        subprocess.run(
+            [
+                str(bindir / "initdb"),
+                "-D",
+                str(data),
+                "-U",
+                "bmcell",
+                "-A",
+                "trust",
+                "-E",
+                "UTF8",
+                "--no-instructions",
+            ],
+            check=True,
+            user=user,
+            capture_output=True,
+        )
+
+    def ready() -> bool:
+        import psycopg
+
+        try:
+            with psycopg.connect(
+                host=cfg.host,
+                port=cfg.port("postgres"),
+                user="bmcell",
+                dbname="postgres",
+                connect_timeout=2,
+            ):
+                return True
+        except psycopg.Error:
+            return False
+
+    def create_database() -> None:
+        import psycopg
+
+        with psycopg.connect(
+            host=cfg.host,
+            port=cfg.port("postgres"),
+            user="bmcell",
+            dbname="postgres",
+            autocommit=True,
+        ) as conn:
+            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = 'bmcell'").fetchone():
+                conn.execute("CREATE DATABASE bmcell")
+
+    return Component(
+        name="postgres",
+        argv=[
+            str(bindir / "postgres"),
+            "-D",
+            str(data),
+            "-p",
+            str(cfg.port("postgres")),
+            "-c",
+            f"listen_addresses={cfg.host}",
+            "-c",
+            f"unix_socket_directories={sock}",
+            "-c",
+            "max_connections=200",
+            "-c",
+            "shared_buffers=128MB",
+        ],
+        ports={"sql": cfg.port("postgres")},
+        ready=ready,
+        user=user,
+        prepare=prepare,
+        after_ready=create_database,
+    )
+
+
+# --- S3 ---------------------------------------------------------------------------
+
+
+def s3(cfg: StackConfig) -> Component:
+    def ready() -> bool:
+        return port_open(cfg.host, cfg.port("s3"))
+
+    return Component(
+        name="s3",
+        argv=[
+            str(Path(sys.executable).parent / "moto_server"),
+            "-H",
+            cfg.host,
+            "-p",
+            str(cfg.port("s3")),
+        ],
+        ports={"s3": cfg.port("s3")},
+        ready=ready,
+    )
+
+
+# --- Triton -----------------------------------------------------------------------
+
+
+def triton(cfg: StackConfig) -> Component:
+    from bmcell import triton as tr
+
+    repo = cfg.run_dir / "triton-repo"
+
+    def prepare() -> None:
+        repo.mkdir(parents=True, exist_ok=True)
+
+    def ready() -> bool:
+        try:
+            tr.wait_ready(cfg.addr("triton_grpc"), timeout_s=0.5)
+        except TimeoutError:
+            return False
+        return True
+
+    return Component(
+        name="triton",
+        argv=tr.tritonserver_command(
+            str(repo),
+            http_port=cfg.port("triton_http"),
+            grpc_port=cfg.port("triton_grpc"),
+            metrics_port=cfg.port("triton_metrics"),
+            address=cfg.host,
+        ),
+        env=tr.tritonserver_env(dict(os.environ)),
+        ports={
+            "grpc": cfg.port("triton_grpc"),
+            "http": cfg.port("triton_http"),
+            "metrics": cfg.port("triton_metrics"),
+        },
+        ready=ready,
+        prepare=prepare,
+    )
+
+
+# --- Ray --------------------------------------------------------------------------
+
+
+def ray_temp_dir(cfg: StackConfig) -> Path:
+    # Ray's unix sockets live under its temp dir, and socket paths must stay short.
+    return Path(tempfile.gettempdir()) / f"bmcell-ray-{cfg.port('ray')}"
+
+
+def ray(cfg: StackConfig) -> Component:
+    def ready() -> bool:
+        if not port_open(cfg.host, cfg.port("ray")):
+            return False
+        out = subprocess.run(
+            [str(Path(sys.executable).parent / "ray"), "status", "--address", cfg.addr("ray")],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        return out.returncode == 0
+
+    return Component(
+        name="ray",
+        argv=[
+            str(Path(sys.executable).parent / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--node-ip-address={cfg.host}",
+            f"--port={cfg.port('ray')}",
+            f"--node-manager-port={cfg.port('ray_node_manager')}",
+            f"--object-manager-port={cfg.port('ray_object_manager')}",
+            f"--ray-client-server-port={cfg.port('ray_client')}",
+            f"--metrics-export-port={cfg.port('ray_metrics')}",
+            f"--dashboard-agent-listen-port={cfg.port('ray_dashboard_agent')}",
+            f"--dashboard-agent-grpc-port={cfg.port('ray_dashboard_agent_grpc')}",
+            f"--runtime-env-agent-port={cfg.port('ray_runtime_env_agent')}",
+            f"--min-worker-port={cfg.port('ray_workers_min')}",
+            f"--max-worker-port={cfg.port('ray_workers_max')}",
+            f"--num-cpus={cfg.ray_cpus}",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+            f"--object-store-memory={cfg.ray_object_store_mb << 20}",
+            f"--temp-dir={ray_temp_dir(cfg)}",
+        ],
+        env={
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        },
+        ports={"gcs": cfg.port("ray")},
+        ready=ready,
+        # Ray's head keeps no state bmcell needs (jobs checkpoint to object storage),
+        # and some of its helpers ignore SIGTERM for 20 s: don't wait that long.
+        stop_timeout_s=3.0,
+    )
+
+
+# --- bmcell services --------------------------------------------------------------
+
+
+def grpc_service(cfg: StackConfig, name: str, full_name: str) -> Component:
+    env = {
+        **service_env(cfg),
+        "BMCELL_GRPC_PORT": str(cfg.port(name)),
+        "BMCELL_METRICS_PORT": str(cfg.port(f"{name}_metrics")),
+        "BMCELL_HOST": cfg.host,
+    }
+    return Component(
+        name=name,
+        argv=[sys.executable, "-m", f"services.{name}"],
+        env=env,
+        ports={"grpc": cfg.port(name), "metrics": cfg.port(f"{name}_metrics")},
+        ready=lambda: grpc_serving(cfg.addr(name), full_name),
+        grpc_service=full_name,
+    )
+
+
+def labelapi(cfg: StackConfig) -> Component:
+    import httpx
+
+    def ready() -> bool:
+        try:
+            return httpx.get(f"http://{cfg.addr('labelapi')}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    return Component(
+        name="labelapi",
+        argv=[sys.executable, "-m", "services.labelapi"],
+        env={
+            **service_env(cfg),
+            "BMCELL_HTTP_PORT": str(cfg.port("labelapi")),
+            "BMCELL_HOST": cfg.host,
+        },
+        ports={"http": cfg.port("labelapi")},
+        ready=ready,
+    )
+
+
+GRPC_SERVICES = {
+    "segmenter": "bmcell.v1.Segmenter",
+    "classifier": "bmcell.v1.Classifier",
+    "selector": "bmcell.v1.Selector",
+    "trainer": "bmcell.v1.Trainer",
+}
+
+
+def all_components(cfg: StackConfig) -> list[Component]:
+    comps = [postgres(cfg), s3(cfg), triton(cfg), ray(cfg)]
+    comps += [grpc_service(cfg, name, full) for name, full in GRPC_SERVICES.items()]
+    comps.append(labelapi(cfg))
+    return comps

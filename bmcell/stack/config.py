@@ -1,0 +1,73 @@
+"""Where the embedded stack keeps its files and which ports it takes.
+
+All ports derive from one base (``BMCELL_STACK_PORT_BASE``) so a second stack, for
+example the test suite's, runs beside a developer's by changing one number.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Offsets from the port base; one table so nothing collides by accident.
+PORT_OFFSETS: dict[str, int] = {
+    "postgres": 0,
+    "s3": 1,
+    "triton_http": 2,
+    "triton_grpc": 3,
+    "triton_metrics": 4,
+    "ray": 5,
+    "ray_node_manager": 6,
+    "ray_object_manager": 7,
+    "ray_client": 8,
+    "ray_metrics": 9,
+    "segmenter": 10,
+    "segmenter_metrics": 11,
+    "classifier": 12,
+    "classifier_metrics": 13,
+    "selector": 14,
+    "selector_metrics": 15,
+    "trainer": 16,
+    "trainer_metrics": 17,
+    "labelapi": 18,
+    "prometheus": 19,
+    "ray_dashboard_agent": 20,
+    "ray_runtime_env_agent": 21,
+    "ray_dashboard_agent_grpc": 22,
+    "ray_workers_min": 30,
+    "ray_workers_max": 79,
+}
+
+
+class StackConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BMCELL_STACK_", extra="ignore")
+
+    run_dir: Path = Field(REPO / ".run", description="data, logs and state of the stack")
+    port_base: int = Field(55400, ge=1024, le=65000)
+    host: str = "127.0.0.1"
+    ray_cpus: int = Field(2, ge=1)
+    ray_object_store_mb: int = Field(512, ge=78)
+    ready_timeout_s: float = Field(120.0, gt=0)
+    with_prometheus: bool = False
+
+    def port(self, name: str) -> int:
+        return self.port_base + PORT_OFFSETS[name]
+
+    def addr(self, name: str) -> str:
+        return f"{self.host}:{self.port(name)}"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.run_dir / "logs"
+
+    @property
+    def state_file(self) -> Path:
+        return self.run_dir / "stack.json"
+
+    @property
+    def env_file(self) -> Path:
+        return self.run_dir / "stack.env"

@@ -1,0 +1,75 @@
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from typing import ClassVar as _ClassVar, Optional as _Optional
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class StartTrainingRequest(_message.Message):
+    __slots__ = ("round_id", "epochs", "num_workers", "cpus_per_worker", "learning_rate", "batch_size", "per_class_cap", "max_accuracy_drop")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    CPUS_PER_WORKER_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PER_CLASS_CAP_FIELD_NUMBER: _ClassVar[int]
+    MAX_ACCURACY_DROP_FIELD_NUMBER: _ClassVar[int]
+    round_id: int
+    epochs: int
+    num_workers: int
+    cpus_per_worker: float
+    learning_rate: float
+    batch_size: int
+    per_class_cap: int
+    max_accuracy_drop: float
+    def __init__(self, round_id: _Optional[int] = ..., epochs: _Optional[int] = ..., num_workers: _Optional[int] = ..., cpus_per_worker: _Optional[float] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., per_class_cap: _Optional[int] = ..., max_accuracy_drop: _Optional[float] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class TrainingProgress(_message.Message):
+    __slots__ = ("job_id", "epoch", "epochs", "loss", "train_accuracy", "validation_accuracy", "samples_per_second", "state")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    TRAIN_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    epoch: int
+    epochs: int
+    loss: float
+    train_accuracy: float
+    validation_accuracy: float
+    samples_per_second: float
+    state: str
+    def __init__(self, job_id: _Optional[str] = ..., epoch: _Optional[int] = ..., epochs: _Optional[int] = ..., loss: _Optional[float] = ..., train_accuracy: _Optional[float] = ..., validation_accuracy: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., state: _Optional[str] = ...) -> None: ...
+
+class TrainingJob(_message.Message):
+    __slots__ = ("job_id", "round_id", "state", "epoch", "epochs", "validation_accuracy", "test_accuracy", "model_version", "published", "message")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    TEST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PUBLISHED_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    round_id: int
+    state: str
+    epoch: int
+    epochs: int
+    validation_accuracy: float
+    test_accuracy: float
+    model_version: int
+    published: bool
+    message: str
+    def __init__(self, job_id: _Optional[str] = ..., round_id: _Optional[int] = ..., state: _Optional[str] = ..., epoch: _Optional[int] = ..., epochs: _Optional[int] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., model_version: _Optional[int] = ..., published: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,49 @@
+"""Test fixtures.
+
+Integration tests share one embedded stack per session: real Postgres, the S3 server,
+Triton, Ray and every service, on a port range of their own (56400+ by default,
+``BMCELL_TEST_PORT_BASE`` to move it) so a developer's stack on 55400 keeps running.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+
+import pytest
+
+from bmcell.stack import Stack, StackConfig
+from bmcell.stack.config import REPO
+
+
+def stack_port_base() -> int:
+    return int(os.environ.get("BMCELL_TEST_PORT_BASE", "56400"))
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    base = stack_port_base()
+    cfg = StackConfig(run_dir=REPO / ".run" / f"test-{base}", port_base=base)
+    s = Stack(cfg, progress=lambda msg: print(f"[stack] {msg}", flush=True))
+    s.down()
+    saved = dict(os.environ)
+    try:
+        s.up()
+        os.environ.update(s.env())
+        yield s
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+        s.down()
+
+
+@pytest.fixture(scope="session")
+def stack_env(stack: Stack) -> dict[str, str]:
+    return stack.env()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,63 @@
+"""`stack up` is idempotent and `stack down` leaves no process and no port behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from bmcell.stack.components import port_open
+from bmcell.stack.config import PORT_OFFSETS, REPO
+from bmcell.stack.manager import _alive
+from tests.conftest import stack_port_base
+
+pytestmark = pytest.mark.integration
+
+
+def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bmcell.cli.main", "stack", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_up_twice_then_down_leaves_nothing() -> None:
+    base = stack_port_base() + 100
+    run_dir = REPO / ".run" / f"test-{base}"
+    env = {**os.environ, "BMCELL_STACK_PORT_BASE": str(base), "BMCELL_STACK_RUN_DIR": str(run_dir)}
+    try:
+        first = _cli("up", env=env)
+        assert first.returncode == 0, first.stderr
+        import json
+
+        status = json.loads(_cli("status", "--json", env=env).stdout)
+        assert all(c["healthy"] for c in status.values()), status
+        pids = {name: c["pid"] for name, c in status.items()}
+
+        again = _cli("up", env=env)
+        assert again.returncode == 0, again.stderr
+        assert "already running" in again.stderr
+        status2 = json.loads(_cli("status", "--json", env=env).stdout)
+        assert {name: c["pid"] for name, c in status2.items()} == pids
+    finally:
+        down = _cli("down", env=env)
+    assert down.returncode == 0, down.stderr
+    assert not [name for name, pid in pids.items() if _alive(pid)]
+    held = [base + off for off in PORT_OFFSETS.values() if port_open("127.0.0.1", base + off)]
+    assert not held, f"ports still held after down: {held}"
+    out = subprocess.run(
+        [
+            "pgrep",
+            "-f",
+            f"bmcell-ray-{base + PORT_OFFSETS['ray']}|port={base + PORT_OFFSETS['ray']}",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert out.stdout.strip() == "", f"Ray processes left: {out.stdout}"
+    assert _cli("status", env=env).returncode == 1
