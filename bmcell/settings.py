@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     outbound_timeout_s: float = Field(
         30.0, gt=0, description="deadline for calls to other services"
     )
+    model_name: str = Field("bmcell-cell", description="the cell classifier's name in Triton")
 
 
 class ServiceSettings(Settings):
@@ -56,7 +57,11 @@ class SegmenterSettings(ServiceSettings):
     max_upload_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(16_000_000, ge=10_000)
     crop_size: int = Field(282, ge=32)
-    segmenter_model: str = "unet"
+    segmenter_model: str = Field(
+        "unet", pattern=r"^[a-z0-9][a-z0-9_-]*$", description="weights: segmenter/<name>-vN.pt"
+    )
+    segment_concurrency: int = Field(2, ge=1, description="fields segmented at the same time")
+    torch_threads: int = Field(2, ge=1, description="intra-op threads of the network")
 
 
 class ClassifierSettings(ServiceSettings):
@@ -65,7 +70,9 @@ class ClassifierSettings(ServiceSettings):
     triton_url: str = Field(description="host:port of Triton's gRPC endpoint")
     triton_timeout_s: float = Field(10.0, gt=0)
     triton_retries: int = Field(3, ge=0)
-    model_name: str = "bmcell-cell"
+    triton_repository: str = Field(
+        "", description="local model repository Triton reads; empty: Triton reads the models bucket"
+    )
     batch_size: int = Field(64, ge=1)
 
 
@@ -89,7 +96,11 @@ class TrainerSettings(ServiceSettings):
 class LabelApiSettings(Settings):
     host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=1, le=65535)
-    lease_seconds: int = Field(300, ge=5)
+    lease_seconds: int = Field(300, ge=1, description="how long a reviewer holds a task")
+    required_reviews: int = Field(
+        3, ge=1, le=9, description="answers needed on initial, validation and test tasks"
+    )
+    export_max_rows: int = Field(500_000, ge=1)
 
 
 S = TypeVar("S", bound=Settings)

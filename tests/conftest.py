@@ -8,6 +8,7 @@ Triton, Ray and every service, on a port range of their own (56400+ by default,
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from collections.abc import Iterator
 
@@ -27,6 +28,7 @@ def stack() -> Iterator[Stack]:
     cfg = StackConfig(run_dir=REPO / ".run" / f"test-{base}", port_base=base)
     s = Stack(cfg, progress=lambda msg: print(f"[stack] {msg}", flush=True))
     s.down()
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)  # every session starts from empty state
     saved = dict(os.environ)
     try:
         s.up()

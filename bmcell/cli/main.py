@@ -12,6 +12,7 @@ import os
 import click
 
 from bmcell.cli.stack import stack
+from bmcell.cli.users import users
 from bmcell.stack.config import StackConfig
 
 
@@ -33,6 +34,7 @@ def cli() -> None:
 
 
 cli.add_command(stack)
+cli.add_command(users)
 
 
 def main() -> None:

@@ -357,8 +357,83 @@ GRPC_SERVICES = {
 }
 
 
+# --- Prometheus -------------------------------------------------------------------
+
+PROMETHEUS_RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "rules"
+
+
+def prometheus_scrape_targets(cfg: StackConfig) -> dict[str, str]:
+    """Scrape job name -> ``host:port`` of its /metrics; job names match deploy/'s."""
+    targets = {name: cfg.addr(f"{name}_metrics") for name in GRPC_SERVICES}
+    targets["labelapi"] = cfg.addr("labelapi")
+    targets["triton"] = cfg.addr("triton_metrics")
+    targets["prometheus"] = cfg.addr("prometheus")
+    return targets
+
+
+def prometheus_config(cfg: StackConfig, scrape_interval_s: int = 2) -> dict:
+    """Prometheus configuration for this stack, loading the alert rules of deploy/."""
+    return {
+        "global": {
+            "scrape_interval": f"{scrape_interval_s}s",
+            "evaluation_interval": f"{scrape_interval_s}s",
+            "external_labels": {"stack": f"embedded-{cfg.port_base}"},
+        },
+        "rule_files": [str(PROMETHEUS_RULES / "*.yml")],
+        "scrape_configs": [
+            {
+                "job_name": job,
+                "static_configs": [{"targets": [target]}],
+                "scrape_timeout": f"{scrape_interval_s}s",
+            }
+            for job, target in prometheus_scrape_targets(cfg).items()
+        ],
+    }
+
+
+def prometheus(cfg: StackConfig) -> Component:
+    import httpx
+    import yaml
+
+    home = cfg.run_dir / "prometheus"
+    config_file = home / "prometheus.yml"
+    binary = shutil.which("prometheus") or "/usr/bin/prometheus"
+
+    def prepare() -> None:
+        if not Path(binary).is_file():
+            raise RuntimeError(
+                "Prometheus is not installed: run `make setup` (installs Debian's prometheus)"
+            )
+        (home / "data").mkdir(parents=True, exist_ok=True)
+        config_file.write_text(yaml.safe_dump(prometheus_config(cfg), sort_keys=False))
+
+    def ready() -> bool:
+        try:
+            url = f"http://{cfg.addr('prometheus')}/-/ready"
+            return httpx.get(url, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    return Component(
+        name="prometheus",
+        argv=[
+            binary,
+            f"--config.file={config_file}",
+            f"--storage.tsdb.path={home / 'data'}",
+            "--storage.tsdb.retention.time=2d",
+            f"--web.listen-address={cfg.addr('prometheus')}",
+            "--log.level=warn",
+        ],
+        ports={"http": cfg.port("prometheus")},
+        ready=ready,
+        prepare=prepare,
+    )
+
+
 def all_components(cfg: StackConfig) -> list[Component]:
     comps = [postgres(cfg), s3(cfg), triton(cfg), ray(cfg)]
     comps += [grpc_service(cfg, name, full) for name, full in GRPC_SERVICES.items()]
     comps.append(labelapi(cfg))
+    if cfg.with_prometheus:
+        comps.append(prometheus(cfg))
     return comps

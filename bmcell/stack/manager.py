@@ -75,7 +75,12 @@ class Stack:
         tmp.replace(self.config.state_file)
 
     def components(self) -> list[comp.Component]:
-        return comp.all_components(self.config)
+        cfg = self.config
+        # Optional parts started by an earlier `up --with-prometheus` stay part of the
+        # stack, so a plain `status`, `logs` or `down` still sees and stops them.
+        if not cfg.with_prometheus and "prometheus" in self._load_state()["components"]:
+            cfg = cfg.model_copy(update={"with_prometheus": True})
+        return comp.all_components(cfg)
 
     def env(self) -> dict[str, str]:
         return comp.service_env(self.config)

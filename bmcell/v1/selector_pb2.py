@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62mcell/v1/selector.proto\x12\tbmcell.v1\"\x87\x01\n\x13SelectionParameters\x12\x13\n\x0bsample_size\x18\x01 \x01(\x05\x12\x15\n\rcst_threshold\x18\x02 \x01(\x01\x12\x11\n\tal_margin\x18\x03 \x01(\x01\x12\x15\n\rper_class_cap\x18\x04 \x01(\x05\x12\x0c\n\x04seed\x18\x05 \x01(\x03\x12\x0c\n\x04labs\x18\x06 \x03(\t\"q\n\x17SelectCandidatesRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x32\n\nparameters\x18\x03 \x01(\x0b\x32\x1e.bmcell.v1.SelectionParameters\"\'\n\x13GetSelectionRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x03\"\x92\x03\n\tSelection\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\x11\n\tpool_size\x18\x04 \x01(\x03\x12\x13\n\x0bsample_size\x18\x05 \x01(\x03\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\x12>\n\x0e\x63ounts_by_kind\x18\x07 \x03(\x0b\x32&.bmcell.v1.Selection.CountsByKindEntry\x12@\n\x0f\x63ounts_by_class\x18\x08 \x03(\x0b\x32\'.bmcell.v1.Selection.CountsByClassEntry\x12\x15\n\rtasks_created\x18\t \x01(\x03\x12\x10\n\x08\x65xisting\x18\n \x01(\x08\x1a\x33\n\x11\x43ountsByKindEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x34\n\x12\x43ountsByClassEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\x9e\x01\n\x08Selector\x12L\n\x10SelectCandidates\x12\".bmcell.v1.SelectCandidatesRequest\x1a\x14.bmcell.v1.Selection\x12\x44\n\x0cGetSelection\x12\x1e.bmcell.v1.GetSelectionRequest\x1a\x14.bmcell.v1.Selectionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x62mcell/v1/selector.proto\x12\tbmcell.v1\"\x95\x01\n\x13SelectionParameters\x12\x13\n\x0bsample_size\x18\x01 \x01(\x05\x12\x15\n\rcst_threshold\x18\x02 \x01(\x01\x12\x11\n\tal_margin\x18\x03 \x01(\x01\x12\x15\n\rper_class_cap\x18\x04 \x01(\x05\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x00\x88\x01\x01\x12\x0c\n\x04labs\x18\x06 \x03(\tB\x07\n\x05_seed\"q\n\x17SelectCandidatesRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x32\n\nparameters\x18\x03 \x01(\x0b\x32\x1e.bmcell.v1.SelectionParameters\"\'\n\x13GetSelectionRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x03\"\x92\x03\n\tSelection\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x0c\n\x04seed\x18\x03 \x01(\x03\x12\x11\n\tpool_size\x18\x04 \x01(\x03\x12\x13\n\x0bsample_size\x18\x05 \x01(\x03\x12\x15\n\rmodel_version\x18\x06 \x01(\x03\x12>\n\x0e\x63ounts_by_kind\x18\x07 \x03(\x0b\x32&.bmcell.v1.Selection.CountsByKindEntry\x12@\n\x0f\x63ounts_by_class\x18\x08 \x03(\x0b\x32\'.bmcell.v1.Selection.CountsByClassEntry\x12\x15\n\rtasks_created\x18\t \x01(\x03\x12\x10\n\x08\x65xisting\x18\n \x01(\x08\x1a\x33\n\x11\x43ountsByKindEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x34\n\x12\x43ountsByClassEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\x9e\x01\n\x08Selector\x12L\n\x10SelectCandidates\x12\".bmcell.v1.SelectCandidatesRequest\x1a\x14.bmcell.v1.Selection\x12\x44\n\x0cGetSelection\x12\x1e.bmcell.v1.GetSelectionRequest\x1a\x14.bmcell.v1.Selectionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,17 +36,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SELECTION_COUNTSBYCLASSENTRY']._loaded_options = None
   _globals['_SELECTION_COUNTSBYCLASSENTRY']._serialized_options = b'8\001'
   _globals['_SELECTIONPARAMETERS']._serialized_start=40
-  _globals['_SELECTIONPARAMETERS']._serialized_end=175
-  _globals['_SELECTCANDIDATESREQUEST']._serialized_start=177
-  _globals['_SELECTCANDIDATESREQUEST']._serialized_end=290
-  _globals['_GETSELECTIONREQUEST']._serialized_start=292
-  _globals['_GETSELECTIONREQUEST']._serialized_end=331
-  _globals['_SELECTION']._serialized_start=334
-  _globals['_SELECTION']._serialized_end=736
-  _globals['_SELECTION_COUNTSBYKINDENTRY']._serialized_start=631
-  _globals['_SELECTION_COUNTSBYKINDENTRY']._serialized_end=682
-  _globals['_SELECTION_COUNTSBYCLASSENTRY']._serialized_start=684
-  _globals['_SELECTION_COUNTSBYCLASSENTRY']._serialized_end=736
-  _globals['_SELECTOR']._serialized_start=739
-  _globals['_SELECTOR']._serialized_end=897
+  _globals['_SELECTIONPARAMETERS']._serialized_end=189
+  _globals['_SELECTCANDIDATESREQUEST']._serialized_start=191
+  _globals['_SELECTCANDIDATESREQUEST']._serialized_end=304
+  _globals['_GETSELECTIONREQUEST']._serialized_start=306
+  _globals['_GETSELECTIONREQUEST']._serialized_end=345
+  _globals['_SELECTION']._serialized_start=348
+  _globals['_SELECTION']._serialized_end=750
+  _globals['_SELECTION_COUNTSBYKINDENTRY']._serialized_start=645
+  _globals['_SELECTION_COUNTSBYKINDENTRY']._serialized_end=696
+  _globals['_SELECTION_COUNTSBYCLASSENTRY']._serialized_start=698
+  _globals['_SELECTION_COUNTSBYCLASSENTRY']._serialized_end=750
+  _globals['_SELECTOR']._serialized_start=753
+  _globals['_SELECTOR']._serialized_end=911
 # @@protoc_insertion_point(module_scope)

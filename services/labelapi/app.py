@@ -1,19 +1,162 @@
-"""HTTP surface of the labeling API (FastAPI). OpenAPI is published at /openapi.json."""
+"""HTTP surface of the labeling API (FastAPI). OpenAPI is published at /openapi.json.
+
+Routes only: each one authenticates, opens one transaction, calls the domain module
+(``queue``, ``labels``) and shapes the answer. Every /v1 route needs
+``Authorization: Bearer <token>``; objects outside the caller's labs answer 404.
+The reviewer page is static and served at ``/``; crops are streamed by
+``GET /v1/cells/{id}/image`` after the same checks, so object storage never has to
+be reachable from a reviewer's browser.
+"""
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+import mimetypes
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Literal
+from uuid import UUID
 
-from bmcell.errors import BmcellError
+from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+
+from bmcell import metrics as shared_metrics
+from bmcell.errors import BmcellError, NotFound, Unauthenticated
 from bmcell.runtime import Runtime
 from bmcell.settings import LabelApiSettings
+from bmcell.taxonomy import DEFAULT_TAXONOMY
+from services.labelapi import labels, metrics, queue
+from services.labelapi.auth import Principal, authenticate, lab_ids_for_codes
+
+STATIC = Path(__file__).parent / "static"
+_bearer = HTTPBearer(auto_error=False, description="a token from `bmcell users token NAME`")
+
+
+class SubmitIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lease_token: UUID
+    answer: Literal["confirm", "correct", "difficult"]
+    class_code: str | None = Field(None, max_length=32)
+
+
+class ReleaseIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    lease_token: UUID
+
+
+class LabelIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    class_code: str = Field(max_length=32)
+    note: str = Field("", max_length=500)
+
+
+class BootstrapIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["initial", "validation", "test"]
+    cell_ids: list[int] = Field(min_length=1, max_length=10_000)
+    required_reviews: int | None = Field(None, ge=1, le=9)
+    round_id: int | None = None
+
+
+def current_principal(
+    request: Request,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    if creds is None:
+        raise Unauthenticated(
+            "missing or malformed Authorization header; send 'Authorization: Bearer <token>'"
+        )
+    return authenticate(request.app.state.rt.db, creds.credentials)
+
+
+Caller = Annotated[Principal, Depends(current_principal)]
+
+
+def _label_source(kind: str, answer: str, outcome: str) -> str:
+    """The ``source`` value of ``bmcell_labels_recorded_total`` for a finished task."""
+    if outcome == "difficult":
+        return "too_difficult"
+    if kind == "cst":
+        return "cst_confirmed" if answer == "confirm" else "cst_corrected"
+    return kind
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def task_json(task: dict, principal: Principal) -> dict:
+    holds = task["state"] == "leased" and task["lease_owner"] == principal.user_id
+    return {
+        "task_id": task["id"],
+        "kind": task["kind"],
+        "state": task["state"],
+        "round": None
+        if task["round_id"] is None
+        else {
+            "id": task["round_id"],
+            "number": task["round_number"],
+            "experiment": task["experiment"],
+        },
+        "required_reviews": task["required_reviews"],
+        "reviews_so_far": task["reviews_so_far"],
+        "suggested_class": task["suggested_class"],
+        "top": [
+            {"class_code": c, "probability": p}
+            for c, p in zip(task["top_classes"], task["top_probabilities"], strict=False)
+        ],
+        "cell": {
+            "id": task["cell_id"],
+            "lab": task["lab"],
+            "specimen": task["specimen"],
+            "field_id": task["field_id"],
+            "index_in_field": task["index_in_field"],
+            "bbox": [task["x0"], task["y0"], task["x1"], task["y1"]],
+            "morphometrics": {
+                k: task[k]
+                for k in (
+                    "cell_area",
+                    "nucleus_area",
+                    "nucleus_cell_ratio",
+                    "nucleus_axis_ratio",
+                    "nucleus_width_ratio",
+                )
+            },
+        },
+        "image_url": f"/v1/cells/{task['cell_id']}/image",
+        "lease_token": str(task["lease_token"]) if holds else None,
+        "leased_at": _iso(task["leased_at"]) if holds else None,
+        "lease_expires_at": _iso(task["lease_expires_at"]) if holds else None,
+    }
 
 
 def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
     app = FastAPI(title="bmcell labeling API", version="1", openapi_url="/openapi.json")
     app.state.rt = runtime
+    settings = runtime.settings
+    db = runtime.db
+    taxonomy = DEFAULT_TAXONOMY
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        started = time.perf_counter()
+        status = 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            template = getattr(route, "path", "unmatched")
+            shared_metrics.HTTP_REQUESTS.labels(template, request.method, str(status)).inc()
+            shared_metrics.HTTP_REQUEST_SECONDS.labels(template, request.method).observe(
+                time.perf_counter() - started
+            )
 
     @app.exception_handler(BmcellError)
     async def bmcell_error(_request: Request, exc: BmcellError) -> JSONResponse:
@@ -21,14 +164,216 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
             status_code=exc.http_status, content={"error": exc.message, "field": exc.field}
         )
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"] if p not in ("body", "query", "path"))
+        return JSONResponse(
+            status_code=422,
+            content={"error": first["msg"], "field": where or None, "detail": exc.errors()},
+        )
+
+    @app.get("/", include_in_schema=False)
+    def reviewer_page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
     @app.get("/healthz", include_in_schema=False)
     def healthz() -> dict:
-        with runtime.db.connection() as conn:
+        with db.connection() as conn:
             conn.execute("SELECT 1")
         return {"status": "ok"}
 
     @app.get("/metrics", include_in_schema=False)
-    def metrics() -> PlainTextResponse:
+    def metrics_page() -> PlainTextResponse:
+        with db.connection() as conn:
+            for kind, n in queue.backlog(conn).items():
+                shared_metrics.REVIEW_BACKLOG_TASKS.labels(kind).set(n)
         return PlainTextResponse(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/me", summary="Who the token belongs to and which labs they see")
+    def me(caller: Caller) -> dict:
+        with db.connection() as conn:
+            rows = conn.execute(
+                "SELECT code FROM labs WHERE %s OR id = ANY(%s) ORDER BY code",
+                (caller.all_labs, caller.lab_list()),
+            ).fetchall()
+        return {"name": caller.name, "role": caller.role, "labs": [r["code"] for r in rows]}
+
+    @app.get("/v1/taxonomy", summary="Cell classes a reviewer can choose from")
+    def get_taxonomy(_caller: Caller) -> dict:
+        return taxonomy.to_json()
+
+    @app.post(
+        "/v1/tasks/next",
+        summary="Lease the next task (204 when the queue is empty)",
+        responses={204: {"description": "no task is waiting for this caller"}},
+    )
+    def next_task(
+        caller: Caller,
+        kind: Annotated[
+            Literal["cst", "al", "initial", "validation", "test", "adjudication"] | None, Query()
+        ] = None,
+        lab: Annotated[str | None, Query(max_length=63)] = None,
+    ) -> Response:
+        lab_ids = lab_ids_for_codes(db, caller, [lab]) if lab else None
+        with db.transaction() as conn:
+            lease = queue.lease_next(
+                conn, caller, settings.lease_seconds, kind=kind, lab_ids=lab_ids
+            )
+        if lease is None:
+            return Response(status_code=204)
+        k = lease.task["kind"]
+        if not lease.resumed:
+            metrics.TASKS_LEASED.labels(k).inc()
+        if lease.took_over_expired:
+            metrics.TASKS_EXPIRED.labels(k).inc()
+        return JSONResponse(task_json(lease.task, caller))
+
+    @app.get("/v1/tasks/{task_id}", summary="One task with its cell")
+    def get_task(task_id: int, caller: Caller) -> dict:
+        caller.require("reviewer", "operator", "admin")
+        with db.connection() as conn:
+            return task_json(queue.task_view(conn, caller, task_id), caller)
+
+    @app.post("/v1/tasks/{task_id}/submit", summary="Answer a leased task (idempotent)")
+    def submit_task(task_id: int, body: SubmitIn, caller: Caller) -> dict:
+        with db.transaction() as conn:
+            out = queue.submit(
+                conn, caller, taxonomy, task_id, body.lease_token, body.answer, body.class_code
+            )
+        if not out.replayed:
+            metrics.TASKS_SUBMITTED.labels(out.kind, body.answer).inc()
+            if out.seconds is not None:
+                metrics.REVIEW_SECONDS.labels(out.kind).observe(out.seconds)
+            if out.status != "recorded":
+                metrics.TASK_OUTCOMES.labels(out.kind, out.status).inc()
+            if out.status in ("labelled", "difficult"):
+                shared_metrics.LABELS_RECORDED.labels(
+                    out.class_code or "none", _label_source(out.kind, body.answer, out.status)
+                ).inc()
+        return {
+            "task_id": out.task_id,
+            "status": out.status,
+            "class_code": out.class_code,
+            "reviews": out.reviews,
+            "required_reviews": out.required_reviews,
+            "adjudication_task_id": out.adjudication_task_id,
+            "replayed": out.replayed,
+        }
+
+    @app.post("/v1/tasks/{task_id}/release", summary="Give a leased task back to the queue")
+    def release_task(task_id: int, body: ReleaseIn, caller: Caller) -> dict:
+        with db.transaction() as conn:
+            queue.release(conn, caller, task_id, body.lease_token)
+        return {"task_id": task_id, "state": "open"}
+
+    @app.post(
+        "/v1/tasks",
+        status_code=201,
+        summary="Create initial, validation or test labelling tasks (k reviews each)",
+    )
+    def create_tasks(body: BootstrapIn, caller: Caller) -> dict:
+        with db.transaction() as conn:
+            return queue.create_bootstrap_tasks(
+                conn,
+                caller,
+                kind=body.kind,
+                cell_ids=body.cell_ids,
+                required_reviews=body.required_reviews or settings.required_reviews,
+                round_id=body.round_id,
+            )
+
+    def _cell(conn, caller: Principal, cell_id: int) -> dict:
+        row = conn.execute(
+            """SELECT c.*, lab.code AS lab, s.code AS specimen, s.is_test
+                 FROM cells c JOIN labs lab ON lab.id = c.lab_id
+                 JOIN specimens s ON s.id = c.specimen_id WHERE c.id = %s""",
+            (cell_id,),
+        ).fetchone()
+        if row is None or not caller.sees_lab(row["lab_id"]):
+            raise NotFound(f"cell {cell_id} does not exist", field="cell_id")
+        return row
+
+    @app.get("/v1/cells/{cell_id}", summary="A cell, its label and the label's history")
+    def get_cell(cell_id: int, caller: Caller) -> dict:
+        with db.connection() as conn:
+            cell = _cell(conn, caller, cell_id)
+            label = conn.execute(
+                "SELECT class_code, source, round_added, updated_at FROM labels WHERE cell_id = %s",
+                (cell_id,),
+            ).fetchone()
+            history = labels.label_history(conn, cell_id)
+        return {
+            "id": cell["id"],
+            "lab": cell["lab"],
+            "specimen": cell["specimen"],
+            "is_test": cell["is_test"],
+            "status": cell["status"],
+            "bbox": [cell["x0"], cell["y0"], cell["x1"], cell["y1"]],
+            "image_url": f"/v1/cells/{cell_id}/image",
+            "label": label,
+            "history": history,
+        }
+
+    @app.get(
+        "/v1/cells/{cell_id}/image",
+        summary="The cell's crop, streamed after the auth and lab checks",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}},
+    )
+    def cell_image(cell_id: int, caller: Caller) -> Response:
+        with db.connection() as conn:
+            key = _cell(conn, caller, cell_id)["crop_key"]
+        data = runtime.store.get(key)
+        media = mimetypes.guess_type(key)[0] or "application/octet-stream"
+        return Response(data, media_type=media, headers={"Cache-Control": "private, max-age=600"})
+
+    @app.put("/v1/cells/{cell_id}/label", summary="Correct a cell's label (audited)")
+    def put_label(cell_id: int, body: LabelIn, caller: Caller) -> dict:
+        with db.transaction() as conn:
+            after = labels.correct_label(
+                conn, caller, taxonomy, cell_id, body.class_code, body.note
+            )
+        return {"cell_id": cell_id, **after}
+
+    @app.get("/v1/labels/export", summary="Labels as CSV or JSON, filtered")
+    def export_labels(
+        caller: Caller,
+        format: Literal["csv", "json"] = "csv",
+        round: Annotated[int | None, Query(ge=0)] = None,
+        lab: Annotated[str | None, Query(max_length=63)] = None,
+        class_code: Annotated[str | None, Query(alias="class", max_length=32)] = None,
+    ) -> Response:
+        if class_code is not None:
+            labels.check_class(taxonomy, class_code, field="class")
+        lab_ids = lab_ids_for_codes(db, caller, [lab]) if lab else None
+        with db.connection() as conn:
+            rows = labels.export_rows(
+                conn,
+                caller,
+                round_number=round,
+                lab_ids=lab_ids,
+                class_code=class_code,
+                limit=settings.export_max_rows,
+            )
+        if format == "csv":
+            return Response(
+                labels.to_csv(rows),
+                media_type="text/csv",
+                headers={"Content-Disposition": 'attachment; filename="labels.csv"'},
+            )
+        return JSONResponse(
+            {
+                "count": len(rows),
+                "labels": [{**r, "updated_at": r["updated_at"].isoformat()} for r in rows],
+            }
+        )
+
+    @app.get("/v1/rounds/current/progress", summary="Review progress of the current round")
+    def round_progress(caller: Caller, round_id: Annotated[int | None, Query(ge=1)] = None) -> dict:
+        with db.connection() as conn:
+            return queue.progress(conn, caller, round_id)
 
     return app

@@ -1,0 +1,99 @@
+"""``bmcell users add | token | revoke | list``: people and their API tokens.
+
+Talks to Postgres directly (BMCELL_DATABASE_URL; the embedded stack's env file
+supplies it after ``bmcell stack up``). A token is printed once, on stdout alone, so
+``TOKEN=$(bmcell users token ana)`` captures it; only its sha256 is stored.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TypeVar
+
+import click
+import psycopg
+
+from bmcell import db as dbmod
+from bmcell.errors import BmcellError
+from bmcell.settings import Settings, load
+from services.labelapi import users as repo
+from services.labelapi.auth import ROLES
+
+T = TypeVar("T")
+
+
+@contextmanager
+def _transaction() -> Iterator[psycopg.Connection]:
+    settings = load(Settings)
+    dbmod.migrate(settings.database_url)
+    database = dbmod.Database(settings, name="bmcell-users").open()
+    try:
+        with database.transaction() as conn:
+            yield conn
+    finally:
+        database.close()
+
+
+def _run(fn: Callable[[psycopg.Connection], T]) -> T:
+    try:
+        with _transaction() as conn:
+            return fn(conn)
+    except BmcellError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+
+
+@click.group()
+def users() -> None:
+    """Reviewers, uploaders, operators and admins, and their API tokens."""
+
+
+@users.command()
+@click.argument("name")
+@click.option("--role", required=True, type=click.Choice(ROLES), help="What the person may do.")
+@click.option(
+    "--lab",
+    "labs",
+    multiple=True,
+    help="Lab code the person works for (repeat; uploaders and reviewers only).",
+)
+def add(name: str, role: str, labs: tuple[str, ...]) -> None:
+    """Create a user; operators and admins see every lab."""
+    _run(lambda conn: repo.add_user(conn, name, role, list(labs)))
+    click.echo(
+        f"user {name!r} added as {role}" + (f" for {', '.join(labs)}" if labs else ""), err=True
+    )
+
+
+@users.command()
+@click.argument("name")
+@click.option("--expires-days", type=float, help="Days until the token stops working.")
+def token(name: str, expires_days: float | None) -> None:
+    """Issue an API token and print it once (it cannot be shown again)."""
+    issued = _run(lambda conn: repo.issue_token(conn, name, expires_days))
+    click.echo(issued.token)
+    until = issued.expires_at.isoformat() if issued.expires_at else "never"
+    click.echo(f"token {issued.prefix}... for {name!r}; expires: {until}", err=True)
+
+
+@users.command()
+@click.argument("name", required=False)
+@click.option("--token-prefix", help="Revoke only the token starting with this prefix.")
+def revoke(name: str | None, token_prefix: str | None) -> None:
+    """Revoke every live token of NAME, or the one named by --token-prefix."""
+    n = _run(lambda conn: repo.revoke(conn, name=name, token_prefix=token_prefix))
+    if n == 0:
+        click.echo("error: no live token matched", err=True)
+        sys.exit(1)
+    click.echo(f"revoked {n} token(s)", err=True)
+
+
+@users.command("list")
+def list_() -> None:
+    """Every user with role, labs and live token count."""
+    for row in _run(repo.list_users):
+        state = " (disabled)" if row["disabled_at"] else ""
+        labs = ",".join(row["labs"]) or "*"
+        click.echo(f"{row['name']}\t{row['role']}\t{labs}\t{row['live_tokens']} token(s){state}")

@@ -1,0 +1,105 @@
+"""Turn a stored cell crop into the network's input tensor, the one way everyone does it.
+
+The classifier service (before sending to Triton), the trainer and any in-process
+PyTorch evaluation must feed the network identical numbers for the same crop, or
+the probabilities Triton returns drift from the ones the model was validated with.
+So the decode, colour conversion, resize filter and scaling live here only, and
+``preprocessing_spec`` records them beside every exported model version.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+#: Resize filter used for every crop. Fixed (not a parameter) so that training and
+#: serving cannot disagree; PIL's bilinear filter antialiases when downscaling.
+RESAMPLE = Image.Resampling.BILINEAR
+CHANNEL_ORDER = "RGB"
+LAYOUT = "CHW"
+SCALE = 1.0 / 255.0
+
+CropInput = bytes | bytearray | memoryview | np.ndarray | Image.Image
+
+
+def preprocessing_spec(input_size: int) -> dict[str, Any]:
+    """What ``crop_to_tensor`` does, as data: written as ``preprocessing.json`` per version."""
+    _check_size(input_size)
+    return {
+        "input_size": input_size,
+        "layout": LAYOUT,
+        "channel_order": CHANNEL_ORDER,
+        "dtype": "float32",
+        "scaling": "pixel / 255 (uint8 -> [0, 1]); no mean/std normalisation",
+        "resize": {"library": "Pillow", "filter": RESAMPLE.name, "from": "square crop"},
+    }
+
+
+def _check_size(input_size: int) -> None:
+    if not isinstance(input_size, int) or isinstance(input_size, bool):
+        raise TypeError(f"input_size must be an int, got {input_size!r}")
+    if input_size < 16 or input_size % 16:
+        raise ValueError(
+            f"input_size must be a positive multiple of 16 (four 2x poolings), got {input_size}"
+        )
+
+
+def _to_image(crop: CropInput) -> Image.Image:
+    if isinstance(crop, Image.Image):
+        return crop
+    if isinstance(crop, bytes | bytearray | memoryview):
+        try:
+            image = Image.open(io.BytesIO(bytes(crop)))
+            image.load()
+        except Exception as exc:  # PIL raises several types for undecodable data
+            raise ValueError(
+                f"crop bytes ({len(crop)} bytes) are not a decodable image: {exc}"
+            ) from exc
+        return image
+    if isinstance(crop, np.ndarray):
+        if crop.dtype != np.uint8:
+            raise ValueError(
+                f"crop array must be uint8 (H, W, 3|4) or (H, W), got dtype {crop.dtype}"
+            )
+        if crop.ndim == 2 or (crop.ndim == 3 and crop.shape[2] in (3, 4)):
+            return Image.fromarray(crop)
+        raise ValueError(f"crop array must have shape (H, W, 3|4) or (H, W), got {crop.shape}")
+    raise TypeError(
+        f"crop must be image bytes, a uint8 array or a PIL image, got {type(crop).__name__}"
+    )
+
+
+def crop_to_tensor(crop: CropInput, input_size: int) -> np.ndarray:
+    """Decode a square crop (PNG bytes, uint8 array or PIL image) to float32 (3, S, S) in [0, 1].
+
+    Alpha is dropped (the segmenter already blanked the extracellular area) and
+    greyscale is expanded to RGB. Non-square crops are refused rather than
+    distorted: crops come from the segmenter square, so another shape is a bug.
+    """
+    _check_size(input_size)
+    image = _to_image(crop)
+    if image.width != image.height:
+        raise ValueError(f"crop must be square, got {image.width}x{image.height}")
+    if image.mode != CHANNEL_ORDER:
+        image = image.convert(CHANNEL_ORDER)
+    if image.width != input_size:
+        image = image.resize((input_size, input_size), resample=RESAMPLE)
+    array = np.asarray(image, dtype=np.uint8)  # (S, S, 3)
+    return np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32) * np.float32(SCALE)
+
+
+def batch_from_crops(crops: Sequence[CropInput], input_size: int) -> np.ndarray:
+    """Stack crops into one float32 batch (N, 3, S, S), the shape Triton's ``INPUT`` takes."""
+    if len(crops) == 0:
+        raise ValueError("batch_from_crops needs at least one crop, got an empty sequence")
+    out = np.empty((len(crops), 3, input_size, input_size), dtype=np.float32)
+    for i, crop in enumerate(crops):
+        try:
+            out[i] = crop_to_tensor(crop, input_size)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"crop {i}: {exc}") from exc
+    return out

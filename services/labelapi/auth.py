@@ -1,0 +1,108 @@
+"""Who is calling and what they may see: API tokens, roles and lab scope.
+
+A token is ``bmc_`` plus 43 URL-safe characters of randomness. Only its sha256 is
+stored (``api_tokens.token_hash``), with its first characters (``prefix``) so an
+operator can name it when revoking. :func:`authenticate` is the one place a token
+becomes a :class:`Principal`; the gRPC upload path can call it with the same database.
+
+Scope: uploaders and reviewers see the labs listed for them in ``user_labs``;
+operators and admins see every lab. An object outside the caller's scope is reported
+as missing (404), never as forbidden, so its existence does not leak.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from bmcell.db import Database
+from bmcell.errors import NotFound, PermissionDenied, Unauthenticated
+
+TOKEN_SCHEME = "bmc_"
+PREFIX_LEN = len(TOKEN_SCHEME) + 8
+ROLES = ("uploader", "reviewer", "operator", "admin")
+ALL_LAB_ROLES = frozenset({"operator", "admin"})
+
+
+def new_token() -> tuple[str, str, bytes]:
+    """A fresh secret: (token, prefix, sha256 digest)."""
+    token = TOKEN_SCHEME + secrets.token_urlsafe(32)
+    return token, token[:PREFIX_LEN], token_hash(token)
+
+
+def token_hash(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+@dataclass(frozen=True)
+class Principal:
+    user_id: int
+    name: str
+    role: str
+    # None: every lab (operators and admins).
+    lab_ids: frozenset[int] | None
+
+    @property
+    def all_labs(self) -> bool:
+        return self.lab_ids is None
+
+    def sees_lab(self, lab_id: int) -> bool:
+        return self.lab_ids is None or lab_id in self.lab_ids
+
+    def lab_list(self) -> list[int]:
+        """Lab ids for ``= ANY(%s)`` filters; only meaningful when not ``all_labs``."""
+        return sorted(self.lab_ids or ())
+
+    def require(self, *roles: str) -> None:
+        if self.role not in roles:
+            raise PermissionDenied(
+                f"role {self.role!r} may not do this; it needs one of {', '.join(roles)}"
+            )
+
+
+def bearer_token(header: str | None) -> str:
+    """The token in an ``Authorization`` value, for transports without FastAPI's parser
+    (gRPC metadata)."""
+    if not header:
+        raise Unauthenticated("missing Authorization header; send 'Authorization: Bearer <token>'")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("Authorization header must be 'Bearer <token>'")
+    return token.strip()
+
+
+def authenticate(db: Database, token: str) -> Principal:
+    """The principal a token stands for; Unauthenticated names why a token is refused."""
+    with db.connection() as conn:
+        row = conn.execute(
+            """SELECT u.id, u.name, u.role, u.disabled_at,
+                      t.revoked_at, t.expires_at, t.expires_at <= now() AS expired,
+                      ARRAY(SELECT lab_id FROM user_labs ul WHERE ul.user_id = u.id) AS lab_ids
+                 FROM api_tokens t JOIN users u ON u.id = t.user_id
+                WHERE t.token_hash = %s""",
+            (token_hash(token),),
+        ).fetchone()
+    if row is None:
+        raise Unauthenticated("token is not known")
+    if row["revoked_at"] is not None:
+        raise Unauthenticated(f"token was revoked at {row['revoked_at'].isoformat()}")
+    if row["expired"]:
+        raise Unauthenticated(f"token expired at {row['expires_at'].isoformat()}")
+    if row["disabled_at"] is not None:
+        raise Unauthenticated(f"user {row['name']!r} is disabled")
+    labs = None if row["role"] in ALL_LAB_ROLES else frozenset(row["lab_ids"])
+    return Principal(row["id"], row["name"], row["role"], labs)
+
+
+def lab_ids_for_codes(db: Database, principal: Principal, codes: Iterable[str]) -> list[int]:
+    """Resolve lab codes the caller may see; an unknown or unseen code is NotFound."""
+    wanted = list(codes)
+    with db.connection() as conn:
+        rows = conn.execute("SELECT id, code FROM labs WHERE code = ANY(%s)", (wanted,)).fetchall()
+    found = {r["code"]: r["id"] for r in rows if principal.sees_lab(r["id"])}
+    for code in wanted:
+        if code not in found:
+            raise NotFound(f"lab {code!r} does not exist", field="lab")
+    return [found[c] for c in wanted]

@@ -1,0 +1,82 @@
+"""Labeling API rules that need no database: tokens, scope, answers, CSV."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+
+import pytest
+
+from bmcell.errors import InvalidArgument, PermissionDenied, Unauthenticated
+from bmcell.taxonomy import DEFAULT_TAXONOMY
+from services.labelapi import labels, queue
+from services.labelapi.auth import PREFIX_LEN, Principal, bearer_token, new_token
+
+
+def test_new_token_stores_only_a_hash_and_a_prefix() -> None:
+    token, prefix, digest = new_token()
+    assert token.startswith("bmc_") and len(token) > 40
+    assert prefix == token[:PREFIX_LEN]
+    assert digest == hashlib.sha256(token.encode()).digest() and len(digest) == 32
+    assert new_token()[0] != token
+
+
+@pytest.mark.parametrize(
+    ("header", "problem"),
+    [(None, "missing"), ("", "missing"), ("Basic x", "Bearer"), ("Bearer ", "Bearer")],
+)
+def test_bearer_header_problems_are_named(header: str | None, problem: str) -> None:
+    with pytest.raises(Unauthenticated, match=problem):
+        bearer_token(header)
+
+
+def test_bearer_header_parsed() -> None:
+    assert bearer_token("Bearer bmc_abc ") == "bmc_abc"
+
+
+def test_scope_and_roles() -> None:
+    reviewer = Principal(1, "ana", "reviewer", frozenset({3}))
+    admin = Principal(2, "root", "admin", None)
+    assert reviewer.sees_lab(3) and not reviewer.sees_lab(4)
+    assert admin.sees_lab(4) and admin.all_labs
+    with pytest.raises(PermissionDenied, match="'reviewer'"):
+        reviewer.require("operator", "admin")
+
+
+def _task(**kw: object) -> dict:
+    return {"id": 5, "suggested_class": None, "top_classes": [], **kw}
+
+
+def test_answer_class_rules() -> None:
+    tax = DEFAULT_TAXONOMY
+    assert queue._answer_class(_task(suggested_class="MB"), tax, "confirm", None) == "MB"
+    assert queue._answer_class(_task(top_classes=["PMC", "MB"]), tax, "confirm", None) == "PMC"
+    assert queue._answer_class(_task(), tax, "correct", "LY") == "LY"
+    assert queue._answer_class(_task(), tax, "difficult", None) is None
+    with pytest.raises(InvalidArgument, match="no suggestion") as exc:
+        queue._answer_class(_task(), tax, "confirm", None)
+    assert exc.value.field == "answer"
+    with pytest.raises(InvalidArgument, match="unknown class 'XX'") as exc:
+        queue._answer_class(_task(), tax, "correct", "XX")
+    assert exc.value.field == "class_code"
+    with pytest.raises(InvalidArgument, match="empty"):
+        queue._answer_class(_task(), tax, "difficult", "LY")
+
+
+def test_outcome_of_answers() -> None:
+    def answers(*codes: str | None) -> list[dict]:
+        return [{"class_code": c} for c in codes]
+
+    assert queue._outcome_of(answers("LY", "LY", "LY")) == ("labelled", {"class_code": "LY"})
+    assert queue._outcome_of(answers(None, None)) == ("difficult", {"class_code": "difficult"})
+    assert queue._outcome_of(answers("LY", "MO", "LY")) == ("adjudication", {"LY": 2, "MO": 1})
+    assert queue._outcome_of(answers("LY", None))[0] == "adjudication"
+
+
+def test_csv_export_columns() -> None:
+    row = dict.fromkeys(labels.EXPORT_COLUMNS, "x")
+    row["updated_at"] = datetime(2025, 1, 2, tzinfo=UTC)
+    text = labels.to_csv([row])
+    header, line = text.strip().splitlines()
+    assert header.split(",") == list(labels.EXPORT_COLUMNS)
+    assert line.endswith("2025-01-02T00:00:00+00:00")
