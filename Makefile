@@ -15,9 +15,10 @@ $(STAMP): pyproject.toml constraints.txt
 	bash scripts/setup.sh
 	@touch $@
 
-setup: $(STAMP) proto ## Create .venv, install pinned dependencies and system packages, compile proto/
+setup: $(STAMP) ## Create .venv, install pinned dependencies and system packages, check proto/ stubs
+	$(PY) -m bmcell.protogen --check
 
-proto: $(STAMP) ## Compile proto/ into the bmcell.v1 package
+proto: $(STAMP) ## Compile proto/ into the bmcell.v1 package (commit the result)
 	$(PY) -m bmcell.protogen
 
 demo: setup ## Synthetic multi-lab run end to end on the embedded stack

@@ -8,6 +8,7 @@ package by default; the staleness test writes into a temporary directory and com
 from __future__ import annotations
 
 import sys
+import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,7 +40,24 @@ def generate(out_dir: Path = REPO) -> list[Path]:
     return sorted(p for p in generated.iterdir() if p.name.endswith((".py", ".pyi")))
 
 
+def stale_files() -> list[str]:
+    """Generated files under ``bmcell/v1`` that differ from what protoc makes now."""
+    with tempfile.TemporaryDirectory() as tmp:
+        written = generate(Path(tmp))
+        committed = Path(__file__).parent / "v1"
+        stale = [p.name for p in written
+                 if not (committed / p.name).exists() or (committed / p.name).read_bytes() != p.read_bytes()]
+        extra = {p.name for p in committed.glob("*_pb2*.py*")} - {p.name for p in written}
+    return sorted(stale) + sorted(extra)
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--check"]:
+        stale = stale_files()
+        if stale:
+            sys.exit(f"protogen: generated code is stale ({', '.join(stale)}); run `make proto`")
+        print("protogen: generated code matches proto/")
+        return
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else REPO
     written = generate(out)
     print(f"protogen: {len(written)} files in {out / 'bmcell' / 'v1'}")

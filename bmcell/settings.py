@@ -91,6 +91,27 @@ class TrainerSettings(ServiceSettings):
     cpus_per_worker: float = Field(1.0, gt=0)
     epochs: int = Field(30, ge=1, description="250 in the study; the CPU default is 30")
     input_size: int = Field(96, ge=32)
+    batch_size: int = Field(32, ge=1, description="per Ray worker")
+    learning_rate_first: float = Field(0.01, gt=0, description="SGD lr with no previous model")
+    learning_rate_later: float = Field(0.005, gt=0, description="SGD lr when transferring")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    per_class_cap: int = Field(1000, ge=1, description="training cells kept per class")
+    max_accuracy_drop: float = Field(
+        0.01, ge=0, description="promotion gate: allowed validation-accuracy drop vs active"
+    )
+    max_failures: int = Field(3, ge=0, description="Ray worker-group restarts per job")
+    checkpoints_to_keep: int = Field(2, ge=1)
+    activate_timeout_s: float = Field(300.0, gt=0, description="deadline of ActivateModel")
+    progress_poll_s: float = Field(1.0, gt=0, description="how often the driver reads progress")
+
+
+class RoundsSettings(ServiceSettings):
+    grpc_port: int = Field(50055, ge=1, le=65535)
+    metrics_port: int = Field(9105, ge=1, le=65535)
+    selector_addr: str = Field(description="host:port of the selector service")
+    trainer_addr: str = Field(description="host:port of the trainer service")
+    poll_interval_s: float = Field(1.0, gt=0, description="how often live rounds are advanced")
+    selection_timeout_s: float = Field(1800.0, gt=0, description="deadline of one selection call")
 
 
 class LabelApiSettings(Settings):

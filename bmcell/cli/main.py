@@ -11,6 +11,7 @@ import os
 
 import click
 
+from bmcell.cli.rounds import round_group
 from bmcell.cli.stack import stack
 from bmcell.cli.users import users
 from bmcell.stack.config import StackConfig
@@ -34,6 +35,7 @@ def cli() -> None:
 
 
 cli.add_command(stack)
+cli.add_command(round_group)
 cli.add_command(users)
 
 

@@ -71,6 +71,7 @@ def service_env(cfg: StackConfig) -> dict[str, str]:
         "BMCELL_SEGMENTER_ADDR": cfg.addr("segmenter"),
         "BMCELL_SELECTOR_ADDR": cfg.addr("selector"),
         "BMCELL_TRAINER_ADDR": cfg.addr("trainer"),
+        "BMCELL_ROUNDS_ADDR": cfg.addr("rounds"),
         "BMCELL_LABELAPI_URL": f"http://{cfg.addr('labelapi')}",
         "BMCELL_TRITON_REPOSITORY": str(cfg.run_dir / "triton-repo"),
     }
@@ -354,6 +355,7 @@ GRPC_SERVICES = {
     "classifier": "bmcell.v1.Classifier",
     "selector": "bmcell.v1.Selector",
     "trainer": "bmcell.v1.Trainer",
+    "rounds": "bmcell.v1.Rounds",
 }
 
 

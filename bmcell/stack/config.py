@@ -38,6 +38,8 @@ PORT_OFFSETS: dict[str, int] = {
     "ray_dashboard_agent": 20,
     "ray_runtime_env_agent": 21,
     "ray_dashboard_agent_grpc": 22,
+    "rounds": 23,
+    "rounds_metrics": 24,
     "ray_workers_min": 30,
     "ray_workers_max": 79,
 }

@@ -106,6 +106,7 @@ REFLECTION_CALLS = {
     "classifier": ("ListModels", {}, None),
     "selector": ("GetSelection", {"round_id": 987654}, grpc.StatusCode.NOT_FOUND),
     "trainer": ("GetJob", {"job_id": "no-such-job"}, grpc.StatusCode.NOT_FOUND),
+    "rounds": ("GetRound", {"round_id": 987654}, grpc.StatusCode.NOT_FOUND),
 }
 
 

@@ -19,6 +19,7 @@ SETTINGS: dict[str, type[st.Settings]] = {
     "classifier": st.ClassifierSettings,
     "selector": st.SelectorSettings,
     "trainer": st.TrainerSettings,
+    "rounds": st.RoundsSettings,
     "labelapi": st.LabelApiSettings,
 }
 ALL_CLASSES = [st.Settings, st.ServiceSettings, *SETTINGS.values()]
@@ -141,6 +142,19 @@ def test_addresses_point_at_the_right_ports() -> None:
     )
     triton_ports = {p["port"] for p in objects[("Service", "triton")]["spec"]["ports"]}
     assert triton_grpc in triton_ports
+    selector = default_ports("selector")["grpc_port"]
+    trainer = default_ports("trainer")["grpc_port"]
+    for env in (
+        k8s_env(
+            objects[("Deployment", "rounds")]["spec"]["template"]["spec"]["containers"][0],
+            objects,
+        ),
+        {k: str(v) for k, v in compose_services["rounds"]["environment"].items()},
+    ):
+        assert env["BMCELL_SELECTOR_ADDR"] == f"selector:{selector}"
+        assert env["BMCELL_TRAINER_ADDR"] == f"trainer:{trainer}"
+    for name, port in (("selector", selector), ("trainer", trainer)):
+        assert port in {p["port"] for p in objects[("Service", name)]["spec"]["ports"]}
 
 
 def test_compose_and_k8s_run_the_same_images() -> None:

@@ -111,7 +111,15 @@ def test_custom_resources_have_the_expected_shape() -> None:
         for o in objects.values()
         if o["kind"] == "Service" and any(p["name"] == "metrics" for p in o["spec"]["ports"])
     }
-    assert scraped == {"segmenter", "classifier", "selector", "trainer", "labelapi", "triton"}
+    assert scraped == {
+        "segmenter",
+        "classifier",
+        "selector",
+        "trainer",
+        "rounds",
+        "labelapi",
+        "triton",
+    }
 
 
 def test_every_pod_is_hardened_and_has_resources() -> None:

@@ -1,0 +1,106 @@
+from bmcell.v1 import selector_pb2 as _selector_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class StartRoundRequest(_message.Message):
+    __slots__ = ("experiment", "strategy", "selection", "epochs", "review_quorum", "review_deadline_s", "initial_per_class", "validation_per_class", "test_per_class", "initial_reviews", "test_reviews")
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    SELECTION_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_QUORUM_FIELD_NUMBER: _ClassVar[int]
+    REVIEW_DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_PER_CLASS_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_PER_CLASS_FIELD_NUMBER: _ClassVar[int]
+    TEST_PER_CLASS_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_REVIEWS_FIELD_NUMBER: _ClassVar[int]
+    TEST_REVIEWS_FIELD_NUMBER: _ClassVar[int]
+    experiment: str
+    strategy: str
+    selection: _selector_pb2.SelectionParameters
+    epochs: int
+    review_quorum: float
+    review_deadline_s: int
+    initial_per_class: int
+    validation_per_class: int
+    test_per_class: int
+    initial_reviews: int
+    test_reviews: int
+    def __init__(self, experiment: _Optional[str] = ..., strategy: _Optional[str] = ..., selection: _Optional[_Union[_selector_pb2.SelectionParameters, _Mapping]] = ..., epochs: _Optional[int] = ..., review_quorum: _Optional[float] = ..., review_deadline_s: _Optional[int] = ..., initial_per_class: _Optional[int] = ..., validation_per_class: _Optional[int] = ..., test_per_class: _Optional[int] = ..., initial_reviews: _Optional[int] = ..., test_reviews: _Optional[int] = ...) -> None: ...
+
+class GetRoundRequest(_message.Message):
+    __slots__ = ("round_id", "experiment")
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    round_id: int
+    experiment: str
+    def __init__(self, round_id: _Optional[int] = ..., experiment: _Optional[str] = ...) -> None: ...
+
+class ListRoundsRequest(_message.Message):
+    __slots__ = ("experiment",)
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    experiment: str
+    def __init__(self, experiment: _Optional[str] = ...) -> None: ...
+
+class Round(_message.Message):
+    __slots__ = ("round_id", "experiment", "number", "strategy", "state", "model_in", "model_out", "message", "tasks_by_state", "labels_added_by_class", "labels_added", "validation_accuracy", "test_accuracy", "training_job", "created_at", "updated_at", "promoted")
+    class TasksByStateEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class LabelsAddedByClassEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_IN_FIELD_NUMBER: _ClassVar[int]
+    MODEL_OUT_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    TASKS_BY_STATE_FIELD_NUMBER: _ClassVar[int]
+    LABELS_ADDED_BY_CLASS_FIELD_NUMBER: _ClassVar[int]
+    LABELS_ADDED_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    TEST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_JOB_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    PROMOTED_FIELD_NUMBER: _ClassVar[int]
+    round_id: int
+    experiment: str
+    number: int
+    strategy: str
+    state: str
+    model_in: int
+    model_out: int
+    message: str
+    tasks_by_state: _containers.ScalarMap[str, int]
+    labels_added_by_class: _containers.ScalarMap[str, int]
+    labels_added: int
+    validation_accuracy: float
+    test_accuracy: float
+    training_job: str
+    created_at: str
+    updated_at: str
+    promoted: bool
+    def __init__(self, round_id: _Optional[int] = ..., experiment: _Optional[str] = ..., number: _Optional[int] = ..., strategy: _Optional[str] = ..., state: _Optional[str] = ..., model_in: _Optional[int] = ..., model_out: _Optional[int] = ..., message: _Optional[str] = ..., tasks_by_state: _Optional[_Mapping[str, int]] = ..., labels_added_by_class: _Optional[_Mapping[str, int]] = ..., labels_added: _Optional[int] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., training_job: _Optional[str] = ..., created_at: _Optional[str] = ..., updated_at: _Optional[str] = ..., promoted: _Optional[bool] = ...) -> None: ...
+
+class ListRoundsResponse(_message.Message):
+    __slots__ = ("rounds",)
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    rounds: _containers.RepeatedCompositeFieldContainer[Round]
+    def __init__(self, rounds: _Optional[_Iterable[_Union[Round, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,168 @@
+"""gRPC surface of the rounds service, and the driver thread that moves rounds along."""
+
+from __future__ import annotations
+
+import threading
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from bmcell import grpc_client
+from bmcell.errors import InvalidArgument, Unavailable
+from bmcell.grpc_server import Service
+from bmcell.runtime import Runtime
+from bmcell.settings import RoundsSettings
+from bmcell.v1 import (
+    rounds_pb2,
+    rounds_pb2_grpc,
+    selector_pb2,
+    selector_pb2_grpc,
+    trainer_pb2,
+    trainer_pb2_grpc,
+)
+from services.rounds import store
+from services.rounds.driver import Job, Ports, RoundDriver, run_forever
+from services.selector.selection import STRATEGIES
+
+STRATEGIES_WITH_BOOTSTRAP = ("bootstrap", *STRATEGIES)
+
+
+class RoundsServicer(rounds_pb2_grpc.RoundsServicer):
+    def __init__(self, runtime: Runtime[RoundsSettings]) -> None:
+        self.rt = runtime
+
+    def StartRound(self, request: rounds_pb2.StartRoundRequest, context):
+        if request.strategy not in STRATEGIES_WITH_BOOTSTRAP:
+            raise InvalidArgument(
+                f"unknown strategy {request.strategy!r}; expected one of "
+                f"{list(STRATEGIES_WITH_BOOTSTRAP)}",
+                field="strategy",
+            )
+        for name in ("review_quorum",):
+            if not 0 <= getattr(request, name) <= 1:
+                raise InvalidArgument(
+                    f"must be in [0, 1], got {getattr(request, name)}", field=name
+                )
+        for name in (
+            "epochs",
+            "review_deadline_s",
+            "initial_per_class",
+            "validation_per_class",
+            "test_per_class",
+            "initial_reviews",
+            "test_reviews",
+        ):
+            if getattr(request, name) < 0:
+                raise InvalidArgument(f"must be >= 0, got {getattr(request, name)}", field=name)
+        params = MessageToDict(request, preserving_proto_field_name=True)
+        params.pop("experiment", None)
+        params.pop("strategy", None)
+        params["labs"] = list(request.selection.labs)
+        with self.rt.db.transaction() as conn:
+            row = store.create(conn, request.experiment or "main", request.strategy, params)
+        return self._round_pb(row)
+
+    def GetRound(self, request: rounds_pb2.GetRoundRequest, context):
+        with self.rt.db.connection() as conn:
+            row = (
+                store.get(conn, request.round_id)
+                if request.round_id
+                else store.latest(conn, request.experiment or "main")
+            )
+        return self._round_pb(row)
+
+    def ListRounds(self, request: rounds_pb2.ListRoundsRequest, context):
+        with self.rt.db.connection() as conn:
+            rows = store.list_rounds(conn, request.experiment or None)
+        return rounds_pb2.ListRoundsResponse(rounds=[self._round_pb(r) for r in rows])
+
+    def _round_pb(self, r: dict) -> rounds_pb2.Round:
+        with self.rt.db.connection() as conn:
+            tasks = store.task_counts(conn, r["id"])
+            added = store.labels_added(conn, r["id"])
+            mv = store.model_version(conn, self.rt.settings.model_name, r["model_out"] or 0)
+        return rounds_pb2.Round(
+            round_id=r["id"],
+            experiment=r["experiment"],
+            number=r["number"],
+            strategy=r["strategy"],
+            state=r["state"],
+            model_in=r["model_in"] or 0,
+            model_out=r["model_out"] or 0,
+            message=r["message"],
+            tasks_by_state=tasks,
+            labels_added_by_class=added,
+            labels_added=sum(added.values()),
+            validation_accuracy=(mv or {}).get("validation_accuracy") or 0.0,
+            test_accuracy=(mv or {}).get("test_accuracy") or 0.0,
+            training_job=r["params"].get("training_job", ""),
+            created_at=r["created_at"].isoformat(),
+            updated_at=r["updated_at"].isoformat(),
+            promoted=bool(mv and mv["state"] in ("active", "retired") and mv["activated_at"]),
+        )
+
+
+def grpc_ports(settings: RoundsSettings) -> Ports:
+    timeout = settings.outbound_timeout_s
+    selector = selector_pb2_grpc.SelectorStub(
+        grpc_client.channel(settings.selector_addr, default_timeout_s=timeout)
+    )
+    trainer = trainer_pb2_grpc.TrainerStub(
+        grpc_client.channel(settings.trainer_addr, default_timeout_s=timeout)
+    )
+
+    def call(what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except grpc.RpcError as exc:
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                raise Unavailable(f"{what}: {exc.code().name} {exc.details()}") from exc
+            raise RuntimeError(f"{what}: {exc.code().name} {exc.details()}") from exc
+
+    def select(round_id: int, strategy: str, params: dict) -> None:
+        call(
+            "selector",
+            selector.SelectCandidates,
+            selector_pb2.SelectCandidatesRequest(
+                round_id=round_id,
+                strategy=strategy,
+                parameters=selector_pb2.SelectionParameters(**params),
+            ),
+            timeout=settings.selection_timeout_s,
+        )
+
+    def start_training(round_id: int, epochs: int) -> str:
+        job = call(
+            "trainer",
+            trainer.StartTraining,
+            trainer_pb2.StartTrainingRequest(round_id=round_id, epochs=epochs),
+        )
+        return job.job_id
+
+    def get_job(job_id: str) -> Job:
+        job = call("trainer", trainer.GetJob, trainer_pb2.GetJobRequest(job_id=job_id))
+        return Job(job.job_id, job.state, job.model_version, job.message)
+
+    return Ports(select, start_training, get_job)
+
+
+def build(runtime: Runtime[RoundsSettings]) -> Service:
+    driver = RoundDriver(runtime.db, grpc_ports(runtime.settings), runtime.settings.model_name)
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=run_forever,
+        name="round-driver",
+        args=(driver, runtime.settings.poll_interval_s, stop),
+        daemon=True,
+    )
+
+    def register(server: grpc.Server) -> list[str]:
+        rounds_pb2_grpc.add_RoundsServicer_to_server(RoundsServicer(runtime), server)
+        thread.start()
+        return [rounds_pb2.DESCRIPTOR.services_by_name["Rounds"].full_name]
+
+    def halt() -> None:
+        stop.set()
+        thread.join(timeout=30)
+
+    return Service("rounds", register, on_stop=[halt, runtime.db.close])

@@ -1,0 +1,209 @@
+"""Postgres access for rounds: the round rows, their tasks, labels and the bootstrap waves."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import psycopg
+
+from bmcell.errors import FailedPrecondition, NotFound
+
+LIVE_STATES = ("created", "predicting", "selecting", "reviewing", "training", "evaluating")
+
+
+def get(conn: psycopg.Connection, round_id: int) -> dict:
+    row = conn.execute("SELECT * FROM rounds WHERE id = %s", (round_id,)).fetchone()
+    if row is None:
+        raise NotFound(f"round {round_id} does not exist", field="round_id")
+    return row
+
+
+def latest(conn: psycopg.Connection, experiment: str) -> dict:
+    row = conn.execute(
+        "SELECT * FROM rounds WHERE experiment = %s ORDER BY number DESC LIMIT 1", (experiment,)
+    ).fetchone()
+    if row is None:
+        raise NotFound(f"experiment {experiment!r} has no rounds", field="experiment")
+    return row
+
+
+def list_rounds(conn: psycopg.Connection, experiment: str | None) -> list[dict]:
+    return conn.execute(
+        "SELECT * FROM rounds WHERE %(e)s::text IS NULL OR experiment = %(e)s "
+        "ORDER BY experiment, number",
+        {"e": experiment},
+    ).fetchall()
+
+
+def live_round_ids(conn: psycopg.Connection) -> list[int]:
+    rows = conn.execute(
+        "SELECT id FROM rounds WHERE state = ANY(%s) ORDER BY id", (list(LIVE_STATES),)
+    ).fetchall()
+    return [r["id"] for r in rows]
+
+
+def create(conn: psycopg.Connection, experiment: str, strategy: str, params: dict) -> dict:
+    """The next round of ``experiment``; refuses while its previous round is still live."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"rounds:{experiment}",))
+    prev = conn.execute(
+        "SELECT * FROM rounds WHERE experiment = %s ORDER BY number DESC LIMIT 1", (experiment,)
+    ).fetchone()
+    if prev is not None and prev["state"] in LIVE_STATES:
+        raise FailedPrecondition(
+            f"round {prev['number']} of {experiment!r} is still {prev['state']}; "
+            "wait for it to finish"
+        )
+    if strategy == "bootstrap":
+        if prev is not None and prev["strategy"] != "bootstrap":
+            raise FailedPrecondition(f"{experiment!r} is past its bootstrap")
+    elif not conn.execute(
+        "SELECT 1 FROM rounds WHERE experiment = %s AND strategy = 'bootstrap' "
+        "AND state = 'published'",
+        (experiment,),
+    ).fetchone():
+        raise FailedPrecondition(
+            f"{experiment!r} needs a published bootstrap round first (the 0.80 gate): "
+            "bmcell round start --strategy bootstrap"
+        )
+    number = 0 if prev is None else prev["number"] + 1
+    return conn.execute(
+        "INSERT INTO rounds (experiment, number, strategy, params) VALUES (%s, %s, %s, %s) "
+        "RETURNING *",
+        (experiment, number, strategy, json.dumps(params)),
+    ).fetchone()
+
+
+def set_state(
+    conn: psycopg.Connection,
+    round_id: int,
+    state: str,
+    message: str | None = None,
+    **columns: object,
+) -> None:
+    sets = ["state = %(state)s", "updated_at = now()"]
+    if message is not None:
+        sets.append("message = %(message)s")
+    for col in columns:
+        if col not in ("model_in", "model_out", "params"):
+            raise ValueError(f"cannot set rounds.{col}")
+        sets.append(f"{col} = %({col})s")
+    values = {k: json.dumps(v) if k == "params" else v for k, v in columns.items()}
+    conn.execute(
+        f"UPDATE rounds SET {', '.join(sets)} WHERE id = %(id)s",
+        {"state": state, "message": message, "id": round_id, **values},
+    )
+
+
+def task_counts(conn: psycopg.Connection, round_id: int) -> dict[str, int]:
+    rows = conn.execute(
+        "SELECT state, count(*) AS n FROM review_tasks WHERE round_id = %s GROUP BY state",
+        (round_id,),
+    ).fetchall()
+    return {r["state"]: r["n"] for r in rows}
+
+
+def labels_added(conn: psycopg.Connection, round_id: int) -> dict[str, int]:
+    rows = conn.execute(
+        "SELECT class_code, count(*) AS n FROM labels WHERE round_id = %s GROUP BY class_code",
+        (round_id,),
+    ).fetchall()
+    return {r["class_code"]: r["n"] for r in rows}
+
+
+def cancel_open_tasks(conn: psycopg.Connection, round_id: int) -> int:
+    """Past the deadline or quorum: unanswered tasks go, their cells back to the pool."""
+    rows = conn.execute(
+        "UPDATE review_tasks SET state = 'cancelled', lease_owner = NULL, lease_token = NULL, "
+        "lease_expires_at = NULL WHERE round_id = %s AND state IN ('open', 'leased') "
+        "RETURNING cell_id",
+        (round_id,),
+    ).fetchall()
+    ids = [r["cell_id"] for r in rows]
+    conn.execute(
+        "UPDATE cells SET status = 'unlabelled' WHERE id = ANY(%s) AND status = 'pending'", (ids,)
+    )
+    return len(ids)
+
+
+def pool(conn: psycopg.Connection, *, test: bool, labs: list[str]) -> np.ndarray:
+    rows = conn.execute(
+        """SELECT c.id FROM cells c JOIN specimens s ON s.id = c.specimen_id
+             JOIN labs l ON l.id = c.lab_id
+            WHERE c.status = 'unlabelled' AND s.is_test = %(test)s
+              AND (cardinality(%(labs)s::text[]) = 0 OR l.code = ANY(%(labs)s))""",
+        {"test": test, "labs": labs},
+    ).fetchall()
+    return np.fromiter((r["id"] for r in rows), dtype=np.int64, count=len(rows))
+
+
+def insert_bootstrap_tasks(
+    conn: psycopg.Connection, round_id: int, kind: str, cell_ids: list[int], required_reviews: int
+) -> int:
+    if not cell_ids:
+        return 0
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO review_tasks (round_id, cell_id, kind, required_reviews) "
+            "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
+            [(round_id, c, kind, required_reviews) for c in cell_ids],
+        )
+    conn.execute(
+        "UPDATE cells SET status = 'pending' WHERE id = ANY(%s) AND status = 'unlabelled'",
+        (cell_ids,),
+    )
+    return len(cell_ids)
+
+
+def label_counts(conn: psycopg.Connection, sources: tuple[str, ...]) -> dict[str, int]:
+    rows = conn.execute(
+        "SELECT class_code, count(*) AS n FROM labels WHERE source = ANY(%s) GROUP BY class_code",
+        (list(sources),),
+    ).fetchall()
+    return {r["class_code"]: r["n"] for r in rows}
+
+
+def bootstrap_labels(conn: psycopg.Connection, round_id: int) -> list[dict]:
+    return conn.execute(
+        "SELECT l.cell_id, l.class_code, l.source FROM labels l WHERE l.round_id = %s "
+        "AND l.source = 'initial' ORDER BY l.cell_id",
+        (round_id,),
+    ).fetchall()
+
+
+def move_to_validation(conn: psycopg.Connection, cell_ids: list[int]) -> None:
+    """The fixed validation split: chosen once from the bootstrap's labels, audited."""
+    conn.execute(
+        "INSERT INTO audit_log (action, entity, entity_id, before, after) "
+        "SELECT 'assign_split', 'label', cell_id::text, '{\"source\": \"initial\"}', "
+        "'{\"source\": \"validation\"}' FROM labels WHERE cell_id = ANY(%s) AND source = 'initial'",
+        (cell_ids,),
+    )
+    conn.execute(
+        "UPDATE labels SET source = 'validation', updated_at = now() "
+        "WHERE cell_id = ANY(%s) AND source = 'initial'",
+        (cell_ids,),
+    )
+
+
+def model_version(conn: psycopg.Connection, model_name: str, version: int) -> dict | None:
+    return conn.execute(
+        "SELECT * FROM model_versions WHERE model_name = %s AND version = %s",
+        (model_name, version),
+    ).fetchone()
+
+
+def active_version(conn: psycopg.Connection, model_name: str) -> int | None:
+    row = conn.execute(
+        "SELECT version FROM model_versions WHERE model_name = %s AND state = 'active'",
+        (model_name,),
+    ).fetchone()
+    return row["version"] if row else None
+
+
+def succeeded_job(conn: psycopg.Connection, round_id: int) -> dict | None:
+    return conn.execute(
+        "SELECT * FROM training_jobs WHERE round_id = %s AND state = 'succeeded' "
+        "ORDER BY created_at DESC LIMIT 1",
+        (round_id,),
+    ).fetchone()
