@@ -150,7 +150,7 @@ def test_metrics_endpoint_counts_calls(stack: Stack) -> None:
 
         with pytest.raises(grpc.RpcError):
             selector_pb2_grpc.SelectorStub(ch).GetSelection(
-                selector_pb2.GetSelectionRequest(round_id=1), timeout=5
+                selector_pb2.GetSelectionRequest(round_id=10**9), timeout=5
             )
     text = httpx.get(f"http://{stack.config.addr('selector_metrics')}/metrics", timeout=5).text
     assert (
