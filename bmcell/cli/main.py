@@ -11,6 +11,7 @@ import os
 
 import click
 
+from bmcell.cli.models import classify, models
 from bmcell.cli.rounds import round_group
 from bmcell.cli.stack import stack
 from bmcell.cli.users import users
@@ -37,6 +38,8 @@ def cli() -> None:
 cli.add_command(stack)
 cli.add_command(round_group)
 cli.add_command(users)
+cli.add_command(models)
+cli.add_command(classify)
 
 
 def main() -> None:
