@@ -11,9 +11,14 @@ import os
 
 import click
 
+from bmcell.cli.demo import demo
+from bmcell.cli.experiment import experiment
 from bmcell.cli.models import classify, models
+from bmcell.cli.report import report
+from bmcell.cli.review import review
 from bmcell.cli.rounds import round_group
 from bmcell.cli.stack import stack
+from bmcell.cli.train import register as register_train
 from bmcell.cli.users import users
 from bmcell.stack.config import StackConfig
 
@@ -37,9 +42,14 @@ def cli() -> None:
 
 cli.add_command(stack)
 cli.add_command(round_group)
+cli.add_command(demo)
+cli.add_command(experiment)
 cli.add_command(users)
+cli.add_command(review)
+cli.add_command(report)
 cli.add_command(models)
 cli.add_command(classify)
+register_train(cli)
 
 
 def main() -> None:

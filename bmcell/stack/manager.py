@@ -86,7 +86,10 @@ class Stack:
         return comp.service_env(self.config)
 
     # --- up ------------------------------------------------------------------------
-    def up(self, only: list[str] | None = None) -> list[ComponentStatus]:
+    def up(self, only: list[str] | None = None,
+           extra_env: dict[str, str] | None = None) -> list[ComponentStatus]:
+        """Start what is not running. ``extra_env`` overrides settings of the components
+        started by this call (an experiment points services at another database)."""
         cfg = self.config
         cfg.logs_dir.mkdir(parents=True, exist_ok=True)
         state = self._load_state()
@@ -116,7 +119,7 @@ class Stack:
                     stdout=logf,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
-                    env={**os.environ, **c.env},
+                    env={**os.environ, **c.env, **(extra_env or {})},
                     cwd=str(REPO),
                     start_new_session=True,
                     user=c.user,
@@ -159,6 +162,15 @@ class Stack:
                 self._stop_pid(c.name, rec["pid"], min(timeout_s, c.stop_timeout_s))
             self._save_state(state)
         self.config.state_file.unlink(missing_ok=True)
+
+    def stop(self, names: list[str], timeout_s: float = 30.0) -> None:
+        """Stop some components (the others keep running)."""
+        state = self._load_state()
+        for c in reversed(self.components()):
+            rec = state["components"].get(c.name)
+            if c.name in names and rec and _alive(rec["pid"]):
+                self.progress(f"{c.name}: stopping (pid {rec['pid']})")
+                self._stop_pid(c.name, rec["pid"], min(timeout_s, c.stop_timeout_s))
 
     def _stop_pid(self, name: str, pid: int, timeout_s: float = 20.0) -> None:
         try:

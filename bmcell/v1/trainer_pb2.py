@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62mcell/v1/trainer.proto\x12\tbmcell.v1\"\xc3\x01\n\x14StartTrainingRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\x0e\n\x06\x65pochs\x18\x02 \x01(\x05\x12\x13\n\x0bnum_workers\x18\x03 \x01(\x05\x12\x17\n\x0f\x63pus_per_worker\x18\x04 \x01(\x01\x12\x15\n\rlearning_rate\x18\x05 \x01(\x01\x12\x12\n\nbatch_size\x18\x06 \x01(\x05\x12\x15\n\rper_class_cap\x18\x07 \x01(\x05\x12\x19\n\x11max_accuracy_drop\x18\x08 \x01(\x01\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xaf\x01\n\x10TrainingProgress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x03 \x01(\x05\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x16\n\x0etrain_accuracy\x18\x05 \x01(\x01\x12\x1b\n\x13validation_accuracy\x18\x06 \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x07 \x01(\x01\x12\r\n\x05state\x18\x08 \x01(\t\"\xcc\x01\n\x0bTrainingJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x03\x12\r\n\x05state\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x05 \x01(\x05\x12\x1b\n\x13validation_accuracy\x18\x06 \x01(\x01\x12\x15\n\rtest_accuracy\x18\x07 \x01(\x01\x12\x15\n\rmodel_version\x18\x08 \x01(\x03\x12\x11\n\tpublished\x18\t \x01(\x08\x12\x0f\n\x07message\x18\n \x01(\t2\x93\x02\n\x07Trainer\x12H\n\rStartTraining\x12\x1f.bmcell.v1.StartTrainingRequest\x1a\x16.bmcell.v1.TrainingJob\x12:\n\x06GetJob\x12\x18.bmcell.v1.GetJobRequest\x1a\x16.bmcell.v1.TrainingJob\x12\x43\n\x08WatchJob\x12\x18.bmcell.v1.GetJobRequest\x1a\x1b.bmcell.v1.TrainingProgress0\x01\x12=\n\tCancelJob\x12\x18.bmcell.v1.GetJobRequest\x1a\x16.bmcell.v1.TrainingJobb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x62mcell/v1/trainer.proto\x12\tbmcell.v1\"\xd7\x01\n\x14StartTrainingRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\x0e\n\x06\x65pochs\x18\x02 \x01(\x05\x12\x13\n\x0bnum_workers\x18\x03 \x01(\x05\x12\x17\n\x0f\x63pus_per_worker\x18\x04 \x01(\x01\x12\x15\n\rlearning_rate\x18\x05 \x01(\x01\x12\x12\n\nbatch_size\x18\x06 \x01(\x05\x12\x15\n\rper_class_cap\x18\x07 \x01(\x05\x12\x19\n\x11max_accuracy_drop\x18\x08 \x01(\x01\x12\x12\n\ninput_size\x18\t \x01(\x05\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\xc0\x01\n\x10TrainingProgress\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x03 \x01(\x05\x12\x0c\n\x04loss\x18\x04 \x01(\x01\x12\x16\n\x0etrain_accuracy\x18\x05 \x01(\x01\x12\x1b\n\x13validation_accuracy\x18\x06 \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x07 \x01(\x01\x12\r\n\x05state\x18\x08 \x01(\t\x12\x0f\n\x07message\x18\t \x01(\t\"\xcc\x01\n\x0bTrainingJob\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x03\x12\r\n\x05state\x18\x03 \x01(\t\x12\r\n\x05\x65poch\x18\x04 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x05 \x01(\x05\x12\x1b\n\x13validation_accuracy\x18\x06 \x01(\x01\x12\x15\n\rtest_accuracy\x18\x07 \x01(\x01\x12\x15\n\rmodel_version\x18\x08 \x01(\x03\x12\x11\n\tpublished\x18\t \x01(\x08\x12\x0f\n\x07message\x18\n \x01(\t\"(\n\x15GetModelReportRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"\xc2\x01\n\x0bModelReport\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\r\n\x05state\x18\x03 \x01(\t\x12\x1b\n\x13validation_accuracy\x18\x04 \x01(\x01\x12\x15\n\rtest_accuracy\x18\x05 \x01(\x01\x12\x14\n\x0cmetrics_json\x18\x06 \x01(\t\x12\x15\n\rconfusion_key\x18\x07 \x01(\t\x12\x0c\n\x04note\x18\x08 \x01(\t\x12\x10\n\x08round_id\x18\t \x01(\x03\x32\xdf\x02\n\x07Trainer\x12H\n\rStartTraining\x12\x1f.bmcell.v1.StartTrainingRequest\x1a\x16.bmcell.v1.TrainingJob\x12:\n\x06GetJob\x12\x18.bmcell.v1.GetJobRequest\x1a\x16.bmcell.v1.TrainingJob\x12\x43\n\x08WatchJob\x12\x18.bmcell.v1.GetJobRequest\x1a\x1b.bmcell.v1.TrainingProgress0\x01\x12=\n\tCancelJob\x12\x18.bmcell.v1.GetJobRequest\x1a\x16.bmcell.v1.TrainingJob\x12J\n\x0eGetModelReport\x12 .bmcell.v1.GetModelReportRequest\x1a\x16.bmcell.v1.ModelReportb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,13 +32,17 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bmcell.v1.trainer_pb2', _gl
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STARTTRAININGREQUEST']._serialized_start=39
-  _globals['_STARTTRAININGREQUEST']._serialized_end=234
-  _globals['_GETJOBREQUEST']._serialized_start=236
-  _globals['_GETJOBREQUEST']._serialized_end=267
-  _globals['_TRAININGPROGRESS']._serialized_start=270
-  _globals['_TRAININGPROGRESS']._serialized_end=445
-  _globals['_TRAININGJOB']._serialized_start=448
-  _globals['_TRAININGJOB']._serialized_end=652
-  _globals['_TRAINER']._serialized_start=655
-  _globals['_TRAINER']._serialized_end=930
+  _globals['_STARTTRAININGREQUEST']._serialized_end=254
+  _globals['_GETJOBREQUEST']._serialized_start=256
+  _globals['_GETJOBREQUEST']._serialized_end=287
+  _globals['_TRAININGPROGRESS']._serialized_start=290
+  _globals['_TRAININGPROGRESS']._serialized_end=482
+  _globals['_TRAININGJOB']._serialized_start=485
+  _globals['_TRAININGJOB']._serialized_end=689
+  _globals['_GETMODELREPORTREQUEST']._serialized_start=691
+  _globals['_GETMODELREPORTREQUEST']._serialized_end=731
+  _globals['_MODELREPORT']._serialized_start=734
+  _globals['_MODELREPORT']._serialized_end=928
+  _globals['_TRAINER']._serialized_start=931
+  _globals['_TRAINER']._serialized_end=1282
 # @@protoc_insertion_point(module_scope)

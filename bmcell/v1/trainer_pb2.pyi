@@ -5,7 +5,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StartTrainingRequest(_message.Message):
-    __slots__ = ("round_id", "epochs", "num_workers", "cpus_per_worker", "learning_rate", "batch_size", "per_class_cap", "max_accuracy_drop")
+    __slots__ = ("round_id", "epochs", "num_workers", "cpus_per_worker", "learning_rate", "batch_size", "per_class_cap", "max_accuracy_drop", "input_size")
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
@@ -14,6 +14,7 @@ class StartTrainingRequest(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     PER_CLASS_CAP_FIELD_NUMBER: _ClassVar[int]
     MAX_ACCURACY_DROP_FIELD_NUMBER: _ClassVar[int]
+    INPUT_SIZE_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     epochs: int
     num_workers: int
@@ -22,7 +23,8 @@ class StartTrainingRequest(_message.Message):
     batch_size: int
     per_class_cap: int
     max_accuracy_drop: float
-    def __init__(self, round_id: _Optional[int] = ..., epochs: _Optional[int] = ..., num_workers: _Optional[int] = ..., cpus_per_worker: _Optional[float] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., per_class_cap: _Optional[int] = ..., max_accuracy_drop: _Optional[float] = ...) -> None: ...
+    input_size: int
+    def __init__(self, round_id: _Optional[int] = ..., epochs: _Optional[int] = ..., num_workers: _Optional[int] = ..., cpus_per_worker: _Optional[float] = ..., learning_rate: _Optional[float] = ..., batch_size: _Optional[int] = ..., per_class_cap: _Optional[int] = ..., max_accuracy_drop: _Optional[float] = ..., input_size: _Optional[int] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)
@@ -31,7 +33,7 @@ class GetJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class TrainingProgress(_message.Message):
-    __slots__ = ("job_id", "epoch", "epochs", "loss", "train_accuracy", "validation_accuracy", "samples_per_second", "state")
+    __slots__ = ("job_id", "epoch", "epochs", "loss", "train_accuracy", "validation_accuracy", "samples_per_second", "state", "message")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +42,7 @@ class TrainingProgress(_message.Message):
     VALIDATION_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     SAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     epoch: int
     epochs: int
@@ -48,7 +51,8 @@ class TrainingProgress(_message.Message):
     validation_accuracy: float
     samples_per_second: float
     state: str
-    def __init__(self, job_id: _Optional[str] = ..., epoch: _Optional[int] = ..., epochs: _Optional[int] = ..., loss: _Optional[float] = ..., train_accuracy: _Optional[float] = ..., validation_accuracy: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., state: _Optional[str] = ...) -> None: ...
+    message: str
+    def __init__(self, job_id: _Optional[str] = ..., epoch: _Optional[int] = ..., epochs: _Optional[int] = ..., loss: _Optional[float] = ..., train_accuracy: _Optional[float] = ..., validation_accuracy: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., state: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class TrainingJob(_message.Message):
     __slots__ = ("job_id", "round_id", "state", "epoch", "epochs", "validation_accuracy", "test_accuracy", "model_version", "published", "message")
@@ -73,3 +77,31 @@ class TrainingJob(_message.Message):
     published: bool
     message: str
     def __init__(self, job_id: _Optional[str] = ..., round_id: _Optional[int] = ..., state: _Optional[str] = ..., epoch: _Optional[int] = ..., epochs: _Optional[int] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., model_version: _Optional[int] = ..., published: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+
+class GetModelReportRequest(_message.Message):
+    __slots__ = ("version",)
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    def __init__(self, version: _Optional[int] = ...) -> None: ...
+
+class ModelReport(_message.Message):
+    __slots__ = ("model_name", "version", "state", "validation_accuracy", "test_accuracy", "metrics_json", "confusion_key", "note", "round_id")
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    TEST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    METRICS_JSON_FIELD_NUMBER: _ClassVar[int]
+    CONFUSION_KEY_FIELD_NUMBER: _ClassVar[int]
+    NOTE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    version: int
+    state: str
+    validation_accuracy: float
+    test_accuracy: float
+    metrics_json: str
+    confusion_key: str
+    note: str
+    round_id: int
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., metrics_json: _Optional[str] = ..., confusion_key: _Optional[str] = ..., note: _Optional[str] = ..., round_id: _Optional[int] = ...) -> None: ...

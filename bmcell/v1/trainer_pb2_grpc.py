@@ -55,6 +55,11 @@ class TrainerStub:
                 request_serializer=bmcell_dot_v1_dot_trainer__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=bmcell_dot_v1_dot_trainer__pb2.TrainingJob.FromString,
                 _registered_method=True)
+        self.GetModelReport = channel.unary_unary(
+                '/bmcell.v1.Trainer/GetModelReport',
+                request_serializer=bmcell_dot_v1_dot_trainer__pb2.GetModelReportRequest.SerializeToString,
+                response_deserializer=bmcell_dot_v1_dot_trainer__pb2.ModelReport.FromString,
+                _registered_method=True)
 
 
 class TrainerServicer:
@@ -86,6 +91,13 @@ class TrainerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetModelReport(self, request, context):
+        """A registered version's evaluation: metrics and the confusion matrix's object key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +120,11 @@ def add_TrainerServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=bmcell_dot_v1_dot_trainer__pb2.GetJobRequest.FromString,
                     response_serializer=bmcell_dot_v1_dot_trainer__pb2.TrainingJob.SerializeToString,
+            ),
+            'GetModelReport': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetModelReport,
+                    request_deserializer=bmcell_dot_v1_dot_trainer__pb2.GetModelReportRequest.FromString,
+                    response_serializer=bmcell_dot_v1_dot_trainer__pb2.ModelReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -219,6 +236,33 @@ class Trainer:
             '/bmcell.v1.Trainer/CancelJob',
             bmcell_dot_v1_dot_trainer__pb2.GetJobRequest.SerializeToString,
             bmcell_dot_v1_dot_trainer__pb2.TrainingJob.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetModelReport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bmcell.v1.Trainer/GetModelReport',
+            bmcell_dot_v1_dot_trainer__pb2.GetModelReportRequest.SerializeToString,
+            bmcell_dot_v1_dot_trainer__pb2.ModelReport.FromString,
             options,
             channel_credentials,
             insecure,

@@ -19,13 +19,14 @@ from uuid import UUID
 
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
 from bmcell import metrics as shared_metrics
+from bmcell import report
 from bmcell.errors import BmcellError, NotFound, Unauthenticated
 from bmcell.runtime import Runtime
 from bmcell.settings import LabelApiSettings
@@ -375,5 +376,33 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
     def round_progress(caller: Caller, round_id: Annotated[int | None, Query(ge=1)] = None) -> dict:
         with db.connection() as conn:
             return queue.progress(conn, caller, round_id)
+
+    @app.get(
+        "/v1/specimens/{lab}/{specimen}/report",
+        summary="A specimen's differential count (JSON, or a self-contained HTML page)",
+        responses={200: {"content": {"application/json": {}, "text/html": {}}}},
+    )
+    def specimen_report(
+        lab: str,
+        specimen: str,
+        caller: Caller,
+        format: Literal["json", "html"] = "json",
+        min_confidence: Annotated[float, Query(ge=0, le=1)] = report.DEFAULT_MIN_CONFIDENCE,
+        per_class: Annotated[int, Query(ge=0, le=100)] = report.DEFAULT_PER_CLASS,
+    ) -> Response:
+        lab_ids_for_codes(db, caller, [lab])  # 404 outside the caller's labs
+        with db.connection() as conn:
+            body = report.specimen_report(
+                conn,
+                specimen,
+                lab=lab,
+                model_name=settings.model_name,
+                min_confidence=min_confidence,
+                visible=caller.sees_lab,
+            )
+        if format == "json":
+            return JSONResponse(report.public(body))
+        thumbs = report.thumbnails(body, runtime.store.get, per_class) if per_class else {}
+        return HTMLResponse(report.render_html(body, thumbs, per_class=per_class))
 
     return app

@@ -25,8 +25,8 @@ from datetime import datetime
 
 import numpy as np
 
-SOURCES: tuple[str, ...] = ("initial", "cst", "al", "st", "test", "validation")
-TRAINABLE_SOURCES: frozenset[str] = frozenset({"initial", "cst", "al", "st"})
+SOURCES: tuple[str, ...] = ("initial", "cst", "al", "st", "random", "test", "validation")
+TRAINABLE_SOURCES: frozenset[str] = frozenset({"initial", "cst", "al", "st", "random"})
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,8 @@ class LabelledCell:
     """One cell's current label, as the trainer reads it.
 
     ``round_added`` is the round whose review added the label (0 for the initial
-    set); ``source`` says how: ``initial``, ``cst``, ``al``, ``st``, or ``test`` /
+    set); ``source`` says how: ``initial``, ``cst``, ``al``, ``st``, ``random`` (the
+    random-sampling baseline), or ``test`` /
     ``validation`` for cells held out for evaluation.
     """
 

@@ -1,0 +1,113 @@
+"""``bmcell demo``: a synthetic multi-lab run, end to end, on the embedded stack.
+
+Three labs upload synthetic specimens at once; the segmenter cuts the cells; simulated
+reviewers label the bootstrap set through the labeling API; the initial model is
+trained on Ray and must pass the 0.80 validation gate; three CST+AL rounds follow;
+a differential count is reported for one specimen. It prints what it does as it goes,
+the round table at the end, and where the plots and reports are.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+from rich.console import Console
+
+from bmcell import scenario
+from bmcell.cli.rounds import history_rows
+from bmcell.db import Database
+from bmcell.review_sim import TruthIndex
+from bmcell.settings import Settings, load
+from bmcell.stack import Stack, StackConfig
+from bmcell.stack.config import REPO
+from bmcell.studyreport import RoundResult, plot_figure1, table1_rows, write_table
+from bmcell.v1 import rounds_pb2, selector_pb2
+
+console = Console(stderr=True)
+
+
+def say(msg: str) -> None:
+    console.print(f"[bold cyan]demo[/] {msg}")
+
+
+@click.command()
+@click.option("--labs", default=3, show_default=True)
+@click.option("--specimens", default=3, show_default=True, help="Per lab; one per lab is test.")
+@click.option("--fields", default=12, show_default=True, help="Per specimen.")
+@click.option("--size", default=704, show_default=True, help="Field size in pixels.")
+@click.option("--rounds", "n_rounds", default=3, show_default=True, help="CST+AL rounds.")
+@click.option("--sample", default=600, show_default=True, help="Pool sample per round.")
+@click.option("--epochs", default=0, help="Training epochs per round (0: trainer default).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=REPO / ".run" / "demo",
+              show_default=True)
+def demo(labs: int, specimens: int, fields: int, size: int, n_rounds: int, sample: int,
+         epochs: int, seed: int, out: Path) -> None:
+    """Run the study's procedure on synthetic specimens from several labs, end to end."""
+    started = time.monotonic()
+    out.mkdir(parents=True, exist_ok=True)
+    stack = Stack(StackConfig(), progress=lambda m: say(f"stack: {m}"))
+    say("starting the embedded stack (Postgres, S3 server, Triton, Ray, services)")
+    stack.up()
+    os.environ.update({k: v for k, v in stack.env().items() if k not in os.environ})
+    settings = load(Settings)
+    db = Database(settings).open()
+    env = stack.env()
+    experiment = f"demo-{int(time.time())}"
+
+    manifest = scenario.synthesize(out / "synth", labs, specimens, fields, seed, size, say)
+    scenario.upload(manifest, say)
+    test_specimens = scenario.mark_test_specimens(db, manifest, per_lab=1, say=say)
+    truth = TruthIndex.from_manifest(manifest, db)
+    reviewers = scenario.Reviewers(count=4, error_rate=0.02, difficult_rate=0.01, seed=seed)
+    common = {"labelapi_url": env["BMCELL_LABELAPI_URL"], "db": db, "truth": truth,
+              "reviewers": reviewers, "say": say}
+
+    say("bootstrap: reviewers label random cells until every class has its quota")
+    boot, _ = scenario.run_round(env["BMCELL_ROUNDS_ADDR"], rounds_pb2.StartRoundRequest(
+        experiment=experiment, strategy="bootstrap", epochs=epochs, initial_per_class=25,
+        validation_per_class=10, test_per_class=10, initial_reviews=1, test_reviews=2,
+        selection=selector_pb2.SelectionParameters(seed=seed)), **common)
+    if boot.state != "published":
+        raise click.ClickException(f"bootstrap ended {boot.state}: {boot.message}")
+    rounds = [boot]
+    for i in range(n_rounds):
+        r, _ = scenario.run_round(env["BMCELL_ROUNDS_ADDR"], rounds_pb2.StartRoundRequest(
+            experiment=experiment, strategy="cst+al", epochs=epochs,
+            selection=selector_pb2.SelectionParameters(sample_size=sample, seed=seed + i + 1)),
+            **common)
+        rounds.append(r)
+
+    rows = history_rows(rounds)
+    results = [RoundResult(round=r.number, test_accuracy=r.test_accuracy,
+                           validation_accuracy=r.validation_accuracy,
+                           added=0 if r.strategy == "bootstrap" else r.labels_added,
+                           added_by_class=dict(r.labels_added_by_class)) for r in rounds]
+    write_table(table1_rows({"cst+al": results}), out, "rounds")
+    plot_figure1({"cst+al": results}, out / "rounds.png")
+
+    specimen = next(s for s in manifest.specimens if s.id not in test_specimens)
+    say(f"differential count of {specimen.lab}/{specimen.id} with the active model")
+    for fmt in ("json", "html"):
+        subprocess.run([sys.executable, "-m", "bmcell.cli.main", "report", "specimen",
+                        specimen.id, "--lab", specimen.lab, "--format", fmt,
+                        "--out", str(out / f"report-{specimen.id}.{fmt}")], check=True)
+    rep = json.loads((out / f"report-{specimen.id}.json").read_text())
+    db.close()
+
+    click.echo("\nround | strategy | state | model | val acc | test acc | added | cumulative")
+    for row in rows:
+        click.echo(f"{row['round']:>5} | {row['strategy']:<9} | {row['state']:<9} | "
+                   f"v{row['model']:<4} | {row['validation_accuracy']:.3f}   | "
+                   f"{row['test_accuracy']:.3f}    | {row['added']:>5} | {row['cumulative_added']}")
+    click.echo(f"\ndifferential count of {specimen.lab}/{specimen.id}:")
+    click.echo(json.dumps({k: rep[k] for k in rep if k not in ("low_confidence",)}, indent=1)[:3000])
+    click.echo(f"\noutputs in {out}: rounds.md, rounds.png, report-{specimen.id}.html/.json")
+    click.echo(f"finished in {(time.monotonic() - started) / 60:.1f} min; "
+               "the stack keeps running (`bmcell stack down` stops it)")

@@ -1,0 +1,179 @@
+"""The study's comparison of strategies, run through the services.
+
+Each strategy must start from the same bootstrap on the same pool, so the runner
+bootstraps once, snapshots that state as a Postgres template database, and gives
+every strategy its own copy: the services restart pointing at ``exp_<strategy>``
+and serve the model under their own name (``<model>-<strategy>``, its bootstrap
+version copied in object storage), so versions of different strategies never mix
+in the models bucket or in Triton. Object storage is otherwise shared: cells and
+fields are content-addressed and identical for everyone.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psycopg
+import tritonclient.grpc as grpcclient
+
+from bmcell import modelrepo, scenario
+from bmcell.db import Database
+from bmcell.review_sim import TruthIndex
+from bmcell.settings import Settings, load
+from bmcell.stack import Stack
+from bmcell.stack.components import GRPC_SERVICES
+from bmcell.storage import ObjectStore
+from bmcell.studyreport import Effort, RoundResult, write_all
+from bmcell.v1 import rounds_pb2, selector_pb2
+
+SERVICES = [*GRPC_SERVICES, "labelapi"]
+Say = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    strategies: list[str]
+    rounds: int
+    out: Path
+    labs: int = 3
+    specimens: int = 4
+    fields: int = 12
+    size: int = 704
+    sample: int = 1000
+    epochs: int = 0
+    seed: int = 0
+    reviewers: scenario.Reviewers = field(default_factory=scenario.Reviewers)
+    bootstrap: dict = field(default_factory=lambda: {
+        "initial_per_class": 25, "validation_per_class": 10, "test_per_class": 10,
+        "initial_reviews": 1, "test_reviews": 2})
+
+
+def db_name(strategy: str) -> str:
+    return "exp_" + re.sub(r"[^a-z0-9]+", "_", strategy.lower())
+
+
+def _url(base_url: str, name: str) -> str:
+    return base_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def _admin(base_url: str) -> psycopg.Connection:
+    return psycopg.connect(_url(base_url, "postgres"), autocommit=True)
+
+
+def clone_database(base_url: str, source: str, target: str) -> None:
+    """``CREATE DATABASE target TEMPLATE source`` (nobody may be connected to source)."""
+    with _admin(base_url) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{target}"')
+        conn.execute(f'CREATE DATABASE "{target}" TEMPLATE "{source}"')
+
+
+def copy_model(store: ObjectStore, url: str, model_name: str, new_name: str) -> None:
+    """Give the strategy its own model name, starting from the bootstrap's versions."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        versions = [r[0] for r in conn.execute(
+            "SELECT version FROM model_versions WHERE model_name = %s", (model_name,))]
+        conn.execute("UPDATE model_versions SET model_name = %s WHERE model_name = %s",
+                     (new_name, model_name))
+    for v in versions:
+        for key in store.list(f"{model_name}/{v}/", bucket=store.models_bucket):
+            data = store.get(key, bucket=store.models_bucket)
+            store.put(new_name + key[len(model_name):], data, bucket=store.models_bucket)
+    store.put(f"{new_name}/config.pbtxt", modelrepo.config_pbtxt(new_name).encode(),
+              bucket=store.models_bucket)
+
+
+def run(cfg: ExperimentConfig, stack: Stack, say: Say) -> dict[str, Path]:
+    stack.up()
+    env = stack.env()
+    settings = load(Settings, database_url=env["BMCELL_DATABASE_URL"],
+                    s3_endpoint=env["BMCELL_S3_ENDPOINT"])
+    store = ObjectStore(settings).ensure_buckets()
+    db = Database(settings).open()
+    manifest = scenario.synthesize(cfg.out / "synth", cfg.labs, cfg.specimens, cfg.fields,
+                                   cfg.seed, cfg.size, say)
+    scenario.upload(manifest, say, env)
+    scenario.mark_test_specimens(db, manifest, per_lab=1, say=say)
+    truth = TruthIndex.from_manifest(manifest, db)
+    truth.refresh()
+    # Cell ids are the same in every strategy's copy of the database: fix the answers now.
+    truth = TruthIndex.from_mapping(truth.mapping())
+    say(f"truth known for {len(truth)} cells; bootstrap, shared by every strategy")
+    boot, boot_effort = scenario.run_round(
+        env["BMCELL_ROUNDS_ADDR"],
+        rounds_pb2.StartRoundRequest(experiment="bootstrap", strategy="bootstrap",
+                                     epochs=cfg.epochs, **cfg.bootstrap,
+                                     selection=selector_pb2.SelectionParameters(seed=cfg.seed)),
+        labelapi_url=env["BMCELL_LABELAPI_URL"], db=db, truth=truth,
+        reviewers=cfg.reviewers, say=say)
+    db.close()
+    if boot.state != "published":
+        raise RuntimeError(f"bootstrap ended {boot.state}: {boot.message}")
+    base_db = env["BMCELL_DATABASE_URL"].rsplit("/", 1)[1]
+    stack.stop(SERVICES)
+    clone_database(env["BMCELL_DATABASE_URL"], base_db, "exp_bootstrap")
+
+    by_strategy: dict[str, list[RoundResult]] = {}
+    effort: dict[str, Effort] = {}
+    confusion: dict[str, str] = {}
+    boot_result = RoundResult(round=0, test_accuracy=boot.test_accuracy,
+                              validation_accuracy=boot.validation_accuracy, added=0)
+    for strategy in cfg.strategies:
+        name = db_name(strategy)
+        model = f"{settings.model_name}-{name.removeprefix('exp_').replace('_', '-')}"
+        url = _url(env["BMCELL_DATABASE_URL"], name)
+        say(f"strategy {strategy}: database {name}, model {model}")
+        clone_database(env["BMCELL_DATABASE_URL"], "exp_bootstrap", name)
+        copy_model(store, url, settings.model_name, model)
+        stack.up(only=SERVICES, extra_env={"BMCELL_DATABASE_URL": url, "BMCELL_MODEL_NAME": model})
+        sdb = Database(load(Settings, database_url=url, s3_endpoint=env["BMCELL_S3_ENDPOINT"])).open()
+        results = [boot_result]
+        for i in range(cfg.rounds):
+            r, _ = scenario.run_round(
+                env["BMCELL_ROUNDS_ADDR"],
+                rounds_pb2.StartRoundRequest(
+                    experiment="bootstrap", strategy=strategy, epochs=cfg.epochs,
+                    selection=selector_pb2.SelectionParameters(sample_size=cfg.sample,
+                                                               seed=cfg.seed + 1000 + i)),
+                labelapi_url=env["BMCELL_LABELAPI_URL"], db=sdb, truth=truth,
+                reviewers=cfg.reviewers, say=say)
+            results.append(RoundResult(
+                round=r.number, test_accuracy=r.test_accuracy,
+                validation_accuracy=r.validation_accuracy, added=r.labels_added,
+                added_by_class=dict(r.labels_added_by_class), promoted=r.promoted))
+        by_strategy[strategy] = results
+        with sdb.connection() as conn:
+            answers = {row["answer"]: row["n"] for row in conn.execute(
+                "SELECT answer, count(*) AS n FROM reviews rv JOIN review_tasks t "
+                "ON t.id = rv.task_id WHERE t.kind IN ('cst', 'al', 'adjudication') "
+                "AND t.round_id IS NOT NULL GROUP BY answer")}
+            last = conn.execute(
+                "SELECT confusion_key FROM model_versions WHERE model_name = %s "
+                "ORDER BY version DESC LIMIT 1", (model,)).fetchone()
+        effort[strategy] = Effort(reviews=sum(answers.values()), confirms=answers.get("confirm", 0),
+                                  corrections=answers.get("correct", 0),
+                                  difficult=answers.get("difficult", 0))
+        if last and last["confusion_key"]:
+            confusion[strategy] = last["confusion_key"]
+        sdb.close()
+        stack.stop(SERVICES)
+        _unload(env["BMCELL_TRITON_URL"], model)
+    written = write_all(by_strategy, effort, cfg.out)
+    for strategy, key in confusion.items():
+        path = cfg.out / f"confusion-{db_name(strategy).removeprefix('exp_')}.png"
+        path.write_bytes(store.get(key))
+        written[path.name] = path
+    stack.up(only=SERVICES)  # back on the main database
+    return written
+
+
+def _unload(triton_url: str, model: str) -> None:
+    client = grpcclient.InferenceServerClient(url=triton_url)
+    try:
+        client.unload_model(model, client_timeout=60)
+    except Exception:  # an experiment's result does not depend on freeing memory
+        pass
+    finally:
+        client.close()

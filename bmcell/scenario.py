@@ -1,0 +1,133 @@
+"""A synthetic multi-lab study on a running stack, step by step: what `bmcell demo` and
+`bmcell experiment` are made of.
+
+Every step goes through the system's own doors: labs upload with `bmcell upload`
+(one process per lab, concurrently), rounds are started and followed through the
+rounds service, reviewers answer through the labeling API. Nothing here writes
+Postgres directly except what an operator would do by hand (marking which specimens
+form the test set).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from bmcell import grpc_client
+from bmcell.db import Database
+from bmcell.review_sim import ReviewStats, TruthIndex, simulate_reviews
+from bmcell.synth import Manifest, generate_dataset
+from bmcell.v1 import rounds_pb2, rounds_pb2_grpc
+
+Say = Callable[[str], None]
+LIVE = ("created", "predicting", "selecting", "reviewing", "training", "evaluating")
+
+
+@dataclass(frozen=True)
+class Reviewers:
+    count: int = 4
+    error_rate: float = 0.02
+    difficult_rate: float = 0.01
+    seed: int = 0
+
+
+def synthesize(out: Path, labs: int, specimens: int, fields: int, seed: int, size: int,
+               say: Say) -> Manifest:
+    say(f"synthesising {labs} labs x {specimens} specimens x {fields} fields ({size}px)")
+    started = time.monotonic()
+    manifest = generate_dataset(out, labs=labs, specimens=specimens, fields=fields, seed=seed,
+                                size=size)
+    n = labs * specimens * fields
+    say(f"  {n} fields in {time.monotonic() - started:.1f}s -> {out}")
+    return manifest
+
+
+def upload(manifest: Manifest, say: Say, env: dict[str, str] | None = None) -> None:
+    """Each lab uploads its specimens in its own `bmcell upload` process, all at once."""
+    root = manifest.root
+    assert root is not None
+    by_lab: dict[str, list] = {}
+    for spec in manifest.specimens:
+        by_lab.setdefault(spec.lab, []).append(spec)
+
+    def lab_uploads(lab: str) -> str:
+        lines = []
+        for spec in by_lab[lab]:
+            files = [str(root / f.image) for f in spec.fields]
+            out = subprocess.run(
+                [sys.executable, "-m", "bmcell.cli.main", "upload", "--lab", lab,
+                 "--specimen", spec.id, "--diagnosis", spec.diagnosis, "--jobs", "2", *files],
+                capture_output=True, text=True, env={**os.environ, **(env or {})},
+            )
+            if out.returncode != 0:
+                raise RuntimeError(f"upload of {spec.id} failed:\n{out.stderr[-2000:]}")
+            lines.append(f"  {lab}/{spec.id}: {out.stderr.strip().splitlines()[-1]}")
+        return "\n".join(lines)
+
+    say(f"{len(by_lab)} labs upload concurrently")
+    started = time.monotonic()
+    with ThreadPoolExecutor(len(by_lab)) as pool:
+        for text in pool.map(lab_uploads, sorted(by_lab)):
+            say(text)
+    say(f"  uploaded and segmented in {time.monotonic() - started:.1f}s")
+
+
+def mark_test_specimens(db: Database, manifest: Manifest, per_lab: int, say: Say) -> list[str]:
+    """The last ``per_lab`` specimens of each lab form the test set (never trained on)."""
+    chosen: list[tuple[str, str]] = []
+    by_lab: dict[str, list[str]] = {}
+    for spec in manifest.specimens:
+        by_lab.setdefault(spec.lab, []).append(spec.id)
+    for lab, specs in by_lab.items():
+        chosen += [(lab, s) for s in sorted(specs)[-per_lab:]] if per_lab else []
+    with db.transaction() as conn:
+        for lab, spec in chosen:
+            conn.execute(
+                "UPDATE specimens SET is_test = true WHERE code = %s "
+                "AND lab_id = (SELECT id FROM labs WHERE code = %s)", (spec, lab))
+            conn.execute(
+                "INSERT INTO audit_log (action, entity, entity_id, after) "
+                "VALUES ('mark_test', 'specimen', %s, '{\"is_test\": true}')", (f"{lab}/{spec}",))
+    say(f"test specimens (never used for training): {', '.join(s for _, s in chosen)}")
+    return [s for _, s in chosen]
+
+
+def add_stats(a: ReviewStats, b: ReviewStats) -> ReviewStats:
+    """Counts of two review sessions together (answers and per-reviewer detail dropped)."""
+    return ReviewStats(**{
+        name: getattr(a, name) + getattr(b, name)
+        for name in ("reviews", "confirms", "corrections", "difficult", "errors_injected",
+                     "unknown_truth", "adjudications", "adjudications_created", "labelled",
+                     "conflicts", "seconds")
+    })
+
+
+def run_round(rounds_addr: str, request: rounds_pb2.StartRoundRequest, *, labelapi_url: str,
+              db: Database, truth: TruthIndex, reviewers: Reviewers, say: Say,
+              poll_s: float = 1.0) -> tuple[rounds_pb2.Round, ReviewStats]:
+    """Start a round, answer its review tasks as they appear, return it when it ends."""
+    stub = rounds_pb2_grpc.RoundsStub(grpc_client.channel(rounds_addr, default_timeout_s=60))
+    r = stub.StartRound(request)
+    say(f"round {r.number} ({r.strategy}) started")
+    total = ReviewStats()
+    last_state = ""
+    while r.state in LIVE:
+        if r.state != last_state:
+            say(f"  round {r.number}: {r.state}")
+            last_state = r.state
+        if r.state == "reviewing":
+            stats = simulate_reviews(labelapi_url, db, truth, reviewers=reviewers.count,
+                                     error_rate=reviewers.error_rate,
+                                     difficult_rate=reviewers.difficult_rate,
+                                     seed=reviewers.seed + r.number, stop_when_empty=True)
+            total = add_stats(total, stats)
+        time.sleep(poll_s)
+        r = stub.GetRound(rounds_pb2.GetRoundRequest(round_id=r.round_id))
+    say(f"  round {r.number}: {r.state} {r.message}")
+    return r, total

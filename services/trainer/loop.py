@@ -1,0 +1,243 @@
+"""What every Ray Train worker runs: one DDP replica of the round's training.
+
+The driver (``services.trainer.runner``) passes everything a worker needs in
+``train_loop_config`` (a :class:`LoopConfig` as a dict): object-storage settings, the
+training and validation ``(crop_key, class index)`` lists, and the optimisation
+settings. Workers read their crops from object storage themselves and keep them,
+preprocessed, in memory for the rest of the run, so nothing large travels through
+the driver or Ray's object store.
+
+Fault tolerance: after every epoch rank 0 reports a checkpoint (model, optimiser,
+epoch, history) through ``ray.train.report``; Ray Train persists it under the run's
+storage (object storage in bmcell). A worker group restarted after a failure, or a
+whole run restarted by a new trainer process under the same run name, gets it back
+from ``ray.train.get_checkpoint()`` and continues with the next epoch. Each
+(re)start is recorded in the checkpointed ``starts`` list, so the history shows that
+finished epochs were not run again.
+
+Progress for the driver: rank 0 writes ``<prefix>/progress.json`` after each epoch,
+and every rank writes ``<prefix>/workers/<rank>.json`` (its pid) at start. The
+driver asks for cancellation by writing ``<prefix>/cancel``; rank 0 checks it after
+each epoch and tells the others, so all ranks stop at the same epoch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from bmcell.errors import NotFound
+from bmcell.network import CellClassifier
+from bmcell.preprocess import crop_to_tensor
+from bmcell.settings import Settings, load
+from bmcell.storage import ObjectStore
+from services.trainer.augment import AugmentParams, augment, seeded_generator
+
+CHECKPOINT_FILE = "state.pt"
+#: Crops have their extracellular area painted white (``bmcell.synth.CROP_FILL``,
+#: the segmenter does the same), so pixels the augmentation pulls in from outside
+#: the crop are white too: 1.0 after ``crop_to_tensor``'s scaling.
+CROP_BACKGROUND = 1.0
+
+
+@dataclass
+class LoopConfig:
+    job_id: str
+    prefix: str  # object-storage folder of the job's progress and control objects
+    s3: dict[str, Any]
+    train: list[tuple[str, int]]
+    validation: list[tuple[str, int]]
+    num_classes: int
+    input_size: int
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    momentum: float
+    class_weights: list[float]
+    init_state_key: str | None = None  # previous version's state_dict (transfer)
+    seed: int = 0
+    threads: int = 1
+    augment: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def worker_store(s3: dict[str, Any]) -> ObjectStore:
+    """Object storage from the settings the driver passed (workers have no BMCELL_* env)."""
+    return ObjectStore(load(Settings, database_url="unused-by-training-workers", **s3))
+
+
+class CropCache:
+    """Preprocessed crops by key, fetched from object storage on first use."""
+
+    def __init__(self, store: ObjectStore, input_size: int) -> None:
+        self.store = store
+        self.input_size = input_size
+        self.tensors: dict[str, np.ndarray] = {}
+
+    def batch(self, keys: list[str]) -> torch.Tensor:
+        missing = [k for k in dict.fromkeys(keys) if k not in self.tensors]
+        if missing:
+            with ThreadPoolExecutor(max_workers=8) as pool:
+                for key, data in zip(missing, pool.map(self.store.get, missing), strict=True):
+                    self.tensors[key] = crop_to_tensor(data, self.input_size)
+        return torch.from_numpy(np.stack([self.tensors[k] for k in keys]))
+
+
+def _put_json(store: ObjectStore, key: str, value: Any) -> None:
+    store.put(key, json.dumps(value).encode(), "application/json")
+
+
+def _sum_across(values: list[float], world: int) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _bare(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def train_loop(config_dict: dict[str, Any]) -> None:
+    """``train_loop_per_worker`` of the TorchTrainer."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = LoopConfig(**config_dict)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, cfg.threads))
+    store = worker_store(cfg.s3)
+    cache = CropCache(store, cfg.input_size)
+
+    model = CellClassifier(cfg.num_classes)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum)
+    state: dict[str, Any] = {"epoch": 0, "history": [], "starts": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            saved = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = {k: saved[k] for k in ("epoch", "history", "starts")}
+    elif cfg.init_state_key:
+        data = store.get(cfg.init_state_key)
+        model.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
+    state["starts"].append({"from_epoch": state["epoch"], "at": time.time()})
+    _put_json(
+        store,
+        f"{cfg.prefix}/workers/{rank}.json",
+        {"pid": os.getpid(), "rank": rank, "from_epoch": state["epoch"]},
+    )
+
+    model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU) when world > 1
+    weights = torch.tensor(cfg.class_weights, dtype=torch.float32)
+    params = AugmentParams(**cfg.augment) if cfg.augment else AugmentParams()
+    keys = [k for k, _ in cfg.train]
+    labels = torch.tensor([c for _, c in cfg.train], dtype=torch.long)
+    val_keys = [k for k, _ in cfg.validation][rank::world]
+    val_labels = torch.tensor([c for _, c in cfg.validation][rank::world], dtype=torch.long)
+
+    for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
+        started = time.perf_counter()
+        # Same permutation on every rank (seeded by epoch); each takes its stride.
+        order = torch.randperm(len(keys), generator=seeded_generator(cfg.seed * 100_003 + epoch))
+        mine = order[rank::world]
+        # Equal step counts on all ranks, or DDP's all-reduce waits forever.
+        steps = -(-len(order) // (world * cfg.batch_size))
+        generator = seeded_generator(cfg.seed * 7_919 + epoch * 31 + rank)
+        model.train()
+        loss_sum = correct = seen = 0.0
+        for step in range(steps):
+            idx = mine[step * cfg.batch_size : (step + 1) * cfg.batch_size]
+            if len(idx) == 0:  # a short last stride: repeat the first batch's cells
+                idx = mine[: cfg.batch_size]
+            x = augment(cache.batch([keys[i] for i in idx]), generator, params, CROP_BACKGROUND)
+            y = labels[idx]
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, weight=weights)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(idx)
+            correct += float((logits.argmax(1) == y).sum())
+            seen += len(idx)
+        train_seconds = time.perf_counter() - started
+
+        model.eval()
+        v_correct = v_seen = 0.0
+        with torch.no_grad():
+            for start in range(0, len(val_keys), 64):
+                x = cache.batch(val_keys[start : start + 64])
+                pred = _bare(model)(x).argmax(1)
+                v_correct += float((pred == val_labels[start : start + 64]).sum())
+                v_seen += len(pred)
+        loss_sum, correct, seen, v_correct, v_seen = _sum_across(
+            [loss_sum, correct, seen, v_correct, v_seen], world
+        )
+        record = {
+            "epoch": epoch,
+            "loss": loss_sum / max(seen, 1.0),
+            "train_accuracy": correct / max(seen, 1.0),
+            "validation_accuracy": v_correct / v_seen if v_seen else 0.0,
+            "samples_per_second": seen / max(train_seconds, 1e-9),
+            "seconds": time.perf_counter() - started,
+            "start": len(state["starts"]) - 1,  # which (re)start of the run trained it
+        }
+        state["history"].append(record)
+        state["epoch"] = epoch
+        _report(cfg, rank, model, optimizer, state, record)
+        if rank == 0:
+            _put_json(store, f"{cfg.prefix}/progress.json", state)
+        if _cancel_requested(store, cfg.prefix, rank, world):
+            return
+
+
+def _report(cfg, rank, model, optimizer, state, record) -> None:
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(record)
+        return
+    with tempfile.TemporaryDirectory(prefix=f"bmcell-{cfg.job_id}-") as d:
+        torch.save(
+            {
+                "model": _bare(model).state_dict(),
+                "optimizer": optimizer.state_dict(),
+                **state,
+            },
+            Path(d) / CHECKPOINT_FILE,
+        )
+        ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def _cancel_requested(store: ObjectStore, prefix: str, rank: int, world: int) -> bool:
+    flag = torch.zeros(1)
+    if rank == 0:
+        try:
+            flag[0] = float(store.exists(f"{prefix}/cancel"))
+        except NotFound:
+            flag[0] = 0.0
+    if world > 1:
+        dist.broadcast(flag, src=0)
+    return bool(flag[0])
+
+
+def load_checkpoint_state(directory: str | Path) -> dict[str, Any]:
+    """The dict rank 0 saved in a checkpoint directory."""
+    return torch.load(Path(directory) / CHECKPOINT_FILE, map_location="cpu", weights_only=False)

@@ -1,0 +1,162 @@
+"""After training: evaluate, register, and promote or reject the new version.
+
+Evaluation runs in the trainer process with plain PyTorch on crops preprocessed by
+``bmcell.preprocess.crop_to_tensor`` (the classifier's own preprocessing), over the
+validation and test splits, scored by ``bmcell.evaluation.evaluate`` (BN and ART
+merged). The version is registered with ``bmcell.modelstore.register_version``
+(TorchScript into the Triton repository) and its plain ``state_dict`` is stored
+beside it for the next round's transfer.
+
+Promotion gate: the new version passes when its validation accuracy is at most
+``max_accuracy_drop`` below the active version's (any version passes when none is
+active). Passing calls ``activate`` (the classifier's ActivateModel, injected by the
+server so that this module has no transport code); failing marks the version
+``rejected`` with the reason. Every step is idempotent: a job resumed after a crash
+here finds the version it already registered (``metrics.job_id``) and carries on.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bmcell import evaluation, modelstore
+from bmcell.db import Database
+from bmcell.errors import BmcellError
+from bmcell.network import CellClassifier
+from bmcell.preprocess import crop_to_tensor
+from bmcell.storage import ObjectStore
+from bmcell.taxonomy import Taxonomy
+from services.trainer import jobs
+from services.trainer.plan import Plan, state_dict_key
+
+
+@dataclass
+class Outcome:
+    version: int
+    validation_accuracy: float
+    test_accuracy: float | None
+    published: bool
+    message: str
+
+
+def predict(model: torch.nn.Module, store: ObjectStore, items: list, input_size: int) -> np.ndarray:
+    keys = [k for k, _, _ in items]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        crops = list(pool.map(store.get, keys))
+    preds = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(crops), 64):
+            x = np.stack([crop_to_tensor(c, input_size) for c in crops[start : start + 64]])
+            preds.append(model(torch.from_numpy(x)).argmax(1).numpy())
+    return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+
+
+def score(
+    model: torch.nn.Module, store: ObjectStore, items: list, plan: Plan, tax: Taxonomy
+) -> evaluation.Evaluation | None:
+    if not items:
+        return None
+    truth = np.asarray([c for _, c, _ in items])
+    return evaluation.evaluate(truth, predict(model, store, items, plan.input_size), tax)
+
+
+def upload_confusion(
+    store: ObjectStore, ev: evaluation.Evaluation, model_name: str, version: int, split: str
+) -> str:
+    with tempfile.TemporaryDirectory() as d:
+        path = evaluation.plot_confusion(
+            ev, Path(d) / "confusion.png", f"{model_name} v{version}, {split} split"
+        )
+        key = f"reports/confusion/{model_name}/v{version}-{split}.png"
+        store.put(key, path.read_bytes(), "image/png")
+    return key
+
+
+def publish(
+    db: Database,
+    store: ObjectStore,
+    job_id: str,
+    plan: Plan,
+    model_state: dict,
+    history: list[dict],
+    activate: Callable[[int], None],
+) -> Outcome:
+    tax = plan.tax
+    model = CellClassifier(tax.num_classes)
+    model.load_state_dict(model_state)
+    model.eval()
+    val = score(model, store, plan.validation, plan, tax)
+    test = score(model, store, plan.test, plan, tax)
+    val_acc = val.accuracy if val is not None else history[-1]["validation_accuracy"]
+    test_acc = test.accuracy if test is not None else None
+
+    existing = jobs.version_of_job(db, plan.model_name, job_id)
+    if existing is not None:
+        version = existing["version"]
+    else:
+        metrics = {
+            "job_id": job_id,
+            "validation": val.to_json() if val else None,
+            "test": test.to_json() if test else None,
+            "train_size": len(plan.train),
+            "epochs": plan.epochs,
+            "learning_rate": plan.learning_rate,
+            "transferred_from": plan.init_version,
+            "history": history,
+        }
+        version = modelstore.register_version(
+            db,
+            store,
+            model,
+            tax,
+            plan.input_size,
+            model_name=plan.model_name,
+            round_id=plan.round_id,
+            metrics=metrics,
+            validation_accuracy=val_acc,
+            test_accuracy=test_acc,
+            note=f"training job {job_id}",
+        )
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    store.put(state_dict_key(plan.model_name, version), buf.getvalue())
+    if test is not None or val is not None:
+        split, ev = ("test", test) if test is not None else ("validation", val)
+        key = upload_confusion(store, ev, plan.model_name, version, split)
+        jobs.set_confusion_key(db, plan.model_name, version, key)
+
+    row = jobs.model_version(db, plan.model_name, version)
+    if row["state"] in ("active", "retired"):
+        return Outcome(version, val_acc, test_acc, True, f"v{version} published")
+    if row["state"] == "rejected":
+        return Outcome(version, val_acc, test_acc, False, row["note"])
+    active = jobs.active_version(db, plan.model_name)
+    floor = None
+    if active is not None and active["validation_accuracy"] is not None:
+        floor = active["validation_accuracy"] - plan.max_accuracy_drop
+    if floor is not None and val_acc < floor:
+        note = (
+            f"rejected: validation accuracy {val_acc:.4f} is more than "
+            f"{plan.max_accuracy_drop:.4f} below active v{active['version']}'s "
+            f"{active['validation_accuracy']:.4f}"
+        )
+        jobs.reject(db, plan.model_name, version, note)
+        return Outcome(version, val_acc, test_acc, False, f"v{version} {note}")
+    try:
+        activate(version)
+    except BmcellError as exc:
+        return Outcome(
+            version, val_acc, test_acc, False, f"v{version} registered but not activated: {exc}"
+        )
+    return Outcome(
+        version, val_acc, test_acc, True, f"v{version} published (validation {val_acc:.4f})"
+    )

@@ -1,0 +1,272 @@
+"""Trainer service on the embedded stack's real Ray, Postgres, S3 server and Triton.
+
+Data are tiny (17 classes x a few synthetic crops, 32x32 inputs, a few epochs) so
+that the whole file runs in a few minutes on 2 shared cores; accuracy is measured
+by ``bench/bench_trainer.py``, not here. Fault tolerance is tested for real: a Ray
+worker is killed with SIGKILL, and the trainer process is stopped and started
+again through the Stack API, each in the middle of a job.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import uuid
+
+import grpc
+import pytest
+
+from bmcell.db import Database
+from bmcell.settings import Settings, load
+from bmcell.stack import Stack
+from bmcell.storage import ObjectStore
+from bmcell.synth import crop_rng, lab_style, render_crop
+from bmcell.taxonomy import DEFAULT_TAXONOMY
+from bmcell.v1 import classifier_pb2, classifier_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from services.trainer import runner
+from services.trainer.plan import state_dict_key
+from tests.integration.seed import png, seed_cells
+
+pytestmark = pytest.mark.integration
+INPUT = 32
+CROP = 96
+
+
+# --- seeding a labelled study ------------------------------------------------------------
+
+
+def synth_crops(
+    seed: int, labs: list[str], per_class: int, size: int, offset: int = 0
+) -> tuple[list[bytes], list[str]]:
+    """``per_class`` crops of every class, spread over ``labs``, as PNG bytes."""
+    images, codes = [], []
+    for code in DEFAULT_TAXONOMY.codes:
+        for i in range(per_class):
+            lab = labs[i % len(labs)]
+            rng = crop_rng(seed, lab, code, offset + i)
+            image, _ = render_crop(rng, lab_style(seed, lab), code, size=size)
+            images.append(png(image))
+            codes.append(code)
+    return images, codes
+
+
+def seed_study(
+    db: Database,
+    store: ObjectStore,
+    *,
+    train_per_class: int,
+    val_per_class: int,
+    test_per_class: int,
+    size: int = CROP,
+    seed: int = 3,
+    number: int = 1,
+) -> dict:
+    """A round with ``initial`` labels from three labs, ``validation`` labels from the
+    same labs and ``test`` labels on a test specimen of a fourth lab.
+
+    The round row is written in a final state so that the stack's rounds service
+    leaves it alone: these tests call StartTraining themselves.
+    """
+    experiment = f"trainer-{uuid.uuid4().hex[:8]}"
+    with db.transaction() as conn:
+        round_id = conn.execute(
+            "INSERT INTO rounds (experiment, number, strategy, state) "
+            "VALUES (%s, %s, 'bootstrap', 'published') RETURNING id",
+            (experiment, number),
+        ).fetchone()["id"]
+    out: dict = {"round_id": round_id}
+    splits = [
+        ("initial", train_per_class, ["lab-a", "lab-b", "lab-c"], 0, False),
+        ("validation", val_per_class, ["lab-a", "lab-b", "lab-c"], 10_000, False),
+        ("test", test_per_class, ["lab-e"], 20_000, True),
+    ]
+    for source, per_class, labs, offset, is_test in splits:
+        images, codes = synth_crops(seed, labs, per_class, size, offset)
+        ids = seed_cells(db, store, images, lab=f"{experiment}-{source}", is_test=is_test)
+        with db.transaction() as conn:
+            for cell_id, code in zip(ids, codes, strict=True):
+                conn.execute(
+                    "INSERT INTO labels (cell_id, class_code, source, round_id, round_added) "
+                    "VALUES (%s, %s, %s, %s, 0)",
+                    (cell_id, code, source, round_id),
+                )
+        out[source] = ids
+    return out
+
+
+# --- fixtures and helpers ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def rt(stack: Stack):
+    settings = load(Settings)
+    db = Database(settings).open()
+    store = ObjectStore(settings).ensure_buckets()
+    yield settings, db, store
+    db.close()
+
+
+@pytest.fixture(scope="module")
+def trainer(stack: Stack):
+    with grpc.insecure_channel(stack.config.addr("trainer")) as ch:
+        yield trainer_pb2_grpc.TrainerStub(ch)
+
+
+def start(trainer, round_id: int, epochs: int, **kw) -> trainer_pb2.TrainingJob:
+    request = trainer_pb2.StartTrainingRequest(
+        round_id=round_id, epochs=epochs, input_size=INPUT, batch_size=16, **kw
+    )
+    return trainer.StartTraining(request, timeout=60)
+
+
+def wait_for(trainer, job_id: str, done, timeout_s: float = 240.0) -> trainer_pb2.TrainingJob:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            job = trainer.GetJob(trainer_pb2.GetJobRequest(job_id=job_id), timeout=10)
+        except grpc.RpcError:  # the trainer is restarting
+            time.sleep(0.5)
+            continue
+        if done(job):
+            return job
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not get there in {timeout_s}s: {job}")
+
+
+def job_row(db: Database, job_id: str) -> dict:
+    with db.connection() as conn:
+        return conn.execute("SELECT * FROM training_jobs WHERE id = %s", (job_id,)).fetchone()
+
+
+def assert_resumed_after(db: Database, job_id: str, epochs: int, interrupted_at: int) -> None:
+    """Every epoch once; epochs done before the interruption were not trained again."""
+    history = job_row(db, job_id)["history"]
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
+    starts = [h["start"] for h in history]
+    assert starts == sorted(starts) and starts[-1] >= 1, starts
+    # Checkpoints are written every epoch: at most the epoch in flight is redone.
+    first_after = next(h["epoch"] for h in history if h["start"] >= 1)
+    assert first_after >= interrupted_at, (first_after, interrupted_at, history)
+
+
+# --- tests -------------------------------------------------------------------------------
+
+
+def test_round_training_publishes_and_is_idempotent(rt, trainer, stack: Stack) -> None:
+    settings, db, store = rt
+    study = seed_study(db, store, train_per_class=3, val_per_class=2, test_per_class=2)
+    job = start(trainer, study["round_id"], epochs=2, num_workers=2)
+    again = start(trainer, study["round_id"], epochs=5)
+    assert again.job_id == job.job_id  # one live job per round
+
+    request = trainer_pb2.GetJobRequest(job_id=job.job_id)
+    seen = list(trainer.WatchJob(request, timeout=300))
+    assert [p.epoch for p in seen if p.state == "running" and p.epoch][:2] == [1, 2]
+    assert seen[-1].state == "succeeded", seen[-1]
+    final = trainer.GetJob(request, timeout=10)
+    assert final.published and final.model_version > 0, final
+
+    row = job_row(db, job.job_id)
+    plan = row["config"]
+    train_ids = {c for _, _, c in plan["train"]}
+    assert train_ids == set(study["initial"])  # no validation or test cell trained on
+    assert plan["learning_rate"] == settings_lr_first()
+    report = trainer.GetModelReport(
+        trainer_pb2.GetModelReportRequest(version=final.model_version), timeout=10
+    )
+    metrics = json.loads(report.metrics_json)
+    assert report.state == "active"
+    assert metrics["test"]["n"] == 2 * 17 and len(metrics["test"]["codes"]) == 16  # BN+ART
+    assert metrics["validation"]["accuracy"] == pytest.approx(report.validation_accuracy)
+    assert store.get(report.confusion_key)[:8] == b"\x89PNG\r\n\x1a\n"
+    assert store.exists(state_dict_key(settings.model_name, final.model_version))
+    with grpc.insecure_channel(stack.config.addr("classifier")) as ch:
+        listed = classifier_pb2_grpc.ClassifierStub(ch).ListModels(
+            classifier_pb2.ListModelsRequest(), timeout=10
+        )
+    assert listed.active_version == final.model_version
+
+    # Round 2 transfers from it; a gate that it cannot pass rejects it.
+    with db.transaction() as conn:
+        conn.execute(
+            "UPDATE model_versions SET validation_accuracy = 1.0 WHERE model_name = %s "
+            "AND version = %s",
+            (settings.model_name, final.model_version),
+        )
+        round2 = conn.execute(
+            "INSERT INTO rounds (experiment, number, strategy, state) "
+            "SELECT experiment, 2, 'cst', 'published' FROM rounds WHERE id = %s RETURNING id",
+            (study["round_id"],),
+        ).fetchone()["id"]
+    job2 = start(trainer, round2, epochs=1, max_accuracy_drop=0.001)
+    done = wait_for(trainer, job2.job_id, lambda j: j.state not in ("queued", "running"))
+    assert done.state == "succeeded" and not done.published, done
+    assert "rejected" in done.message and "below active" in done.message
+    plan2 = job_row(db, job2.job_id)["config"]
+    assert plan2["init_version"] == final.model_version and plan2["learning_rate"] == 0.005
+    report2 = trainer.GetModelReport(
+        trainer_pb2.GetModelReportRequest(version=done.model_version), timeout=10
+    )
+    assert report2.state == "rejected" and "below active" in report2.note
+
+
+def settings_lr_first() -> float:
+    from bmcell.settings import TrainerSettings
+
+    return TrainerSettings.model_fields["learning_rate_first"].default
+
+
+def test_killed_worker_resumes_from_last_checkpoint(rt, trainer) -> None:
+    _settings, db, store = rt
+    study = seed_study(db, store, train_per_class=6, val_per_class=1, test_per_class=1)
+    epochs = 6
+    job = start(trainer, study["round_id"], epochs=epochs, num_workers=1)
+    running = wait_for(trainer, job.job_id, lambda j: j.epoch >= 2)
+    assert running.state == "running"
+    pid = runner.worker_pids(store, job.job_id)[0]["pid"]
+    killed_at = running.epoch
+    os.kill(pid, signal.SIGKILL)
+
+    done = wait_for(trainer, job.job_id, lambda j: j.state not in ("queued", "running"))
+    assert done.state == "succeeded", done
+    assert runner.worker_pids(store, job.job_id)[0]["pid"] != pid
+    assert_resumed_after(db, job.job_id, epochs, killed_at)
+
+
+def test_restarted_trainer_resumes_its_running_job(rt, trainer, stack: Stack) -> None:
+    _settings, db, store = rt
+    study = seed_study(db, store, train_per_class=6, val_per_class=1, test_per_class=1)
+    epochs = 6
+    job = start(trainer, study["round_id"], epochs=epochs, num_workers=1)
+    running = wait_for(trainer, job.job_id, lambda j: j.epoch >= 2)
+    stopped_at = running.epoch
+    pid = stack._load_state()["components"]["trainer"]["pid"]
+    stack._stop_pid("trainer", pid)
+    assert job_row(db, job.job_id)["state"] == "running"  # left for the next process
+    stack.up(only=["trainer"])
+
+    done = wait_for(trainer, job.job_id, lambda j: j.state not in ("queued", "running"))
+    assert done.state == "succeeded", done
+    assert_resumed_after(db, job.job_id, epochs, stopped_at)
+
+
+def test_cancel_stops_the_run(rt, trainer) -> None:
+    _settings, db, store = rt
+    study = seed_study(db, store, train_per_class=2, val_per_class=1, test_per_class=1)
+    job = start(trainer, study["round_id"], epochs=200, num_workers=1)
+    wait_for(trainer, job.job_id, lambda j: j.epoch >= 1)
+    cancelled = trainer.CancelJob(trainer_pb2.GetJobRequest(job_id=job.job_id), timeout=10)
+    assert cancelled.state == "cancelled"
+    # The workers stop at their next epoch's end: the epoch count stops growing.
+    time.sleep(8)
+    epoch = job_row(db, job.job_id)["epoch"]
+    time.sleep(4)
+    assert job_row(db, job.job_id)["epoch"] == epoch < 200
+    # A cancelled round can be trained again: a new job.
+    assert start(trainer, study["round_id"], epochs=1).job_id != job.job_id
+    bad = trainer_pb2.StartTrainingRequest(round_id=study["round_id"], input_size=40)
+    with pytest.raises(grpc.RpcError) as err:
+        trainer.StartTraining(bad, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
