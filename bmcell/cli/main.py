@@ -17,6 +17,7 @@ from bmcell.cli.models import classify, models
 from bmcell.cli.report import report
 from bmcell.cli.review import review
 from bmcell.cli.rounds import round_group
+from bmcell.cli.segmenter import register as register_segmenter
 from bmcell.cli.stack import stack
 from bmcell.cli.train import register as register_train
 from bmcell.cli.users import users
@@ -44,6 +45,7 @@ cli.add_command(stack)
 cli.add_command(round_group)
 cli.add_command(demo)
 cli.add_command(experiment)
+register_segmenter(cli)
 cli.add_command(users)
 cli.add_command(review)
 cli.add_command(report)

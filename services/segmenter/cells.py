@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from psycopg import Connection
+
 from bmcell.db import Database
 from bmcell.errors import InvalidArgument
 
@@ -30,3 +32,64 @@ def list_cells(
                 ORDER BY c.id LIMIT %(limit)s""",
             {"lab": lab, "specimen": specimen, "field": field_id, "limit": limit or MAX_LIST},
         ).fetchall()
+
+
+def find_field(conn: Connection, sha256: str) -> dict | None:
+    """The field stored for these bytes, with its cell counts, or None."""
+    return conn.execute(
+        """SELECT f.id, f.width, f.height,
+                  count(c.id) AS cells,
+                  count(c.id) FILTER (WHERE c.touches_border) AS border_cells
+             FROM field_images f LEFT JOIN cells c ON c.field_id = f.id
+            WHERE f.sha256 = %s
+            GROUP BY f.id""",
+        (sha256,),
+    ).fetchone()
+
+
+def upsert_specimen(conn: Connection, lab: str, specimen: str, diagnosis: str) -> tuple[int, int]:
+    """(lab_id, specimen_id), creating either on first use; a later diagnosis wins."""
+    lab_id = conn.execute(
+        """INSERT INTO labs (code) VALUES (%s)
+           ON CONFLICT (code) DO UPDATE SET code = EXCLUDED.code RETURNING id""",
+        (lab,),
+    ).fetchone()["id"]
+    specimen_id = conn.execute(
+        """INSERT INTO specimens (lab_id, code, diagnosis) VALUES (%s, %s, %s)
+           ON CONFLICT (lab_id, code) DO UPDATE
+              SET diagnosis = COALESCE(NULLIF(EXCLUDED.diagnosis, ''), specimens.diagnosis)
+           RETURNING id""",
+        (lab_id, specimen, diagnosis),
+    ).fetchone()["id"]
+    return lab_id, specimen_id
+
+
+def insert_field(conn: Connection, row: dict) -> int | None:
+    """The new field's id, or None when a field with the same sha256 exists."""
+    got = conn.execute(
+        """INSERT INTO field_images
+               (specimen_id, sha256, object_key, filename, format, width, height,
+                size_bytes, segmenter)
+           VALUES (%(specimen_id)s, %(sha256)s, %(object_key)s, %(filename)s, %(format)s,
+                   %(width)s, %(height)s, %(size_bytes)s, %(segmenter)s)
+           ON CONFLICT (sha256) DO NOTHING RETURNING id""",
+        row,
+    ).fetchone()
+    return None if got is None else got["id"]
+
+
+def insert_cells(conn: Connection, rows: list[dict]) -> None:
+    if not rows:
+        return
+    with conn.cursor() as cur:
+        cur.executemany(
+            """INSERT INTO cells
+                   (field_id, specimen_id, lab_id, index_in_field, x0, y0, x1, y1, crop_key,
+                    mask_key, cell_area, nucleus_area, nucleus_cell_ratio, nucleus_axis_ratio,
+                    nucleus_width_ratio, touches_border, status)
+               VALUES (%(field_id)s, %(specimen_id)s, %(lab_id)s, %(index_in_field)s, %(x0)s,
+                       %(y0)s, %(x1)s, %(y1)s, %(crop_key)s, %(mask_key)s, %(cell_area)s,
+                       %(nucleus_area)s, %(nucleus_cell_ratio)s, %(nucleus_axis_ratio)s,
+                       %(nucleus_width_ratio)s, %(touches_border)s, %(status)s)""",
+            rows,
+        )

@@ -4,16 +4,39 @@ from __future__ import annotations
 
 import grpc
 
+from bmcell.errors import InvalidArgument
 from bmcell.grpc_server import Service
 from bmcell.runtime import Runtime
 from bmcell.settings import SegmenterSettings
 from bmcell.v1 import common_pb2, segmenter_pb2, segmenter_pb2_grpc
 from services.segmenter import cells as cells_repo
+from services.segmenter import models
+from services.segmenter.ingest import Ingestor, UploadHeader
 
 
 class SegmenterServicer(segmenter_pb2_grpc.SegmenterServicer):
-    def __init__(self, runtime: Runtime[SegmenterSettings]) -> None:
+    def __init__(self, runtime: Runtime[SegmenterSettings], ingestor: Ingestor) -> None:
         self.rt = runtime
+        self.ingestor = ingestor
+
+    def Upload(self, request_iterator, context: grpc.ServicerContext):
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgument("the first message must carry the header", field="header")
+        h = first.header
+        header = UploadHeader(h.lab, h.specimen, h.diagnosis, h.filename, h.sha256)
+        chunks = (_chunk(m) for m in request_iterator)
+        r = self.ingestor.upload(header, chunks)
+        return segmenter_pb2.UploadResponse(
+            field_id=r.field_id,
+            sha256=r.sha256,
+            duplicate=r.duplicate,
+            cells=r.cells,
+            border_cells=r.border_cells,
+            width=r.width,
+            height=r.height,
+            segmentation_seconds=r.segmentation_seconds,
+        )
 
     def ListCells(self, request: segmenter_pb2.ListCellsRequest, context: grpc.ServicerContext):
         rows = cells_repo.list_cells(
@@ -24,6 +47,12 @@ class SegmenterServicer(segmenter_pb2_grpc.SegmenterServicer):
             limit=request.limit or None,
         )
         return segmenter_pb2.ListCellsResponse(cells=[_cell_pb(r) for r in rows])
+
+
+def _chunk(message: segmenter_pb2.UploadRequest) -> bytes:
+    if message.WhichOneof("part") != "chunk":
+        raise InvalidArgument("only the first message may carry a header", field="chunk")
+    return message.chunk
 
 
 def _cell_pb(r: dict) -> common_pb2.Cell:
@@ -47,8 +76,22 @@ def _cell_pb(r: dict) -> common_pb2.Cell:
 
 
 def build(runtime: Runtime[SegmenterSettings]) -> Service:
+    settings = runtime.settings
+    seeded = models.seed_bundled(runtime.store, settings.segmenter_model)
+    if seeded:
+        runtime.log.info("seeded bundled segmentation weights", key=seeded)
+    model = models.load_latest(runtime.store, settings.segmenter_model)
+    if model is None:
+        runtime.log.warning("no segmentation model; uploads are refused", hint=models.NO_MODEL)
+    else:
+        runtime.log.info("segmentation model loaded", model=model.name)
+    holder = models.ModelHolder(model, settings.torch_threads)
+    ingestor = Ingestor(runtime.db, runtime.store, settings, holder)
+
     def register(server: grpc.Server) -> list[str]:
-        segmenter_pb2_grpc.add_SegmenterServicer_to_server(SegmenterServicer(runtime), server)
+        segmenter_pb2_grpc.add_SegmenterServicer_to_server(
+            SegmenterServicer(runtime, ingestor), server
+        )
         return [segmenter_pb2.DESCRIPTOR.services_by_name["Segmenter"].full_name]
 
     return Service("segmenter", register, on_stop=[runtime.db.close])

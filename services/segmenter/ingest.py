@@ -1,0 +1,302 @@
+"""One field image upload: check, segment, store objects, then rows in one transaction.
+
+Content-addressed on the sha256 of the uploaded bytes. The same bytes sent twice,
+even at the same moment and to different replicas, end as one field: a Postgres
+advisory lock keyed by the digest serialises uploads of the same bytes (the second
+waits, then finds the first's row and answers duplicate), and ``UNIQUE (sha256)``
+with ``INSERT ... ON CONFLICT DO NOTHING`` stays the last word should a lock be lost.
+
+Failure leaves nothing behind: objects are written first under content keys, every
+row (lab, specimen, field, cells) in one transaction after; if anything fails,
+the objects this call created are deleted before the error goes back.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from prometheus_client import Counter, Histogram
+from psycopg import Connection
+
+from bmcell import log
+from bmcell.db import Database
+from bmcell.errors import BmcellError, InvalidArgument
+from bmcell.settings import SegmenterSettings
+from bmcell.storage import ObjectStore, content_key, sha256_hex
+from services.segmenter import cells as repo
+from services.segmenter import images, instances, unet
+from services.segmenter.models import ModelHolder
+
+_LOG = log.get(__name__)
+_CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+UPLOADS = Counter("bmcell_segmenter_uploads_total", "Field uploads by outcome", ["outcome"])
+UPLOAD_BYTES = Counter("bmcell_segmenter_upload_bytes_total", "Bytes received in uploads")
+CELLS_PER_FIELD = Histogram(
+    "bmcell_segmenter_cells_per_field",
+    "Cells found per newly segmented field",
+    buckets=(0, 1, 2, 4, 6, 8, 10, 12, 16, 20, 30, 50, 100),
+)
+SEGMENTATION_SECONDS = Histogram(
+    "bmcell_segmenter_segmentation_seconds",
+    "Network, instance separation, morphometrics and crops for one field",
+    buckets=(0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64),
+)
+
+
+@dataclass(frozen=True)
+class UploadHeader:
+    lab: str
+    specimen: str
+    diagnosis: str = ""
+    filename: str = ""
+    sha256: str = ""
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    field_id: int
+    sha256: str
+    duplicate: bool
+    cells: int
+    border_cells: int
+    width: int
+    height: int
+    segmentation_seconds: float
+
+
+def check_header(h: UploadHeader) -> None:
+    for name, value in (("lab", h.lab), ("specimen", h.specimen)):
+        if not _CODE.match(value):
+            raise InvalidArgument(
+                f"{value!r} is not a code (letters, digits, '.', '_', '-'; up to 63)",
+                field=name,
+            )
+    if len(h.diagnosis) > 100:
+        raise InvalidArgument("longer than 100 characters", field="diagnosis")
+    if len(h.filename) > 255:
+        raise InvalidArgument("longer than 255 characters", field="filename")
+    if h.sha256 and not _HEX64.match(h.sha256.lower()):
+        raise InvalidArgument("must be 64 hex digits", field="sha256")
+
+
+def _lock_key(digest: str) -> int:
+    return int.from_bytes(bytes.fromhex(digest[:16]), "big", signed=True)
+
+
+class Ingestor:
+    def __init__(
+        self,
+        db: Database,
+        store: ObjectStore,
+        settings: SegmenterSettings,
+        model: ModelHolder,
+    ) -> None:
+        self.db = db
+        self.store = store
+        self.settings = settings
+        self.model = model
+        self._segmenting = threading.BoundedSemaphore(settings.segment_concurrency)
+        images.set_pixel_limit(settings.max_image_pixels)
+
+    def upload(self, header: UploadHeader, chunks: Iterable[bytes]) -> UploadResult:
+        """Receive, check and store one field; counts every outcome."""
+        try:
+            result = self._upload(header, chunks)
+        except BmcellError as exc:
+            UPLOADS.labels(exc.grpc_code.lower()).inc()
+            raise
+        except Exception:
+            UPLOADS.labels("error").inc()
+            raise
+        UPLOADS.labels("duplicate" if result.duplicate else "created").inc()
+        return result
+
+    def _upload(self, header: UploadHeader, chunks: Iterable[bytes]) -> UploadResult:
+        check_header(header)
+        data = self._receive(chunks)
+        digest = sha256_hex(data)
+        if header.sha256 and header.sha256.lower() != digest:
+            raise InvalidArgument(
+                f"truncated or altered: received {len(data)} bytes with sha256 {digest}",
+                field="sha256",
+            )
+        # One pooled connection holds the lock and does every query of this upload, so
+        # uploads never wait on each other for a second connection.
+        with self.db.connection() as conn:
+            conn.execute("SELECT pg_advisory_lock(%s)", (_lock_key(digest),))
+            conn.commit()
+            try:
+                return self._store_once(conn, header, data, digest)
+            finally:
+                conn.rollback()
+                conn.execute("SELECT pg_advisory_unlock(%s)", (_lock_key(digest),))
+                conn.commit()
+
+    def _receive(self, chunks: Iterable[bytes]) -> bytes:
+        limit = self.settings.max_upload_bytes
+        parts, size = [], 0
+        for chunk in chunks:
+            size += len(chunk)
+            UPLOAD_BYTES.inc(len(chunk))
+            if size > limit:
+                raise InvalidArgument(
+                    f"too large: more than {limit} bytes (BMCELL_MAX_UPLOAD_BYTES)",
+                    field="chunk",
+                )
+            parts.append(chunk)
+        return b"".join(parts)
+
+    def _existing(self, conn: Connection, digest: str) -> UploadResult | None:
+        row = repo.find_field(conn, digest)
+        conn.commit()
+        if row is None:
+            return None
+        return UploadResult(
+            row["id"],
+            digest,
+            True,
+            row["cells"],
+            row["border_cells"],
+            row["width"],
+            row["height"],
+            0.0,
+        )
+
+    def _store_once(
+        self, conn: Connection, header: UploadHeader, data: bytes, digest: str
+    ) -> UploadResult:
+        found = self._existing(conn, digest)
+        if found is not None:
+            return found
+        model = self.model.get()
+        field = images.decode(
+            data,
+            max_bytes=self.settings.max_upload_bytes,
+            max_pixels=self.settings.max_image_pixels,
+        )
+        with self._segmenting:
+            started = time.perf_counter()
+            probs = unet.predict_probabilities(model.network, field.rgb)
+            labels, nuclei = instances.label_instances(probs)
+            cells = instances.cells_from(field.rgb, labels, nuclei, self.settings.crop_size)
+            seconds = time.perf_counter() - started
+        SEGMENTATION_SECONDS.observe(seconds)
+        created: list[str] = []
+        try:
+            field_key = self._put(
+                content_key("fields", digest, ".png"), field.png, "image/png", created
+            )
+            cell_rows = []
+            for cell in cells:
+                crop = images.png_bytes(cell.crop)
+                mask = images.png_bytes(cell.mask)
+                crop_key = self._put(
+                    content_key("cells", sha256_hex(crop), ".png"), crop, "image/png", created
+                )
+                mask_key = self._put(
+                    content_key("cells", sha256_hex(mask), ".mask.png"),
+                    mask,
+                    "image/png",
+                    created,
+                )
+                cell_rows.append(_cell_row(cell, crop_key, mask_key))
+            field_id = self._insert(
+                conn, header, data, digest, field, field_key, model.name, cell_rows
+            )
+        except BaseException:
+            self._delete(created)
+            raise
+        if field_id is None:  # lost a race the lock should have prevented
+            self._delete(created)
+            found = self._existing(conn, digest)
+            assert found is not None
+            return found
+        CELLS_PER_FIELD.observe(len(cells))
+        border = sum(c.touches_border for c in cells)
+        _LOG.info(
+            "field segmented",
+            field_id=field_id,
+            cells=len(cells),
+            border_cells=border,
+            seconds=round(seconds, 3),
+            model=model.name,
+        )
+        return UploadResult(
+            field_id, digest, False, len(cells), border, field.width, field.height, seconds
+        )
+
+    def _put(self, key: str, data: bytes, content_type: str, created: list[str]) -> str:
+        if not self.store.exists(key):
+            self.store.put(key, data, content_type)
+            created.append(key)
+        return key
+
+    def _delete(self, keys: list[str]) -> None:
+        for key in keys:
+            try:
+                self.store.delete(key)
+            except BmcellError:
+                _LOG.exception("could not delete an object of a failed upload", key=key)
+
+    def _insert(
+        self,
+        conn: Connection,
+        header: UploadHeader,
+        data: bytes,
+        digest: str,
+        field: images.FieldImage,
+        field_key: str,
+        segmenter: str,
+        cell_rows: list[dict],
+    ) -> int | None:
+        with conn.transaction():
+            lab_id, specimen_id = repo.upsert_specimen(
+                conn, header.lab, header.specimen, header.diagnosis
+            )
+            field_id = repo.insert_field(
+                conn,
+                {
+                    "specimen_id": specimen_id,
+                    "sha256": digest,
+                    "object_key": field_key,
+                    "filename": header.filename,
+                    "format": field.format,
+                    "width": field.width,
+                    "height": field.height,
+                    "size_bytes": len(data),
+                    "segmenter": segmenter,
+                },
+            )
+            if field_id is None:
+                return None
+            for row in cell_rows:
+                row.update(field_id=field_id, specimen_id=specimen_id, lab_id=lab_id)
+            repo.insert_cells(conn, cell_rows)
+        return field_id
+
+
+def _cell_row(cell: instances.SegmentedCell, crop_key: str, mask_key: str) -> dict:
+    m = cell.morphometrics
+    x0, y0, x1, y1 = cell.bbox
+    return {
+        "index_in_field": cell.index,
+        "x0": x0,
+        "y0": y0,
+        "x1": x1,
+        "y1": y1,
+        "crop_key": crop_key,
+        "mask_key": mask_key,
+        "cell_area": m.cell_area,
+        "nucleus_area": m.nucleus_area,
+        "nucleus_cell_ratio": m.nucleus_cell_ratio,
+        "nucleus_axis_ratio": m.nucleus_axis_ratio,
+        "nucleus_width_ratio": m.nucleus_width_ratio,
+        "touches_border": cell.touches_border,
+        "status": "excluded" if cell.touches_border else "unlabelled",
+    }

@@ -1,0 +1,295 @@
+"""The segmenter service against the embedded stack: upload, dedupe, refusals, crops."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import httpx
+import numpy as np
+import psycopg
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image, PngImagePlugin
+
+from bmcell.settings import Settings, load
+from bmcell.stack import Stack
+from bmcell.storage import ObjectStore
+from bmcell.synth import lab_style, render_field, specimen_mix
+from bmcell.v1 import segmenter_pb2, segmenter_pb2_grpc
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def _field_png(seed: int, size: int = 352) -> bytes:
+    _, mix = specimen_mix(5, 0, 0)
+    sample = render_field(np.random.default_rng(seed), lab_style(5, "lab-c"), mix, size)
+    buf = io.BytesIO()
+    Image.fromarray(sample.image).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _requests(data: bytes, specimen: str, *, chunk: int = 64 << 10, sha256: str = ""):
+    yield segmenter_pb2.UploadRequest(
+        header=segmenter_pb2.UploadHeader(
+            lab="lab-seg", specimen=specimen, diagnosis="normal", filename="f.png", sha256=sha256
+        )
+    )
+    for i in range(0, len(data), chunk):
+        yield segmenter_pb2.UploadRequest(chunk=data[i : i + chunk])
+
+
+@pytest.fixture(scope="module")
+def stub(stack: Stack):
+    with grpc.insecure_channel(stack.config.addr("segmenter")) as ch:
+        yield segmenter_pb2_grpc.SegmenterStub(ch)
+
+
+@pytest.fixture(scope="module")
+def store(stack: Stack) -> ObjectStore:
+    return ObjectStore(load(Settings))
+
+
+def _sql(stack: Stack, query: str, *args: object) -> list[tuple]:
+    with psycopg.connect(stack.env()["BMCELL_DATABASE_URL"]) as conn:
+        return conn.execute(query, args).fetchall()
+
+
+def _objects(store: ObjectStore) -> set[str]:
+    return set(store.list("fields/")) | set(store.list("cells/"))
+
+
+def _specimen() -> str:
+    return f"s-{uuid.uuid4().hex[:10]}"
+
+
+def test_upload_segments_and_stores_cells(stack: Stack, stub, store: ObjectStore) -> None:
+    specimen = _specimen()
+    r = stub.Upload(_requests(_field_png(1), specimen), timeout=120)
+    assert not r.duplicate and r.cells > 0 and (r.width, r.height) == (352, 352)
+    rows = _sql(
+        stack,
+        """SELECT c.touches_border, c.status, c.crop_key, c.mask_key, c.nucleus_cell_ratio
+             FROM cells c JOIN specimens s ON s.id = c.specimen_id WHERE s.code = %s""",
+        specimen,
+    )
+    assert len(rows) == r.cells
+    assert sum(b for b, *_ in rows) == r.border_cells
+    for border, status, crop_key, mask_key, ratio in rows:
+        assert status == ("excluded" if border else "unlabelled")
+        assert crop_key.startswith("cells/") and mask_key.endswith(".mask.png")
+        crop = np.asarray(Image.open(io.BytesIO(store.get(crop_key))))
+        mask = np.asarray(Image.open(io.BytesIO(store.get(mask_key))))
+        assert crop.shape == (282, 282, 3) and mask.shape == (282, 282)
+        assert np.all(crop[mask == 0] == 255)
+        assert 0 <= ratio <= 1
+    listed = stub.ListCells(segmenter_pb2.ListCellsRequest(specimen=specimen), timeout=10)
+    assert len(listed.cells) == r.cells
+
+
+def test_same_bytes_twice_is_one_field(stack: Stack, stub) -> None:
+    data = _field_png(2)
+    first = stub.Upload(_requests(data, _specimen()), timeout=120)
+    again = stub.Upload(_requests(data, _specimen(), chunk=1000), timeout=120)
+    assert again.duplicate and not first.duplicate
+    assert (again.field_id, again.cells, again.sha256) == (
+        first.field_id,
+        first.cells,
+        first.sha256,
+    )
+    assert _sql(stack, "SELECT count(*) FROM field_images WHERE sha256 = %s", first.sha256) == [
+        (1,)
+    ]
+    count = _sql(stack, "SELECT count(*) FROM cells WHERE field_id = %s", first.field_id)
+    assert count == [(first.cells,)]
+
+
+def test_concurrent_same_bytes_is_one_field(stack: Stack, stub) -> None:
+    data = _field_png(3)
+    specimen = _specimen()
+    with ThreadPoolExecutor(4) as pool:
+        results = list(
+            pool.map(lambda _: stub.Upload(_requests(data, specimen), timeout=180), range(4))
+        )
+    assert len({r.field_id for r in results}) == 1
+    assert sorted(r.duplicate for r in results) == [False, True, True, True]
+    sha = results[0].sha256
+    assert _sql(stack, "SELECT count(*) FROM field_images WHERE sha256 = %s", sha) == [(1,)]
+    assert _sql(stack, "SELECT count(*) FROM cells WHERE field_id = %s", results[0].field_id) == [
+        (results[0].cells,)
+    ]
+
+
+def _big_pixels_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (5000, 4000)).save(buf, "PNG")  # 20 Mpx > the 16 Mpx default, ~20 KB
+    return buf.getvalue()
+
+
+def _oversized():
+    yield segmenter_pb2.UploadRequest(
+        header=segmenter_pb2.UploadHeader(lab="lab-seg", specimen="s-too-big")
+    )
+    block = b"\x89PNG\r\n\x1a\n" + bytes(1 << 20)
+    for _ in range(34):  # 34 MiB > the 32 MiB default
+        yield segmenter_pb2.UploadRequest(chunk=block)
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "problem"),
+    [
+        ("corrupt", lambda: b"\x89PNG\r\n\x1a\n" + os.urandom(4000), "corrupt"),
+        ("truncated", lambda: _field_png(4)[:20000], "truncated"),
+        ("wrong format", lambda: b"GIF89a" + os.urandom(1000), "unsupported format"),
+        ("too many pixels", _big_pixels_png, "5000x4000"),
+        ("empty", lambda: b"", "empty"),
+    ],
+)
+def test_bad_files_are_refused_and_leave_nothing(
+    stack: Stack, stub, store: ObjectStore, name: str, make, problem: str
+) -> None:
+    before = _objects(store)
+    specimen = _specimen()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Upload(_requests(make(), specimen), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, name
+    assert problem in err.value.details()
+    assert _sql(stack, "SELECT count(*) FROM specimens WHERE code = %s", specimen) == [(0,)]
+    assert _objects(store) == before
+
+
+def test_too_large_and_cut_off_uploads_are_refused(stack: Stack, stub, store) -> None:
+    before = _objects(store)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Upload(_oversized(), timeout=120)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "too large" in err.value.details()
+    data = _field_png(6)
+    import hashlib
+
+    full = hashlib.sha256(data).hexdigest()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Upload(_requests(data[: len(data) - 100], _specimen(), sha256=full), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "truncated or altered" in err.value.details()
+    assert _objects(store) == before
+    assert _sql(stack, "SELECT count(*) FROM field_images WHERE sha256 = %s", full) == [(0,)]
+
+
+def _with_metadata(fmt: str) -> bytes:
+    _, mix = specimen_mix(5, 0, 1)
+    img = Image.fromarray(
+        render_field(np.random.default_rng(7), lab_style(5, "lab-c"), mix, 256).image
+    )
+    buf = io.BytesIO()
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Patient", "Jane Doe 1970-01-01")
+        img.save(buf, "PNG", pnginfo=info)
+    else:
+        exif = Image.Exif()
+        exif[0x010E] = "Patient Jane Doe"  # ImageDescription
+        exif[0x013B] = "Dr. Who"  # Artist
+        img.save(buf, "JPEG", exif=exif.tobytes(), quality=92)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_stored_image_has_no_metadata(stack: Stack, stub, store: ObjectStore, fmt: str) -> None:
+    data = _with_metadata(fmt)
+    assert b"Jane Doe" in data
+    r = stub.Upload(_requests(data, _specimen()), timeout=120)
+    [(key, stored_fmt)] = _sql(
+        stack, "SELECT object_key, format FROM field_images WHERE id = %s", r.field_id
+    )
+    assert stored_fmt == fmt
+    stored = store.get(key)
+    assert b"Jane Doe" not in stored and b"Dr. Who" not in stored
+    img = Image.open(io.BytesIO(stored))
+    assert img.format == "PNG"
+    assert not img.getexif() and not getattr(img, "text", {})
+    assert set(img.info) <= {"dpi", "gamma", "srgb"}
+
+
+def test_cli_upload_and_cells_json(stack: Stack, tmp_path) -> None:
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    for i in range(2):
+        (folder / f"field-{i}.png").write_bytes(_field_png(20 + i))
+    specimen = _specimen()
+    env = {**os.environ, **stack.env()}
+    cmd = [sys.executable, "-m", "bmcell.cli.main"]
+    up = subprocess.run(
+        [*cmd, "upload", "--lab", "lab-cli", "--specimen", specimen, str(folder)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert up.returncode == 0, up.stderr
+    assert "fields 2 (duplicates 0)" in up.stderr
+    out = subprocess.run(
+        [*cmd, "cells", "--specimen", specimen, "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    cells = json.loads(out.stdout)
+    assert cells and {c["specimen"] for c in cells} == {specimen}
+    assert all(c["status"] in ("unlabelled", "excluded") for c in cells)
+
+
+def test_metrics_count_uploads(stack: Stack) -> None:
+    text = httpx.get(f"http://{stack.config.addr('segmenter_metrics')}/metrics", timeout=5).text
+    assert 'bmcell_segmenter_uploads_total{outcome="created"}' in text
+    assert 'bmcell_segmenter_uploads_total{outcome="invalid_argument"}' in text
+    assert "bmcell_segmenter_segmentation_seconds_bucket" in text
+    assert "bmcell_segmenter_cells_per_field_bucket" in text
+
+
+def test_without_weights_serves_but_refuses_uploads(stack: Stack) -> None:
+    port, metrics = free_port(), free_port()
+    env = {
+        **os.environ,
+        **stack.env(),
+        "BMCELL_GRPC_PORT": str(port),
+        "BMCELL_METRICS_PORT": str(metrics),
+        "BMCELL_SEGMENTER_MODEL": "untrained",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.segmenter"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            grpc.channel_ready_future(ch).result(timeout=90)
+            health = health_pb2_grpc.HealthStub(ch)
+            deadline = time.monotonic() + 60
+            while True:
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+                if status == health_pb2.HealthCheckResponse.SERVING or time.monotonic() > deadline:
+                    break
+                time.sleep(0.5)
+            assert status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as err:
+                segmenter_pb2_grpc.SegmenterStub(ch).Upload(
+                    _requests(_field_png(30), _specimen()), timeout=30
+                )
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "bmcell segmenter train" in err.value.details()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
