@@ -43,10 +43,10 @@ class LabStyle:
         bg = rng.uniform(228, 250) + rng.normal(0, 6, 3)
         return cls(
             name=name,
-            azure_od=tint(AZURE_OD, 0.2),
-            eosin_od=tint(EOSIN_OD, 0.2),
-            azure_strength=round(float(rng.uniform(0.75, 1.25)), 4),
-            eosin_strength=round(float(rng.uniform(0.7, 1.3)), 4),
+            azure_od=tint(AZURE_OD, 0.1),
+            eosin_od=tint(EOSIN_OD, 0.1),
+            azure_strength=round(float(rng.uniform(0.85, 1.15)), 4),
+            eosin_strength=round(float(rng.uniform(0.8, 1.2)), 4),
             background_rgb=tuple(round(float(v), 2) for v in np.clip(bg, 200, 255)),  # type: ignore[arg-type]
             plasma=round(float(rng.uniform(0.0, 0.08)), 4),
             vignetting=round(float(rng.uniform(0.0, 0.15)), 4),
