@@ -20,6 +20,11 @@ from PIL import Image
 #: serving cannot disagree; PIL's bilinear filter antialiases when downscaling.
 RESAMPLE = Image.Resampling.BILINEAR
 CHANNEL_ORDER = "RGB"
+#: Share of the crop's side kept around its centre before resizing. The segmenter
+#: centres each cell in a 282 px crop with room for the largest (promyelocytes,
+#: proerythroblasts); most cells are far smaller, so the centre 192 px hold every
+#: cell while giving the network 1.5x more pixels per cell at the same input size.
+CENTRE_FRACTION = 192 / 282
 LAYOUT = "CHW"
 SCALE = 1.0 / 255.0
 
@@ -35,7 +40,8 @@ def preprocessing_spec(input_size: int) -> dict[str, Any]:
         "channel_order": CHANNEL_ORDER,
         "dtype": "float32",
         "scaling": "pixel / 255 (uint8 -> [0, 1]); no mean/std normalisation",
-        "resize": {"library": "Pillow", "filter": RESAMPLE.name, "from": "square crop"},
+        "centre_fraction": CENTRE_FRACTION,
+        "resize": {"library": "Pillow", "filter": RESAMPLE.name, "from": "centre of square crop"},
     }
 
 
@@ -77,7 +83,7 @@ def crop_to_tensor(crop: CropInput, input_size: int) -> np.ndarray:
     """Decode a square crop (PNG bytes, uint8 array or PIL image) to float32 (3, S, S) in [0, 1].
 
     Alpha is dropped (the segmenter already blanked the extracellular area) and
-    greyscale is expanded to RGB. Non-square crops are refused rather than
+    greyscale is expanded to RGB; the centre ``CENTRE_FRACTION`` of the crop is kept. Non-square crops are refused rather than
     distorted: crops come from the segmenter square, so another shape is a bug.
     """
     _check_size(input_size)
@@ -86,6 +92,10 @@ def crop_to_tensor(crop: CropInput, input_size: int) -> np.ndarray:
         raise ValueError(f"crop must be square, got {image.width}x{image.height}")
     if image.mode != CHANNEL_ORDER:
         image = image.convert(CHANNEL_ORDER)
+    keep = round(image.width * CENTRE_FRACTION)
+    if keep < image.width:
+        offset = (image.width - keep) // 2
+        image = image.crop((offset, offset, offset + keep, offset + keep))
     if image.width != input_size:
         image = image.resize((input_size, input_size), resample=RESAMPLE)
     array = np.asarray(image, dtype=np.uint8)  # (S, S, 3)

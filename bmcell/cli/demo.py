@@ -38,11 +38,11 @@ def say(msg: str) -> None:
 
 @click.command()
 @click.option("--labs", default=3, show_default=True)
-@click.option("--specimens", default=3, show_default=True, help="Per lab; one per lab is test.")
-@click.option("--fields", default=12, show_default=True, help="Per specimen.")
+@click.option("--specimens", default=4, show_default=True, help="Per lab; one per lab is test.")
+@click.option("--fields", default=10, show_default=True, help="Per specimen.")
 @click.option("--size", default=704, show_default=True, help="Field size in pixels.")
 @click.option("--rounds", "n_rounds", default=3, show_default=True, help="CST+AL rounds.")
-@click.option("--sample", default=600, show_default=True, help="Pool sample per round.")
+@click.option("--sample", default=150, show_default=True, help="Pool sample per round.")
 @click.option("--epochs", default=0, help="Training epochs per round (0: trainer default).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=REPO / ".run" / "demo",
@@ -71,8 +71,9 @@ def demo(labs: int, specimens: int, fields: int, size: int, n_rounds: int, sampl
 
     say("bootstrap: reviewers label random cells until every class has its quota")
     boot, _ = scenario.run_round(env["BMCELL_ROUNDS_ADDR"], rounds_pb2.StartRoundRequest(
-        experiment=experiment, strategy="bootstrap", epochs=epochs, initial_per_class=25,
-        validation_per_class=10, test_per_class=10, initial_reviews=1, test_reviews=2,
+        experiment=experiment, strategy="bootstrap", epochs=epochs, initial_per_class=10,
+        validation_per_class=5, test_per_class=5, initial_reviews=1, test_reviews=2,
+        wave_size=120, max_waves=4,
         selection=selector_pb2.SelectionParameters(seed=seed)), **common)
     if boot.state != "published":
         raise click.ClickException(f"bootstrap ended {boot.state}: {boot.message}")

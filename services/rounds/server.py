@@ -51,6 +51,8 @@ class RoundsServicer(rounds_pb2_grpc.RoundsServicer):
             "test_per_class",
             "initial_reviews",
             "test_reviews",
+            "wave_size",
+            "max_waves",
         ):
             if getattr(request, name) < 0:
                 raise InvalidArgument(f"must be >= 0, got {getattr(request, name)}", field=name)
