@@ -37,12 +37,14 @@ class Reviewers:
     seed: int = 0
 
 
-def synthesize(out: Path, labs: int, specimens: int, fields: int, seed: int, size: int,
-               say: Say) -> Manifest:
+def synthesize(
+    out: Path, labs: int, specimens: int, fields: int, seed: int, size: int, say: Say
+) -> Manifest:
     say(f"synthesising {labs} labs x {specimens} specimens x {fields} fields ({size}px)")
     started = time.monotonic()
-    manifest = generate_dataset(out, labs=labs, specimens=specimens, fields=fields, seed=seed,
-                                size=size)
+    manifest = generate_dataset(
+        out, labs=labs, specimens=specimens, fields=fields, seed=seed, size=size
+    )
     n = labs * specimens * fields
     say(f"  {n} fields in {time.monotonic() - started:.1f}s -> {out}")
     return manifest
@@ -61,9 +63,24 @@ def upload(manifest: Manifest, say: Say, env: dict[str, str] | None = None) -> N
         for spec in by_lab[lab]:
             files = [str(root / f.image) for f in spec.fields]
             out = subprocess.run(
-                [sys.executable, "-m", "bmcell.cli.main", "upload", "--lab", lab,
-                 "--specimen", spec.id, "--diagnosis", spec.diagnosis, "--jobs", "2", *files],
-                capture_output=True, text=True, env={**os.environ, **(env or {})},
+                [
+                    sys.executable,
+                    "-m",
+                    "bmcell.cli.main",
+                    "upload",
+                    "--lab",
+                    lab,
+                    "--specimen",
+                    spec.id,
+                    "--diagnosis",
+                    spec.diagnosis,
+                    "--jobs",
+                    "2",
+                    *files,
+                ],
+                capture_output=True,
+                text=True,
+                env={**os.environ, **(env or {})},
             )
             if out.returncode != 0:
                 raise RuntimeError(f"upload of {spec.id} failed:\n{out.stderr[-2000:]}")
@@ -90,27 +107,51 @@ def mark_test_specimens(db: Database, manifest: Manifest, per_lab: int, say: Say
         for lab, spec in chosen:
             conn.execute(
                 "UPDATE specimens SET is_test = true WHERE code = %s "
-                "AND lab_id = (SELECT id FROM labs WHERE code = %s)", (spec, lab))
+                "AND lab_id = (SELECT id FROM labs WHERE code = %s)",
+                (spec, lab),
+            )
             conn.execute(
                 "INSERT INTO audit_log (action, entity, entity_id, after) "
-                "VALUES ('mark_test', 'specimen', %s, '{\"is_test\": true}')", (f"{lab}/{spec}",))
+                "VALUES ('mark_test', 'specimen', %s, '{\"is_test\": true}')",
+                (f"{lab}/{spec}",),
+            )
     say(f"test specimens (never used for training): {', '.join(s for _, s in chosen)}")
     return [s for _, s in chosen]
 
 
 def add_stats(a: ReviewStats, b: ReviewStats) -> ReviewStats:
     """Counts of two review sessions together (answers and per-reviewer detail dropped)."""
-    return ReviewStats(**{
-        name: getattr(a, name) + getattr(b, name)
-        for name in ("reviews", "confirms", "corrections", "difficult", "errors_injected",
-                     "unknown_truth", "adjudications", "adjudications_created", "labelled",
-                     "conflicts", "seconds")
-    })
+    return ReviewStats(
+        **{
+            name: getattr(a, name) + getattr(b, name)
+            for name in (
+                "reviews",
+                "confirms",
+                "corrections",
+                "difficult",
+                "errors_injected",
+                "unknown_truth",
+                "adjudications",
+                "adjudications_created",
+                "labelled",
+                "conflicts",
+                "seconds",
+            )
+        }
+    )
 
 
-def run_round(rounds_addr: str, request: rounds_pb2.StartRoundRequest, *, labelapi_url: str,
-              db: Database, truth: TruthIndex, reviewers: Reviewers, say: Say,
-              poll_s: float = 1.0) -> tuple[rounds_pb2.Round, ReviewStats]:
+def run_round(
+    rounds_addr: str,
+    request: rounds_pb2.StartRoundRequest,
+    *,
+    labelapi_url: str,
+    db: Database,
+    truth: TruthIndex,
+    reviewers: Reviewers,
+    say: Say,
+    poll_s: float = 1.0,
+) -> tuple[rounds_pb2.Round, ReviewStats]:
     """Start a round, answer its review tasks as they appear, return it when it ends."""
     stub = rounds_pb2_grpc.RoundsStub(grpc_client.channel(rounds_addr, default_timeout_s=60))
     r = stub.StartRound(request)
@@ -122,10 +163,17 @@ def run_round(rounds_addr: str, request: rounds_pb2.StartRoundRequest, *, labela
             say(f"  round {r.number}: {r.state}")
             last_state = r.state
         if r.state == "reviewing":
-            stats = simulate_reviews(labelapi_url, db, truth, reviewers=reviewers.count,
-                                     error_rate=reviewers.error_rate,
-                                     difficult_rate=reviewers.difficult_rate,
-                                     seed=reviewers.seed + r.number, stop_when_empty=True)
+            stats = simulate_reviews(
+                labelapi_url,
+                db,
+                truth,
+                reviewers=reviewers.count,
+                error_rate=reviewers.error_rate,
+                difficult_rate=reviewers.difficult_rate,
+                seed=reviewers.seed + r.number,
+                stop_when_empty=True,
+                labs=list(request.selection.labs) or None,
+            )
             total = add_stats(total, stats)
         time.sleep(poll_s)
         r = stub.GetRound(rounds_pb2.GetRoundRequest(round_id=r.round_id))

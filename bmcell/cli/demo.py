@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -43,19 +44,39 @@ def say(msg: str) -> None:
 @click.option("--size", default=704, show_default=True, help="Field size in pixels.")
 @click.option("--rounds", "n_rounds", default=3, show_default=True, help="CST+AL rounds.")
 @click.option("--sample", default=150, show_default=True, help="Pool sample per round.")
-@click.option("--epochs", default=0, help="Training epochs per round (0: trainer default).")
+@click.option("--epochs", default=20, show_default=True, help="Training epochs per round.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=REPO / ".run" / "demo",
-              show_default=True)
-def demo(labs: int, specimens: int, fields: int, size: int, n_rounds: int, sample: int,
-         epochs: int, seed: int, out: Path) -> None:
+@click.option("--port-base", default=55600, show_default=True, help="The demo's stack ports.")
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=REPO / ".run" / "demo", show_default=True
+)
+def demo(
+    labs: int,
+    specimens: int,
+    fields: int,
+    size: int,
+    n_rounds: int,
+    sample: int,
+    epochs: int,
+    seed: int,
+    port_base: int,
+    out: Path,
+) -> None:
     """Run the study's procedure on synthetic specimens from several labs, end to end."""
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
-    stack = Stack(StackConfig(), progress=lambda m: say(f"stack: {m}"))
-    say("starting the embedded stack (Postgres, S3 server, Triton, Ray, services)")
+    # A stack of its own, started empty, so the demo's numbers never mix with a
+    # developer's data on the default stack.
+    cfg = StackConfig(run_dir=out / "stack", port_base=port_base)
+    stack = Stack(cfg, progress=lambda m: say(f"stack: {m}"))
+    stack.down()
+    shutil.rmtree(cfg.run_dir, ignore_errors=True)
+    say(
+        f"starting an empty embedded stack on ports {port_base}+ "
+        "(Postgres, S3 server, Triton, Ray, services)"
+    )
     stack.up()
-    os.environ.update({k: v for k, v in stack.env().items() if k not in os.environ})
+    os.environ.update(stack.env())
     settings = load(Settings)
     db = Database(settings).open()
     env = stack.env()
@@ -66,49 +87,100 @@ def demo(labs: int, specimens: int, fields: int, size: int, n_rounds: int, sampl
     test_specimens = scenario.mark_test_specimens(db, manifest, per_lab=1, say=say)
     truth = TruthIndex.from_manifest(manifest, db)
     reviewers = scenario.Reviewers(count=4, error_rate=0.02, difficult_rate=0.01, seed=seed)
-    common = {"labelapi_url": env["BMCELL_LABELAPI_URL"], "db": db, "truth": truth,
-              "reviewers": reviewers, "say": say}
+    common = {
+        "labelapi_url": env["BMCELL_LABELAPI_URL"],
+        "db": db,
+        "truth": truth,
+        "reviewers": reviewers,
+        "say": say,
+    }
 
     say("bootstrap: reviewers label random cells until every class has its quota")
-    boot, _ = scenario.run_round(env["BMCELL_ROUNDS_ADDR"], rounds_pb2.StartRoundRequest(
-        experiment=experiment, strategy="bootstrap", epochs=epochs, initial_per_class=10,
-        validation_per_class=5, test_per_class=5, initial_reviews=1, test_reviews=2,
-        wave_size=120, max_waves=4,
-        selection=selector_pb2.SelectionParameters(seed=seed)), **common)
+    boot, _ = scenario.run_round(
+        env["BMCELL_ROUNDS_ADDR"],
+        rounds_pb2.StartRoundRequest(
+            experiment=experiment,
+            strategy="bootstrap",
+            epochs=epochs,
+            initial_per_class=10,
+            validation_per_class=5,
+            test_per_class=5,
+            initial_reviews=1,
+            test_reviews=2,
+            wave_size=120,
+            max_waves=4,
+            selection=selector_pb2.SelectionParameters(seed=seed),
+        ),
+        **common,
+    )
     if boot.state != "published":
         raise click.ClickException(f"bootstrap ended {boot.state}: {boot.message}")
     rounds = [boot]
     for i in range(n_rounds):
-        r, _ = scenario.run_round(env["BMCELL_ROUNDS_ADDR"], rounds_pb2.StartRoundRequest(
-            experiment=experiment, strategy="cst+al", epochs=epochs,
-            selection=selector_pb2.SelectionParameters(sample_size=sample, seed=seed + i + 1)),
-            **common)
+        r, _ = scenario.run_round(
+            env["BMCELL_ROUNDS_ADDR"],
+            rounds_pb2.StartRoundRequest(
+                experiment=experiment,
+                strategy="cst+al",
+                epochs=epochs,
+                selection=selector_pb2.SelectionParameters(sample_size=sample, seed=seed + i + 1),
+            ),
+            **common,
+        )
         rounds.append(r)
 
     rows = history_rows(rounds)
-    results = [RoundResult(round=r.number, test_accuracy=r.test_accuracy,
-                           validation_accuracy=r.validation_accuracy,
-                           added=0 if r.strategy == "bootstrap" else r.labels_added,
-                           added_by_class=dict(r.labels_added_by_class)) for r in rounds]
+    results = [
+        RoundResult(
+            round=r.number,
+            test_accuracy=r.test_accuracy,
+            validation_accuracy=r.validation_accuracy,
+            added=0 if r.strategy == "bootstrap" else r.labels_added,
+            added_by_class=dict(r.labels_added_by_class),
+        )
+        for r in rounds
+    ]
     write_table(table1_rows({"cst+al": results}), out, "rounds")
     plot_figure1({"cst+al": results}, out / "rounds.png")
 
     specimen = next(s for s in manifest.specimens if s.id not in test_specimens)
     say(f"differential count of {specimen.lab}/{specimen.id} with the active model")
     for fmt in ("json", "html"):
-        subprocess.run([sys.executable, "-m", "bmcell.cli.main", "report", "specimen",
-                        specimen.id, "--lab", specimen.lab, "--format", fmt,
-                        "--out", str(out / f"report-{specimen.id}.{fmt}")], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bmcell.cli.main",
+                "report",
+                "specimen",
+                specimen.id,
+                "--lab",
+                specimen.lab,
+                "--format",
+                fmt,
+                "--out",
+                str(out / f"report-{specimen.id}.{fmt}"),
+            ],
+            check=True,
+        )
     rep = json.loads((out / f"report-{specimen.id}.json").read_text())
     db.close()
 
     click.echo("\nround | strategy | state | model | val acc | test acc | added | cumulative")
     for row in rows:
-        click.echo(f"{row['round']:>5} | {row['strategy']:<9} | {row['state']:<9} | "
-                   f"v{row['model']:<4} | {row['validation_accuracy']:.3f}   | "
-                   f"{row['test_accuracy']:.3f}    | {row['added']:>5} | {row['cumulative_added']}")
+        click.echo(
+            f"{row['round']:>5} | {row['strategy']:<9} | {row['state']:<9} | "
+            f"v{row['model']:<4} | {row['validation_accuracy']:.3f}   | "
+            f"{row['test_accuracy']:.3f}    | {row['added']:>5} | {row['cumulative_added']}"
+        )
     click.echo(f"\ndifferential count of {specimen.lab}/{specimen.id}:")
-    click.echo(json.dumps({k: rep[k] for k in rep if k not in ("low_confidence",)}, indent=1)[:3000])
+    click.echo(
+        json.dumps({k: rep[k] for k in rep if k not in ("low_confidence",)}, indent=1)[:3000]
+    )
     click.echo(f"\noutputs in {out}: rounds.md, rounds.png, report-{specimen.id}.html/.json")
-    click.echo(f"finished in {(time.monotonic() - started) / 60:.1f} min; "
-               "the stack keeps running (`bmcell stack down` stops it)")
+    click.echo(
+        f"finished in {(time.monotonic() - started) / 60:.1f} min. The demo's stack "
+        f"keeps running; to use it: export BMCELL_STACK_RUN_DIR={cfg.run_dir} "
+        f"BMCELL_STACK_PORT_BASE={port_base}, then e.g. `bmcell round history "
+        f"--experiment {experiment}`; `bmcell stack down` stops it"
+    )

@@ -179,7 +179,10 @@ class RoundDriver:
             have_train = store.label_counts(conn, ("initial", "validation"))
             have_test_raw = store.label_counts(conn, ("test",))
             waves = conn.execute(
-                "SELECT count(DISTINCT created_at) AS n FROM review_tasks WHERE round_id = %s",
+                # A wave's tasks share their transaction's timestamp; adjudications
+                # (created one at a time) are not waves.
+                "SELECT count(DISTINCT created_at) AS n FROM review_tasks "
+                "WHERE round_id = %s AND kind IN ('initial', 'test')",
                 (r["id"],),
             ).fetchone()["n"]
             pool_left = {

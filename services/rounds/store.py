@@ -38,7 +38,7 @@ def list_rounds(conn: psycopg.Connection, experiment: str | None) -> list[dict]:
 
 def live_round_ids(conn: psycopg.Connection) -> list[int]:
     rows = conn.execute(
-        "SELECT id FROM rounds WHERE state = ANY(%s) ORDER BY id", (list(LIVE_STATES),)
+        "SELECT id FROM rounds WHERE driven AND state = ANY(%s) ORDER BY id", (list(LIVE_STATES),)
     ).fetchall()
     return [r["id"] for r in rows]
 
@@ -47,8 +47,12 @@ def create(conn: psycopg.Connection, experiment: str, strategy: str, params: dic
     """The next round of ``experiment``; refuses while its previous round is still live."""
     conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"rounds:{experiment}",))
     prev = conn.execute(
-        "SELECT * FROM rounds WHERE experiment = %s ORDER BY number DESC LIMIT 1", (experiment,)
+        "SELECT * FROM rounds WHERE experiment = %s AND driven ORDER BY number DESC LIMIT 1",
+        (experiment,),
     ).fetchone()
+    last_number = conn.execute(
+        "SELECT max(number) AS n FROM rounds WHERE experiment = %s", (experiment,)
+    ).fetchone()["n"]
     if prev is not None and prev["state"] in LIVE_STATES:
         raise FailedPrecondition(
             f"round {prev['number']} of {experiment!r} is still {prev['state']}; "
@@ -59,17 +63,17 @@ def create(conn: psycopg.Connection, experiment: str, strategy: str, params: dic
             raise FailedPrecondition(f"{experiment!r} is past its bootstrap")
     elif not conn.execute(
         "SELECT 1 FROM rounds WHERE experiment = %s AND strategy = 'bootstrap' "
-        "AND state = 'published'",
+        "AND state = 'published' AND driven",
         (experiment,),
     ).fetchone():
         raise FailedPrecondition(
             f"{experiment!r} needs a published bootstrap round first (the 0.80 gate): "
             "bmcell round start --strategy bootstrap"
         )
-    number = 0 if prev is None else prev["number"] + 1
+    number = 0 if last_number is None else last_number + 1
     return conn.execute(
-        "INSERT INTO rounds (experiment, number, strategy, params) VALUES (%s, %s, %s, %s) "
-        "RETURNING *",
+        "INSERT INTO rounds (experiment, number, strategy, params, driven) "
+        "VALUES (%s, %s, %s, %s, true) RETURNING *",
         (experiment, number, strategy, json.dumps(params)),
     ).fetchone()
 

@@ -29,16 +29,23 @@ def world(stack: Stack):
     train_ids = seed_cells(db, store, train_crops, lab=lab)
     test_ids = seed_cells(db, store, test_crops, lab=lab, is_test=True)
     truth = TruthIndex.from_mapping(
-        dict(zip(train_ids + test_ids, train_truth + test_truth, strict=True)))
+        dict(zip(train_ids + test_ids, train_truth + test_truth, strict=True))
+    )
     yield stack.env(), db, truth, set(test_ids)
     db.close()
 
 
 def _run(env, db, truth, request: rounds_pb2.StartRoundRequest) -> rounds_pb2.Round:
-    r, _ = run_round(env["BMCELL_ROUNDS_ADDR"], request, labelapi_url=env["BMCELL_LABELAPI_URL"],
-                     db=db, truth=truth, reviewers=Reviewers(count=3, error_rate=0.0,
-                                                             difficult_rate=0.0),
-                     say=print, poll_s=0.5)
+    r, _ = run_round(
+        env["BMCELL_ROUNDS_ADDR"],
+        request,
+        labelapi_url=env["BMCELL_LABELAPI_URL"],
+        db=db,
+        truth=truth,
+        reviewers=Reviewers(count=3, error_rate=0.0, difficult_rate=0.0),
+        say=print,
+        poll_s=0.5,
+    )
     return r
 
 
@@ -46,38 +53,78 @@ def test_round_needs_bootstrap_first(world) -> None:
     env, *_ = world
     stub = rounds_pb2_grpc.RoundsStub(grpc.insecure_channel(env["BMCELL_ROUNDS_ADDR"]))
     with pytest.raises(grpc.RpcError) as err:
-        stub.StartRound(rounds_pb2.StartRoundRequest(experiment=EXPERIMENT, strategy="cst+al"),
-                        timeout=30)
+        stub.StartRound(
+            rounds_pb2.StartRoundRequest(experiment=EXPERIMENT, strategy="cst+al"), timeout=30
+        )
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "bootstrap" in err.value.details()
 
 
 def test_bootstrap_then_cst_al_round(world) -> None:
     env, db, truth, test_ids = world
-    boot = _run(env, db, truth, rounds_pb2.StartRoundRequest(
-        experiment=EXPERIMENT, strategy="bootstrap", epochs=3, initial_per_class=3,
-        validation_per_class=2, test_per_class=2, initial_reviews=1, test_reviews=2,
-        selection=selector_pb2.SelectionParameters(seed=5, labs=["lab-rounds"])))
+    with db.transaction() as conn:
+        # A round written by other means than StartRound is not the driver's to move.
+        bystander = conn.execute(
+            "INSERT INTO rounds (experiment, number, strategy) VALUES ('bystander', 0, 'cst') "
+            "RETURNING id"
+        ).fetchone()["id"]
+    boot = _run(
+        env,
+        db,
+        truth,
+        rounds_pb2.StartRoundRequest(
+            experiment=EXPERIMENT,
+            strategy="bootstrap",
+            epochs=3,
+            initial_per_class=3,
+            validation_per_class=2,
+            test_per_class=2,
+            initial_reviews=1,
+            test_reviews=2,
+            selection=selector_pb2.SelectionParameters(seed=5, labs=["lab-rounds"]),
+        ),
+    )
     with db.connection() as conn:
-        sources = {r["source"]: r["n"] for r in conn.execute(
-            "SELECT source, count(*) AS n FROM labels l JOIN cells c ON c.id = l.cell_id "
-            "JOIN labs ON labs.id = c.lab_id WHERE labs.code = 'lab-rounds' GROUP BY source")}
-        test_labels = {r["cell_id"] for r in conn.execute(
-            "SELECT cell_id FROM labels WHERE source = 'test'")}
-        wrong = conn.execute("SELECT l.cell_id, l.class_code FROM labels l "
-                             "WHERE l.round_id = %s", (boot.round_id,)).fetchall()
+        sources = {
+            r["source"]: r["n"]
+            for r in conn.execute(
+                "SELECT source, count(*) AS n FROM labels l JOIN cells c ON c.id = l.cell_id "
+                "JOIN labs ON labs.id = c.lab_id WHERE labs.code = 'lab-rounds' GROUP BY source"
+            )
+        }
+        test_labels = {
+            r["cell_id"] for r in conn.execute("SELECT cell_id FROM labels WHERE source = 'test'")
+        }
+        wrong = conn.execute(
+            "SELECT l.cell_id, l.class_code FROM labels l WHERE l.round_id = %s", (boot.round_id,)
+        ).fetchall()
     # Test labels come only from test specimens; the validation split was carved out once.
     assert test_labels and test_labels <= test_ids
     assert sources.get("validation", 0) >= 17 and sources.get("initial", 0) >= 17 * 3 - 17
     assert all(truth.truth(r["cell_id"]) == r["class_code"] for r in wrong)
     assert boot.state in ("published", "failed"), boot
+    with db.connection() as conn:
+        untouched = conn.execute("SELECT state FROM rounds WHERE id = %s", (bystander,)).fetchone()
+    assert untouched["state"] == "created"
     if boot.state == "failed":
         # A tiny bootstrap can miss the 0.80 gate; the round must say so, not crash.
         assert "gate" in boot.message
         return
-    r = _run(env, db, truth, rounds_pb2.StartRoundRequest(
-        experiment=EXPERIMENT, strategy="cst+al", epochs=2,
-        selection=selector_pb2.SelectionParameters(sample_size=40, seed=9, labs=["lab-rounds"])))
+    r = _run(
+        env,
+        db,
+        truth,
+        rounds_pb2.StartRoundRequest(
+            experiment=EXPERIMENT,
+            strategy="cst+al",
+            epochs=2,
+            selection=selector_pb2.SelectionParameters(sample_size=40, seed=9, labs=["lab-rounds"]),
+        ),
+    )
     assert r.state == "published", r.message
     assert r.number == 1 and r.model_in == boot.model_out and r.model_out > boot.model_out
-    assert r.tasks_by_state.get("open", 0) == 0 and r.labels_added == sum(r.labels_added_by_class.values())
+    assert r.tasks_by_state.get("open", 0) == 0
+    assert r.labels_added == sum(r.labels_added_by_class.values())
+    with db.connection() as conn:
+        state = conn.execute("SELECT state FROM rounds WHERE id = %s", (bystander,)).fetchone()
+    assert state["state"] == "created"
