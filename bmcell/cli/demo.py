@@ -128,6 +128,8 @@ def demo(
             **common,
         )
         rounds.append(r)
+        if r.state != "published":
+            raise click.ClickException(f"round {r.number} ended {r.state}: {r.message}")
 
     rows = history_rows(rounds)
     results = [

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class StartRoundRequest(_message.Message):
-    __slots__ = ("experiment", "strategy", "selection", "epochs", "review_quorum", "review_deadline_s", "initial_per_class", "validation_per_class", "test_per_class", "initial_reviews", "test_reviews", "wave_size", "max_waves")
+    __slots__ = ("experiment", "strategy", "selection", "epochs", "review_quorum", "review_deadline_s", "initial_per_class", "validation_per_class", "test_per_class", "initial_reviews", "test_reviews", "wave_size", "max_waves", "gate")
     EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     SELECTION_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class StartRoundRequest(_message.Message):
     TEST_REVIEWS_FIELD_NUMBER: _ClassVar[int]
     WAVE_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_WAVES_FIELD_NUMBER: _ClassVar[int]
+    GATE_FIELD_NUMBER: _ClassVar[int]
     experiment: str
     strategy: str
     selection: _selector_pb2.SelectionParameters
@@ -35,7 +36,8 @@ class StartRoundRequest(_message.Message):
     test_reviews: int
     wave_size: int
     max_waves: int
-    def __init__(self, experiment: _Optional[str] = ..., strategy: _Optional[str] = ..., selection: _Optional[_Union[_selector_pb2.SelectionParameters, _Mapping]] = ..., epochs: _Optional[int] = ..., review_quorum: _Optional[float] = ..., review_deadline_s: _Optional[int] = ..., initial_per_class: _Optional[int] = ..., validation_per_class: _Optional[int] = ..., test_per_class: _Optional[int] = ..., initial_reviews: _Optional[int] = ..., test_reviews: _Optional[int] = ..., wave_size: _Optional[int] = ..., max_waves: _Optional[int] = ...) -> None: ...
+    gate: float
+    def __init__(self, experiment: _Optional[str] = ..., strategy: _Optional[str] = ..., selection: _Optional[_Union[_selector_pb2.SelectionParameters, _Mapping]] = ..., epochs: _Optional[int] = ..., review_quorum: _Optional[float] = ..., review_deadline_s: _Optional[int] = ..., initial_per_class: _Optional[int] = ..., validation_per_class: _Optional[int] = ..., test_per_class: _Optional[int] = ..., initial_reviews: _Optional[int] = ..., test_reviews: _Optional[int] = ..., wave_size: _Optional[int] = ..., max_waves: _Optional[int] = ..., gate: _Optional[float] = ...) -> None: ...
 
 class GetRoundRequest(_message.Message):
     __slots__ = ("round_id", "experiment")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 import grpc
-from google.protobuf.json_format import MessageToDict
+from google.protobuf.json_format import MessageToDict, ParseDict
 
 from bmcell import grpc_client
 from bmcell.errors import InvalidArgument, Unavailable
@@ -38,7 +38,7 @@ class RoundsServicer(rounds_pb2_grpc.RoundsServicer):
                 f"{list(STRATEGIES_WITH_BOOTSTRAP)}",
                 field="strategy",
             )
-        for name in ("review_quorum",):
+        for name in ("review_quorum", "gate"):
             if not 0 <= getattr(request, name) <= 1:
                 raise InvalidArgument(
                     f"must be in [0, 1], got {getattr(request, name)}", field=name
@@ -128,7 +128,7 @@ def grpc_ports(settings: RoundsSettings) -> Ports:
             selector_pb2.SelectCandidatesRequest(
                 round_id=round_id,
                 strategy=strategy,
-                parameters=selector_pb2.SelectionParameters(**params),
+                parameters=ParseDict(params, selector_pb2.SelectionParameters()),
             ),
             timeout=settings.selection_timeout_s,
         )
