@@ -91,7 +91,7 @@ class TrainerSettings(ServiceSettings):
     cpus_per_worker: float = Field(1.0, gt=0)
     epochs: int = Field(30, ge=1, description="250 in the study; the CPU default is 30")
     input_size: int = Field(64, ge=32, description="network input (bmcell.network)")
-    batch_size: int = Field(32, ge=1, description="per Ray worker")
+    batch_size: int = Field(16, ge=1, description="per Ray worker")
     learning_rate_first: float = Field(0.01, gt=0, description="SGD lr with no previous model")
     learning_rate_later: float = Field(0.005, gt=0, description="SGD lr when transferring")
     momentum: float = Field(0.9, ge=0, lt=1)

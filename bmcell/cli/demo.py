@@ -44,7 +44,18 @@ def say(msg: str) -> None:
 @click.option("--size", default=704, show_default=True, help="Field size in pixels.")
 @click.option("--rounds", "n_rounds", default=3, show_default=True, help="CST+AL rounds.")
 @click.option("--sample", default=150, show_default=True, help="Pool sample per round.")
-@click.option("--epochs", default=20, show_default=True, help="Training epochs per round.")
+@click.option(
+    "--epochs",
+    default=12,
+    show_default=True,
+    help="Training epochs of each CST+AL round (they start from the previous weights).",
+)
+@click.option(
+    "--bootstrap-epochs",
+    default=40,
+    show_default=True,
+    help="Training epochs of the initial model (from scratch).",
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--port-base", default=55600, show_default=True, help="The demo's stack ports.")
 @click.option(
@@ -58,6 +69,7 @@ def demo(
     n_rounds: int,
     sample: int,
     epochs: int,
+    bootstrap_epochs: int,
     seed: int,
     port_base: int,
     out: Path,
@@ -101,7 +113,7 @@ def demo(
         rounds_pb2.StartRoundRequest(
             experiment=experiment,
             strategy="bootstrap",
-            epochs=epochs,
+            epochs=bootstrap_epochs,
             initial_per_class=10,
             validation_per_class=5,
             test_per_class=5,

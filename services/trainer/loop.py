@@ -143,6 +143,7 @@ def train_loop(config_dict: dict[str, Any]) -> None:
     model = CellClassifier(cfg.num_classes)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum)
     state: dict[str, Any] = {"epoch": 0, "history": [], "starts": []}
+    best: dict[str, Any] | None = None  # weights of the best validation epoch so far
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
@@ -150,6 +151,7 @@ def train_loop(config_dict: dict[str, Any]) -> None:
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
         state = {k: saved[k] for k in ("epoch", "history", "starts")}
+        best = saved.get("best")
     elif cfg.init_state_key:
         data = store.get(cfg.init_state_key)
         model.load_state_dict(torch.load(io.BytesIO(data), map_location="cpu", weights_only=True))
@@ -218,7 +220,18 @@ def train_loop(config_dict: dict[str, Any]) -> None:
         }
         state["history"].append(record)
         state["epoch"] = epoch
-        _report(cfg, rank, model, optimizer, state, record)
+        # Early stopping's model selection: with a few hundred training cells the
+        # validation accuracy still swings between late epochs, and publishing the last
+        # epoch would be a draw. Ties go to the later (longer-trained) epoch.
+        if rank == 0 and (
+            best is None or record["validation_accuracy"] >= best["validation_accuracy"]
+        ):
+            best = {
+                "epoch": epoch,
+                "validation_accuracy": record["validation_accuracy"],
+                "model": {k: v.detach().clone() for k, v in _bare(model).state_dict().items()},
+            }
+        _report(cfg, rank, model, optimizer, {**state, "best": best}, record)
         if rank == 0:
             _put_json(store, f"{cfg.prefix}/progress.json", state)
         if _cancel_requested(store, cfg.prefix, rank, world):

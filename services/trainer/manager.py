@@ -128,7 +128,13 @@ class JobManager:
                 message="evaluating and publishing",
             )
             outcome = publish(
-                db, store, job_id, plan, state["model"], state["history"], self.activate
+                db,
+                store,
+                job_id,
+                plan,
+                (state.get("best") or state)["model"],
+                state["history"],
+                self.activate,
             )
         except Exception as exc:
             _LOG.exception("training job failed", job_id=job_id)
