@@ -31,7 +31,9 @@ def main() -> None:
         start = time.perf_counter()
         manifest = generate_dataset(tmp, labs=2, specimens=2, fields=5, seed=0, size=704)
         n = len(manifest.fields())
-        print(f"synth: {n / (time.perf_counter() - start):.2f} fields/s (size 704, written with masks)")
+        print(
+            f"synth: {n / (time.perf_counter() - start):.2f} fields/s (size 704, written with masks)"
+        )
 
 
 if __name__ == "__main__":

@@ -26,7 +26,9 @@ from bmcell.taxonomy import DEFAULT_TAXONOMY
 FOCUS = ("MC", "MMC", "Band", "Seg")
 
 
-def crops(seed: int, labs: list[str], per_class: int, input_size: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
+def crops(
+    seed: int, labs: list[str], per_class: int, input_size: int, window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Crops of every class, spread evenly over ``labs``, as (N, 3, S, S) floats in [0, 1]."""
     images, labels = [], []
     margin = (282 - window) // 2
@@ -34,7 +36,7 @@ def crops(seed: int, labs: list[str], per_class: int, input_size: int, window: i
         for i in range(per_class):
             lab = labs[i % len(labs)]
             image, _ = render_crop(crop_rng(seed, lab, code, i), lab_style(seed, lab), code)
-            window_img = image[margin:margin + window, margin:margin + window]
+            window_img = image[margin : margin + window, margin : margin + window]
             small = Image.fromarray(window_img).resize((input_size, input_size), Image.BILINEAR)
             images.append(np.asarray(small))
             labels.append(ci)
@@ -65,7 +67,10 @@ def confusion(y: np.ndarray, p: np.ndarray, n: int) -> np.ndarray:
 def format_matrix(m: np.ndarray, codes: list[str]) -> str:
     width = max(len(c) for c in codes) + 1
     head = " " * width + "".join(f"{c:>{width}}" for c in codes)
-    rows = [f"{c:<{width}}" + "".join(f"{v:>{width}}" for v in row) for c, row in zip(codes, m, strict=True)]
+    rows = [
+        f"{c:<{width}}" + "".join(f"{v:>{width}}" for v in row)
+        for c, row in zip(codes, m, strict=True)
+    ]
     return "\n".join([head, *rows])
 
 
@@ -85,8 +90,15 @@ def save_png(m: np.ndarray, codes: list[str], path: Path, title: str) -> None:
     for i in range(len(codes)):
         for j in range(len(codes)):
             if m[i, j]:
-                ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=6,
-                        color="white" if m[i, j] > m.max() / 2 else "black")
+                ax.text(
+                    j,
+                    i,
+                    str(m[i, j]),
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if m[i, j] > m.max() / 2 else "black",
+                )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -113,14 +125,20 @@ def main() -> None:
 
     t0 = time.perf_counter()
     x_tr, y_tr = crops(args.seed, train_labs, args.per_class, args.input_size, args.window)
-    x_te, y_te = crops(args.seed + 1, [args.test_lab], args.test_per_class, args.input_size, args.window)
-    print(f"crops: {len(y_tr)} train ({','.join(train_labs)}), {len(y_te)} test ({args.test_lab}) "
-          f"in {time.perf_counter() - t0:.0f}s", flush=True)
+    x_te, y_te = crops(
+        args.seed + 1, [args.test_lab], args.test_per_class, args.input_size, args.window
+    )
+    print(
+        f"crops: {len(y_tr)} train ({','.join(train_labs)}), {len(y_te)} test ({args.test_lab}) "
+        f"in {time.perf_counter() - t0:.0f}s",
+        flush=True,
+    )
 
     model = CellClassifier(len(codes))
     opt = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=2e-3, total_steps=args.epochs * ((len(y_tr) + 63) // 64))
+        opt, max_lr=2e-3, total_steps=args.epochs * ((len(y_tr) + 63) // 64)
+    )
     loss_fn = nn.CrossEntropyLoss()
     gen = torch.Generator().manual_seed(args.seed)
     for epoch in range(args.epochs):
@@ -128,19 +146,22 @@ def main() -> None:
         order = torch.randperm(len(y_tr), generator=gen)
         total = 0.0
         for start in range(0, len(order), 64):
-            idx = order[start:start + 64]
+            idx = order[start : start + 64]
             loss = loss_fn(model(augment(x_tr[idx], gen)), y_tr[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
             total += loss.item() * len(idx)
-        print(f"epoch {epoch + 1}/{args.epochs}: loss {total / len(y_tr):.3f} "
-              f"({time.perf_counter() - t0:.0f}s)", flush=True)
+        print(
+            f"epoch {epoch + 1}/{args.epochs}: loss {total / len(y_tr):.3f} "
+            f"({time.perf_counter() - t0:.0f}s)",
+            flush=True,
+        )
 
     model.eval()
     with torch.no_grad():
-        pred = torch.cat([model(x_te[i:i + 128]).argmax(1) for i in range(0, len(y_te), 128)])
+        pred = torch.cat([model(x_te[i : i + 128]).argmax(1) for i in range(0, len(y_te), 128)])
     y, p = y_te.numpy(), pred.numpy()
     m = confusion(y, p, len(codes))
     acc = float((y == p).mean())
@@ -148,8 +169,10 @@ def main() -> None:
     errors = m.sum() - np.trace(m)
     in_focus = m[np.ix_(focus, focus)].sum() - np.trace(m[np.ix_(focus, focus)])
     print(f"\naccuracy on unseen {args.test_lab}: {acc:.3f} (chance {1 / len(codes):.3f})")
-    print(f"errors: {errors}, of which among {'/'.join(FOCUS)}: {in_focus} "
-          f"({in_focus / max(errors, 1):.0%})")
+    print(
+        f"errors: {errors}, of which among {'/'.join(FOCUS)}: {in_focus} "
+        f"({in_focus / max(errors, 1):.0%})"
+    )
     print(format_matrix(m, codes))
     save_png(m, codes, args.png, f"unseen {args.test_lab}: accuracy {acc:.3f}")
     print(f"confusion matrix: {args.png}  total {time.perf_counter() - t0:.0f}s")

@@ -46,9 +46,15 @@ class ExperimentConfig:
     epochs: int = 0
     seed: int = 0
     reviewers: scenario.Reviewers = field(default_factory=scenario.Reviewers)
-    bootstrap: dict = field(default_factory=lambda: {
-        "initial_per_class": 25, "validation_per_class": 10, "test_per_class": 10,
-        "initial_reviews": 1, "test_reviews": 2})
+    bootstrap: dict = field(
+        default_factory=lambda: {
+            "initial_per_class": 25,
+            "validation_per_class": 10,
+            "test_per_class": 10,
+            "initial_reviews": 1,
+            "test_reviews": 2,
+        }
+    )
 
 
 def db_name(strategy: str) -> str:
@@ -73,27 +79,38 @@ def clone_database(base_url: str, source: str, target: str) -> None:
 def copy_model(store: ObjectStore, url: str, model_name: str, new_name: str) -> None:
     """Give the strategy its own model name, starting from the bootstrap's versions."""
     with psycopg.connect(url, autocommit=True) as conn:
-        versions = [r[0] for r in conn.execute(
-            "SELECT version FROM model_versions WHERE model_name = %s", (model_name,))]
-        conn.execute("UPDATE model_versions SET model_name = %s WHERE model_name = %s",
-                     (new_name, model_name))
+        versions = [
+            r[0]
+            for r in conn.execute(
+                "SELECT version FROM model_versions WHERE model_name = %s", (model_name,)
+            )
+        ]
+        conn.execute(
+            "UPDATE model_versions SET model_name = %s WHERE model_name = %s",
+            (new_name, model_name),
+        )
     for v in versions:
         for key in store.list(f"{model_name}/{v}/", bucket=store.models_bucket):
             data = store.get(key, bucket=store.models_bucket)
-            store.put(new_name + key[len(model_name):], data, bucket=store.models_bucket)
-    store.put(f"{new_name}/config.pbtxt", modelrepo.config_pbtxt(new_name).encode(),
-              bucket=store.models_bucket)
+            store.put(new_name + key[len(model_name) :], data, bucket=store.models_bucket)
+    store.put(
+        f"{new_name}/config.pbtxt",
+        modelrepo.config_pbtxt(new_name).encode(),
+        bucket=store.models_bucket,
+    )
 
 
 def run(cfg: ExperimentConfig, stack: Stack, say: Say) -> dict[str, Path]:
     stack.up()
     env = stack.env()
-    settings = load(Settings, database_url=env["BMCELL_DATABASE_URL"],
-                    s3_endpoint=env["BMCELL_S3_ENDPOINT"])
+    settings = load(
+        Settings, database_url=env["BMCELL_DATABASE_URL"], s3_endpoint=env["BMCELL_S3_ENDPOINT"]
+    )
     store = ObjectStore(settings).ensure_buckets()
     db = Database(settings).open()
-    manifest = scenario.synthesize(cfg.out / "synth", cfg.labs, cfg.specimens, cfg.fields,
-                                   cfg.seed, cfg.size, say)
+    manifest = scenario.synthesize(
+        cfg.out / "synth", cfg.labs, cfg.specimens, cfg.fields, cfg.seed, cfg.size, say
+    )
     scenario.upload(manifest, say, env)
     scenario.mark_test_specimens(db, manifest, per_lab=1, say=say)
     truth = TruthIndex.from_manifest(manifest, db)
@@ -103,11 +120,19 @@ def run(cfg: ExperimentConfig, stack: Stack, say: Say) -> dict[str, Path]:
     say(f"truth known for {len(truth)} cells; bootstrap, shared by every strategy")
     boot, boot_effort = scenario.run_round(
         env["BMCELL_ROUNDS_ADDR"],
-        rounds_pb2.StartRoundRequest(experiment="bootstrap", strategy="bootstrap",
-                                     epochs=cfg.epochs, **cfg.bootstrap,
-                                     selection=selector_pb2.SelectionParameters(seed=cfg.seed)),
-        labelapi_url=env["BMCELL_LABELAPI_URL"], db=db, truth=truth,
-        reviewers=cfg.reviewers, say=say)
+        rounds_pb2.StartRoundRequest(
+            experiment="bootstrap",
+            strategy="bootstrap",
+            epochs=cfg.epochs,
+            **cfg.bootstrap,
+            selection=selector_pb2.SelectionParameters(seed=cfg.seed),
+        ),
+        labelapi_url=env["BMCELL_LABELAPI_URL"],
+        db=db,
+        truth=truth,
+        reviewers=cfg.reviewers,
+        say=say,
+    )
     db.close()
     if boot.state != "published":
         raise RuntimeError(f"bootstrap ended {boot.state}: {boot.message}")
@@ -118,8 +143,12 @@ def run(cfg: ExperimentConfig, stack: Stack, say: Say) -> dict[str, Path]:
     by_strategy: dict[str, list[RoundResult]] = {}
     effort: dict[str, Effort] = {}
     confusion: dict[str, str] = {}
-    boot_result = RoundResult(round=0, test_accuracy=boot.test_accuracy,
-                              validation_accuracy=boot.validation_accuracy, added=0)
+    boot_result = RoundResult(
+        round=0,
+        test_accuracy=boot.test_accuracy,
+        validation_accuracy=boot.validation_accuracy,
+        added=0,
+    )
     for strategy in cfg.strategies:
         name = db_name(strategy)
         model = f"{settings.model_name}-{name.removeprefix('exp_').replace('_', '-')}"
@@ -128,33 +157,58 @@ def run(cfg: ExperimentConfig, stack: Stack, say: Say) -> dict[str, Path]:
         clone_database(env["BMCELL_DATABASE_URL"], "exp_bootstrap", name)
         copy_model(store, url, settings.model_name, model)
         stack.up(only=SERVICES, extra_env={"BMCELL_DATABASE_URL": url, "BMCELL_MODEL_NAME": model})
-        sdb = Database(load(Settings, database_url=url, s3_endpoint=env["BMCELL_S3_ENDPOINT"])).open()
+        sdb = Database(
+            load(Settings, database_url=url, s3_endpoint=env["BMCELL_S3_ENDPOINT"])
+        ).open()
         results = [boot_result]
         for i in range(cfg.rounds):
             r, _ = scenario.run_round(
                 env["BMCELL_ROUNDS_ADDR"],
                 rounds_pb2.StartRoundRequest(
-                    experiment="bootstrap", strategy=strategy, epochs=cfg.epochs,
-                    selection=selector_pb2.SelectionParameters(sample_size=cfg.sample,
-                                                               seed=cfg.seed + 1000 + i)),
-                labelapi_url=env["BMCELL_LABELAPI_URL"], db=sdb, truth=truth,
-                reviewers=cfg.reviewers, say=say)
-            results.append(RoundResult(
-                round=r.number, test_accuracy=r.test_accuracy,
-                validation_accuracy=r.validation_accuracy, added=r.labels_added,
-                added_by_class=dict(r.labels_added_by_class), promoted=r.promoted))
+                    experiment="bootstrap",
+                    strategy=strategy,
+                    epochs=cfg.epochs,
+                    selection=selector_pb2.SelectionParameters(
+                        sample_size=cfg.sample, seed=cfg.seed + 1000 + i
+                    ),
+                ),
+                labelapi_url=env["BMCELL_LABELAPI_URL"],
+                db=sdb,
+                truth=truth,
+                reviewers=cfg.reviewers,
+                say=say,
+            )
+            results.append(
+                RoundResult(
+                    round=r.number,
+                    test_accuracy=r.test_accuracy,
+                    validation_accuracy=r.validation_accuracy,
+                    added=r.labels_added,
+                    added_by_class=dict(r.labels_added_by_class),
+                    promoted=r.promoted,
+                )
+            )
         by_strategy[strategy] = results
         with sdb.connection() as conn:
-            answers = {row["answer"]: row["n"] for row in conn.execute(
-                "SELECT answer, count(*) AS n FROM reviews rv JOIN review_tasks t "
-                "ON t.id = rv.task_id WHERE t.kind IN ('cst', 'al', 'adjudication') "
-                "AND t.round_id IS NOT NULL GROUP BY answer")}
+            answers = {
+                row["answer"]: row["n"]
+                for row in conn.execute(
+                    "SELECT answer, count(*) AS n FROM reviews rv JOIN review_tasks t "
+                    "ON t.id = rv.task_id WHERE t.kind IN ('cst', 'al', 'adjudication') "
+                    "AND t.round_id IS NOT NULL GROUP BY answer"
+                )
+            }
             last = conn.execute(
                 "SELECT confusion_key FROM model_versions WHERE model_name = %s "
-                "ORDER BY version DESC LIMIT 1", (model,)).fetchone()
-        effort[strategy] = Effort(reviews=sum(answers.values()), confirms=answers.get("confirm", 0),
-                                  corrections=answers.get("correct", 0),
-                                  difficult=answers.get("difficult", 0))
+                "ORDER BY version DESC LIMIT 1",
+                (model,),
+            ).fetchone()
+        effort[strategy] = Effort(
+            reviews=sum(answers.values()),
+            confirms=answers.get("confirm", 0),
+            corrections=answers.get("correct", 0),
+            difficult=answers.get("difficult", 0),
+        )
         if last and last["confusion_key"]:
             confusion[strategy] = last["confusion_key"]
         sdb.close()

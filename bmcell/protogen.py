@@ -45,8 +45,12 @@ def stale_files() -> list[str]:
     with tempfile.TemporaryDirectory() as tmp:
         written = generate(Path(tmp))
         committed = Path(__file__).parent / "v1"
-        stale = [p.name for p in written
-                 if not (committed / p.name).exists() or (committed / p.name).read_bytes() != p.read_bytes()]
+        stale = [
+            p.name
+            for p in written
+            if not (committed / p.name).exists()
+            or (committed / p.name).read_bytes() != p.read_bytes()
+        ]
         extra = {p.name for p in committed.glob("*_pb2*.py*")} - {p.name for p in written}
     return sorted(stale) + sorted(extra)
 

@@ -14,8 +14,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from bmcell.db import Database
+from bmcell.settings import Settings, load
 from bmcell.stack import Stack, StackConfig
 from bmcell.stack.config import REPO
+from bmcell.storage import ObjectStore
 
 
 def stack_port_base() -> int:
@@ -43,6 +46,15 @@ def stack() -> Iterator[Stack]:
 @pytest.fixture(scope="session")
 def stack_env(stack: Stack) -> dict[str, str]:
     return stack.env()
+
+
+@pytest.fixture(scope="session")
+def rt(stack: Stack) -> Iterator[tuple[Settings, Database, ObjectStore]]:
+    """Settings, a Postgres pool and object storage of the session's stack."""
+    settings = load(Settings)
+    db = Database(settings).open()
+    yield settings, db, ObjectStore(settings).ensure_buckets()
+    db.close()
 
 
 def free_port() -> int:

@@ -18,8 +18,12 @@ console = Console(stderr=True)
 
 
 @click.command()
-@click.option("--strategies", default="cst,al,cst+al", show_default=True,
-              help="Comma-separated: cst, al, cst+al, st, random, least_confidence, entropy.")
+@click.option(
+    "--strategies",
+    default="cst,al,cst+al",
+    show_default=True,
+    help="Comma-separated: cst, al, cst+al, st, random, least_confidence, entropy.",
+)
 @click.option("--rounds", "n_rounds", default=8, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), required=True)
 @click.option("--labs", default=3, show_default=True)
@@ -30,27 +34,54 @@ console = Console(stderr=True)
 @click.option("--error-rate", default=0.02, show_default=True)
 @click.option("--difficult-rate", default=0.01, show_default=True)
 @click.option("--seed", default=0, show_default=True)
-@click.option("--port-base", default=54400, show_default=True,
-              help="The experiment runs its own embedded stack on this port range.")
-def experiment(strategies: str, n_rounds: int, out: Path, labs: int, specimens: int,
-               fields: int, sample: int, epochs: int, error_rate: float,
-               difficult_rate: float, seed: int, port_base: int) -> None:
+@click.option(
+    "--port-base",
+    default=54400,
+    show_default=True,
+    help="The experiment runs its own embedded stack on this port range.",
+)
+def experiment(
+    strategies: str,
+    n_rounds: int,
+    out: Path,
+    labs: int,
+    specimens: int,
+    fields: int,
+    sample: int,
+    epochs: int,
+    error_rate: float,
+    difficult_rate: float,
+    seed: int,
+    port_base: int,
+) -> None:
     """Run the study's comparison and write Table 1, Figure 1, confusion matrices,
     human effort and ANOVA/Tukey statistics to OUT."""
     chosen = [s.strip() for s in strategies.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in STRATEGIES]
     if unknown or not chosen:
-        raise click.BadParameter(f"unknown {unknown}; expected some of {list(STRATEGIES)}",
-                                 param_hint="--strategies")
+        raise click.BadParameter(
+            f"unknown {unknown}; expected some of {list(STRATEGIES)}", param_hint="--strategies"
+        )
     started = time.monotonic()
     say = lambda msg: console.print(f"[bold magenta]experiment[/] {msg}")  # noqa: E731
-    stack = Stack(StackConfig(run_dir=REPO / ".run" / f"experiment-{port_base}",
-                              port_base=port_base), progress=lambda m: say(f"stack: {m}"))
+    stack = Stack(
+        StackConfig(run_dir=REPO / ".run" / f"experiment-{port_base}", port_base=port_base),
+        progress=lambda m: say(f"stack: {m}"),
+    )
     cfg = exp.ExperimentConfig(
-        strategies=chosen, rounds=n_rounds, out=out, labs=labs, specimens=specimens,
-        fields=fields, sample=sample, epochs=epochs, seed=seed,
-        reviewers=Reviewers(count=4, error_rate=error_rate, difficult_rate=difficult_rate,
-                            seed=seed))
+        strategies=chosen,
+        rounds=n_rounds,
+        out=out,
+        labs=labs,
+        specimens=specimens,
+        fields=fields,
+        sample=sample,
+        epochs=epochs,
+        seed=seed,
+        reviewers=Reviewers(
+            count=4, error_rate=error_rate, difficult_rate=difficult_rate, seed=seed
+        ),
+    )
     written = exp.run(cfg, stack, say)
     click.echo((out / "table1.md").read_text())
     for name, path in sorted(written.items()):

@@ -86,8 +86,9 @@ class Stack:
         return comp.service_env(self.config)
 
     # --- up ------------------------------------------------------------------------
-    def up(self, only: list[str] | None = None,
-           extra_env: dict[str, str] | None = None) -> list[ComponentStatus]:
+    def up(
+        self, only: list[str] | None = None, extra_env: dict[str, str] | None = None
+    ) -> list[ComponentStatus]:
         """Start what is not running. ``extra_env`` overrides settings of the components
         started by this call (an experiment points services at another database)."""
         cfg = self.config

@@ -74,7 +74,12 @@ def _save_ids(ids: np.ndarray, path: Path) -> None:
 
 
 def generate_dataset(
-    out_dir: str | Path, labs: int, specimens: int, fields: int, seed: int, size: int = 704,
+    out_dir: str | Path,
+    labs: int,
+    specimens: int,
+    fields: int,
+    seed: int,
+    size: int = 704,
     progress: Progress | None = None,
 ) -> Manifest:
     """Render ``labs`` x ``specimens`` x ``fields`` fields and write them with a manifest."""
@@ -101,17 +106,27 @@ def generate_dataset(
                 _save_png(sample.image, root / f"{stem}.png")
                 _save_ids(sample.instances, root / f"{stem}.instances.png")
                 _save_ids(sample.nuclei, root / f"{stem}.nuclei.png")
-                cells = [CellRecord(c.id, c.code, c.bbox, c.touches_border, c.centre, c.seed)
-                         for c in sample.cells]
-                field_records.append(FieldRecord(
-                    f"{spec_id}-f{fi:04d}", f"{stem}.png", f"{stem}.instances.png",
-                    f"{stem}.nuclei.png", key, cells))
+                cells = [
+                    CellRecord(c.id, c.code, c.bbox, c.touches_border, c.centre, c.seed)
+                    for c in sample.cells
+                ]
+                field_records.append(
+                    FieldRecord(
+                        f"{spec_id}-f{fi:04d}",
+                        f"{stem}.png",
+                        f"{stem}.instances.png",
+                        f"{stem}.nuclei.png",
+                        key,
+                        cells,
+                    )
+                )
                 done += 1
                 if progress is not None:
                     progress(done, total)
             records.append(SpecimenRecord(spec_id, lab, diagnosis, mix, field_records))
-    manifest = Manifest(seed, size, DEFAULT_TAXONOMY.name, DEFAULT_TAXONOMY.codes, styles,
-                        records, root)
+    manifest = Manifest(
+        seed, size, DEFAULT_TAXONOMY.name, DEFAULT_TAXONOMY.codes, styles, records, root
+    )
     save_manifest(manifest, root)
     return manifest
 
@@ -121,8 +136,12 @@ def crop_rng(seed: int, lab: str, code: str, index: int) -> np.random.Generator:
 
 
 def generate_crops(
-    out_dir: str | Path, per_class: int, seed: int, labs: int | Sequence[str] = 3,
-    size: int = 282, progress: Progress | None = None,
+    out_dir: str | Path,
+    per_class: int,
+    seed: int,
+    labs: int | Sequence[str] = 3,
+    size: int = 282,
+    progress: Progress | None = None,
 ) -> CropManifest:
     """Write ``per_class`` crops of every class for every lab, and ``crops.json``."""
     if per_class < 1:

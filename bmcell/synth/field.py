@@ -76,7 +76,10 @@ def _red_cells(rng: np.random.Generator, dyes: np.ndarray, density: float) -> No
 
 
 def _place(
-    rng: np.random.Generator, size: int, radius: float, placed: list[tuple[int, int, float]],
+    rng: np.random.Generator,
+    size: int,
+    radius: float,
+    placed: list[tuple[int, int, float]],
     max_overlap: float,
 ) -> tuple[int, int] | None:
     """A centre whose overlap with every placed cell stays under ``max_overlap``."""
@@ -90,7 +93,12 @@ def _place(
 
 
 def _stamp(
-    patch: CellPatch, cid: int, cx: int, cy: int, dyes: np.ndarray, instances: np.ndarray,
+    patch: CellPatch,
+    cid: int,
+    cx: int,
+    cy: int,
+    dyes: np.ndarray,
+    instances: np.ndarray,
     nuclei: np.ndarray,
 ) -> None:
     slices = patch_slices(cx, cy, patch.half, dyes.shape[0])
@@ -141,7 +149,10 @@ def render_field(
 
 
 def render_crop(
-    rng: np.random.Generator, lab: LabStyle, class_code: str, size: int = 282,
+    rng: np.random.Generator,
+    lab: LabStyle,
+    class_code: str,
+    size: int = 282,
     fill: tuple[int, int, int] = CROP_FILL,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A single-cell crop as a segmenter cuts it: the cell centred over its red-cell

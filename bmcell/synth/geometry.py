@@ -77,7 +77,11 @@ def tube_sdf(grid: Grid, tube: Tube) -> np.ndarray:
 
 
 def segments_sdf(
-    grid: Grid, p0: np.ndarray, p1: np.ndarray, r0: np.ndarray, r1: np.ndarray,
+    grid: Grid,
+    p0: np.ndarray,
+    p1: np.ndarray,
+    r0: np.ndarray,
+    r1: np.ndarray,
     reach: float = 24.0,
 ) -> np.ndarray:
     """Signed distance to a union of capsules p0[i]-p1[i] with end radii r0[i], r1[i].

@@ -25,14 +25,25 @@ class CellRecord:
     seed: int
 
     def to_json(self) -> dict:
-        return {"id": self.id, "class": self.cls, "bbox": list(self.bbox),
-                "touches_border": self.touches_border, "centre": list(self.centre),
-                "seed": self.seed}
+        return {
+            "id": self.id,
+            "class": self.cls,
+            "bbox": list(self.bbox),
+            "touches_border": self.touches_border,
+            "centre": list(self.centre),
+            "seed": self.seed,
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> CellRecord:
-        return cls(d["id"], d["class"], tuple(d["bbox"]), d["touches_border"],  # type: ignore[arg-type]
-                   tuple(d["centre"]), d["seed"])  # type: ignore[arg-type]
+        return cls(
+            d["id"],
+            d["class"],
+            tuple(d["bbox"]),
+            d["touches_border"],  # type: ignore[arg-type]
+            tuple(d["centre"]),
+            d["seed"],
+        )  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -45,14 +56,25 @@ class FieldRecord:
     cells: list[CellRecord]
 
     def to_json(self) -> dict:
-        return {"id": self.id, "image": self.image, "instances": self.instances,
-                "nuclei": self.nuclei, "seed_key": list(self.seed_key),
-                "cells": [c.to_json() for c in self.cells]}
+        return {
+            "id": self.id,
+            "image": self.image,
+            "instances": self.instances,
+            "nuclei": self.nuclei,
+            "seed_key": list(self.seed_key),
+            "cells": [c.to_json() for c in self.cells],
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> FieldRecord:
-        return cls(d["id"], d["image"], d["instances"], d["nuclei"], tuple(d["seed_key"]),
-                   [CellRecord.from_json(c) for c in d["cells"]])
+        return cls(
+            d["id"],
+            d["image"],
+            d["instances"],
+            d["nuclei"],
+            tuple(d["seed_key"]),
+            [CellRecord.from_json(c) for c in d["cells"]],
+        )
 
 
 @dataclass(frozen=True)
@@ -64,13 +86,23 @@ class SpecimenRecord:
     fields: list[FieldRecord]
 
     def to_json(self) -> dict:
-        return {"id": self.id, "lab": self.lab, "diagnosis": self.diagnosis,
-                "class_mix": self.class_mix, "fields": [f.to_json() for f in self.fields]}
+        return {
+            "id": self.id,
+            "lab": self.lab,
+            "diagnosis": self.diagnosis,
+            "class_mix": self.class_mix,
+            "fields": [f.to_json() for f in self.fields],
+        }
 
     @classmethod
     def from_json(cls, d: dict) -> SpecimenRecord:
-        return cls(d["id"], d["lab"], d["diagnosis"], dict(d["class_mix"]),
-                   [FieldRecord.from_json(f) for f in d["fields"]])
+        return cls(
+            d["id"],
+            d["lab"],
+            d["diagnosis"],
+            dict(d["class_mix"]),
+            [FieldRecord.from_json(f) for f in d["fields"]],
+        )
 
 
 @dataclass(frozen=True)
@@ -84,18 +116,29 @@ class Manifest:
     root: Path | None = field(default=None, compare=False)
 
     def to_json(self) -> dict:
-        return {"version": MANIFEST_VERSION, "seed": self.seed, "size": self.size,
-                "taxonomy": self.taxonomy, "classes": self.classes,
-                "labs": {k: v.to_json() for k, v in self.labs.items()},
-                "specimens": [s.to_json() for s in self.specimens]}
+        return {
+            "version": MANIFEST_VERSION,
+            "seed": self.seed,
+            "size": self.size,
+            "taxonomy": self.taxonomy,
+            "classes": self.classes,
+            "labs": {k: v.to_json() for k, v in self.labs.items()},
+            "specimens": [s.to_json() for s in self.specimens],
+        }
 
     @classmethod
     def from_json(cls, d: dict, root: Path | None = None) -> Manifest:
         if d.get("version") != MANIFEST_VERSION:
             raise ValueError(f"unsupported manifest version {d.get('version')!r}")
-        return cls(d["seed"], d["size"], d["taxonomy"], list(d["classes"]),
-                   {k: LabStyle.from_json(v) for k, v in d["labs"].items()},
-                   [SpecimenRecord.from_json(s) for s in d["specimens"]], root)
+        return cls(
+            d["seed"],
+            d["size"],
+            d["taxonomy"],
+            list(d["classes"]),
+            {k: LabStyle.from_json(v) for k, v in d["labs"].items()},
+            [SpecimenRecord.from_json(s) for s in d["specimens"]],
+            root,
+        )
 
     def fields(self) -> list[tuple[SpecimenRecord, FieldRecord]]:
         return [(s, f) for s in self.specimens for f in s.fields]

@@ -12,7 +12,10 @@ from bmcell.taxonomy import DEFAULT_TAXONOMY, Taxonomy
 
 
 def montage(
-    seed: int = 0, per_class: int = 4, labs: list[LabStyle] | None = None, tile: int = 141,
+    seed: int = 0,
+    per_class: int = 4,
+    labs: list[LabStyle] | None = None,
+    tile: int = 141,
     taxonomy: Taxonomy = DEFAULT_TAXONOMY,
 ) -> Image.Image:
     """One row per class, ``per_class`` crops each (cycling through ``labs``), labelled."""

@@ -82,7 +82,9 @@ def _chromatin(rng: np.random.Generator, shape: tuple[int, int], coarse: float) 
     return np.clip(tex, 0.25, None)
 
 
-def _chromosomes(rng: np.random.Generator, grid: Grid, radius: float, px_per_um: float) -> np.ndarray:
+def _chromosomes(
+    rng: np.random.Generator, grid: Grid, radius: float, px_per_um: float
+) -> np.ndarray:
     """Signed distance of a metaphase plate or two anaphase groups of short rods."""
     n = int(rng.integers(24, 44))
     axis = rng.uniform(0, np.pi)
@@ -92,13 +94,18 @@ def _chromosomes(rng: np.random.Generator, grid: Grid, radius: float, px_per_um:
     if rng.random() < 0.6:
         t = rng.normal(0.0, 0.8 * px_per_um, n)
     else:
-        t = np.where(rng.random(n) < 0.5, -1.0, 1.0) * 0.3 * radius + rng.normal(0, 0.6, n) * px_per_um
+        t = (
+            np.where(rng.random(n) < 0.5, -1.0, 1.0) * 0.3 * radius
+            + rng.normal(0, 0.6, n) * px_per_um
+        )
     centres = s[:, None] * along + t[:, None] * across
     theta = axis + np.pi / 2 + rng.normal(0.0, 0.6, n)
     half_len = rng.uniform(0.4, 1.1, n) * px_per_um
     d = np.stack([np.cos(theta), np.sin(theta)], axis=1) * half_len[:, None]
     r = np.full(n, 0.32 * px_per_um, dtype=np.float32)
-    return segments_sdf(grid, (centres - d).astype(np.float32), (centres + d).astype(np.float32), r, r)
+    return segments_sdf(
+        grid, (centres - d).astype(np.float32), (centres + d).astype(np.float32), r, r
+    )
 
 
 def render_cell(rng: np.random.Generator, code: str, px_per_um: float = PX_PER_UM) -> CellPatch:

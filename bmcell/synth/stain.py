@@ -84,10 +84,12 @@ def lab_names(count: int) -> list[str]:
 def to_rgb(dyes: np.ndarray, lab: LabStyle, rng: np.random.Generator) -> np.ndarray:
     """Photograph dye densities (h, w, 2) through the lab's stain and scanner."""
     h, w = dyes.shape[:2]
-    od_matrix = np.stack([
-        np.asarray(lab.azure_od, dtype=np.float32) * lab.azure_strength,
-        np.asarray(lab.eosin_od, dtype=np.float32) * lab.eosin_strength,
-    ])
+    od_matrix = np.stack(
+        [
+            np.asarray(lab.azure_od, dtype=np.float32) * lab.azure_strength,
+            np.asarray(lab.eosin_od, dtype=np.float32) * lab.eosin_strength,
+        ]
+    )
     dens = dyes.copy()
     dens[..., 1] += lab.plasma
     od = dens.reshape(-1, 2) @ od_matrix
@@ -95,7 +97,8 @@ def to_rgb(dyes: np.ndarray, lab: LabStyle, rng: np.random.Generator) -> np.ndar
     if lab.blur_sigma > 0:
         transmitted = ndimage.gaussian_filter(transmitted, (lab.blur_sigma, lab.blur_sigma, 0))
     yy, xx = np.meshgrid(
-        np.linspace(-1, 1, h, dtype=np.float32), np.linspace(-1, 1, w, dtype=np.float32),
+        np.linspace(-1, 1, h, dtype=np.float32),
+        np.linspace(-1, 1, w, dtype=np.float32),
         indexing="ij",
     )
     light = 1.0 - lab.vignetting * (xx**2 + yy**2) / 2 + lab.gradient[0] * xx + lab.gradient[1] * yy

@@ -11,11 +11,8 @@ import pytest
 import torch
 
 from bmcell import modelstore, preprocess
-from bmcell.db import Database
 from bmcell.network import WithSoftmax
-from bmcell.settings import Settings, load
 from bmcell.stack import Stack
-from bmcell.storage import ObjectStore
 from bmcell.taxonomy import DEFAULT_TAXONOMY
 from bmcell.v1 import (
     classifier_pb2,
@@ -52,15 +49,6 @@ class ColourProbe(torch.nn.Module):
 
 def peaky_model(seed: int) -> torch.nn.Module:
     return ColourProbe(DEFAULT_TAXONOMY.num_classes, seed).eval()
-
-
-@pytest.fixture(scope="module")
-def rt(stack: Stack):
-    settings = load(Settings)
-    db = Database(settings).open()
-    store = ObjectStore(settings).ensure_buckets()
-    yield settings, db, store
-    db.close()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 
 import grpc
 import httpx
@@ -17,7 +16,6 @@ from bmcell import modelstore
 from bmcell.db import Database
 from bmcell.settings import Settings, load
 from bmcell.stack import Stack
-from bmcell.storage import ObjectStore
 from bmcell.taxonomy import DEFAULT_TAXONOMY
 from bmcell.v1 import classifier_pb2, classifier_pb2_grpc
 from services.labelapi import users as user_repo
@@ -35,15 +33,6 @@ def bmcell(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[s
         text=True,
         timeout=360,
     )
-
-
-@pytest.fixture(scope="module")
-def rt(stack: Stack) -> Iterator[tuple[Settings, Database, ObjectStore]]:
-    settings = load(Settings)
-    db = Database(settings).open()
-    store = ObjectStore(settings).ensure_buckets()
-    yield settings, db, store
-    db.close()
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,6 @@ import grpc
 import pytest
 
 from bmcell.db import Database
-from bmcell.settings import Settings, load
 from bmcell.stack import Stack
 from bmcell.storage import ObjectStore
 from bmcell.synth import crop_rng, lab_style, render_crop
@@ -97,15 +96,6 @@ def seed_study(
 
 
 # --- fixtures and helpers ----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def rt(stack: Stack):
-    settings = load(Settings)
-    db = Database(settings).open()
-    store = ObjectStore(settings).ensure_buckets()
-    yield settings, db, store
-    db.close()
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,9 @@ from bmcell.taxonomy import DEFAULT_TAXONOMY
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def test_same_seed_gives_byte_identical_files_and_other_seeds_differ(tmp_path: Path) -> None:
@@ -58,14 +60,21 @@ def test_manifest_layout_and_masks_round_trip(tmp_path: Path) -> None:
     spec = loaded.specimens[0]
     assert spec.id == "lab-a-s01" and spec.diagnosis
     raw = json.loads((tmp_path / "manifest.json").read_text())
-    assert raw["specimens"][0]["fields"][0]["cells"][0].keys() >= {"id", "class", "bbox", "touches_border"}
+    assert raw["specimens"][0]["fields"][0]["cells"][0].keys() >= {
+        "id",
+        "class",
+        "bbox",
+        "touches_border",
+    }
     for _, field in loaded.fields():
         image = np.asarray(Image.open(tmp_path / field.image))
         instances = np.asarray(Image.open(tmp_path / field.instances)).astype(np.int32)
         nuclei = np.asarray(Image.open(tmp_path / field.nuclei)).astype(np.int32)
         assert image.shape == (256, 256, 3) and image.dtype == np.uint8
         # The recorded seed key regenerates exactly the stored masks.
-        again = render_field(derived_rng(3, *field.seed_key), loaded.labs["lab-a"], spec.class_mix, 256)
+        again = render_field(
+            derived_rng(3, *field.seed_key), loaded.labs["lab-a"], spec.class_mix, 256
+        )
         assert np.array_equal(again.instances, instances)
         assert np.array_equal(again.nuclei, nuclei)
         assert np.array_equal(again.image, image)
