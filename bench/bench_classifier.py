@@ -1,7 +1,7 @@
 """Classifier throughput: PredictPool through the service and Triton against in-process TorchScript.
 
 Starts a stack of its own (``.run/bench``, ports from ``BMCELL_BENCH_PORT_BASE``,
-default 58800), registers and activates an untrained ``CellClassifier`` at the
+default 28800), registers and activates an untrained ``CellClassifier`` at the
 default input size, seeds synthetic cells and measures, in one run:
 
 (a) cells/s of ``PredictPool``, end to end: crops fetched from object storage,
@@ -40,7 +40,7 @@ LATENCY_CALLS = 200
 
 
 def _stack() -> Stack:
-    base = int(os.environ.get("BMCELL_BENCH_PORT_BASE", 58800))
+    base = int(os.environ.get("BMCELL_BENCH_PORT_BASE", 28800))
     cfg = StackConfig(run_dir=REPO / ".run" / "bench", port_base=base)
     return Stack(cfg, progress=lambda msg: None)
 

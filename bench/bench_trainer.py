@@ -5,7 +5,7 @@ input size; each worker and the plain loop get one intra-op thread (a Ray worker
 reserves one CPU). Ray runs go through the trainer's own code path
 (``services.trainer.runner.run``: Ray Train V2, DDP on gloo, a checkpoint to the
 S3 server every epoch), on a private stack of just the S3 server and a Ray head
-(port base 59400), which is stopped at the end. Samples/s is the median over the
+(port base 29400), which is stopped at the end. Samples/s is the median over the
 epochs after the first (the first also fetches and decodes the crops).
 
 Also measured, when ``--accuracy`` is given: round-1 training from 25 labels per
@@ -132,7 +132,7 @@ def main() -> None:
     ap.add_argument("--accuracy", action="store_true", help="also train 25/class to the end")
     args, _ = ap.parse_known_args()
 
-    cfg = StackConfig(run_dir=REPO / ".run" / "bench-trainer", port_base=59400)
+    cfg = StackConfig(run_dir=REPO / ".run" / "bench-trainer", port_base=29400)
     stack = Stack(cfg)
     try:
         stack.up(only=["s3", "ray"])

@@ -1,8 +1,8 @@
 """Test fixtures.
 
 Integration tests share one embedded stack per session: real Postgres, the S3 server,
-Triton, Ray and every service, on a port range of their own (56400+ by default,
-``BMCELL_TEST_PORT_BASE`` to move it) so a developer's stack on 55400 keeps running.
+Triton, Ray and every service, on a port range of their own (26400+ by default,
+``BMCELL_TEST_PORT_BASE`` to move it) so a developer's stack on 25400 keeps running.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from bmcell.storage import ObjectStore
 
 
 def stack_port_base() -> int:
-    return int(os.environ.get("BMCELL_TEST_PORT_BASE", "56400"))
+    return int(os.environ.get("BMCELL_TEST_PORT_BASE", "26400"))
 
 
 @pytest.fixture(scope="session")

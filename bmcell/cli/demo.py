@@ -57,7 +57,7 @@ def say(msg: str) -> None:
     help="Training epochs of the initial model (from scratch).",
 )
 @click.option("--seed", default=0, show_default=True)
-@click.option("--port-base", default=55600, show_default=True, help="The demo's stack ports.")
+@click.option("--port-base", default=25600, show_default=True, help="The demo's stack ports.")
 @click.option(
     "--out", type=click.Path(path_type=Path), default=REPO / ".run" / "demo", show_default=True
 )

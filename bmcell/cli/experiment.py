@@ -36,7 +36,7 @@ console = Console(stderr=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option(
     "--port-base",
-    default=54400,
+    default=24400,
     show_default=True,
     help="The experiment runs its own embedded stack on this port range.",
 )

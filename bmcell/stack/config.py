@@ -49,7 +49,10 @@ class StackConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="BMCELL_STACK_", extra="ignore")
 
     run_dir: Path = Field(REPO / ".run", description="data, logs and state of the stack")
-    port_base: int = Field(55400, ge=1024, le=65000)
+    # Below the kernel's ephemeral range (32768-60999 on Linux): a port there can be
+    # taken at any moment by some process's outgoing connection, and then a service
+    # cannot bind it.
+    port_base: int = Field(25400, ge=1024, le=32600)
     host: str = "127.0.0.1"
     ray_cpus: int = Field(2, ge=1)
     ray_object_store_mb: int = Field(512, ge=78)
