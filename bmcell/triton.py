@@ -57,8 +57,10 @@ def python_libdir() -> Path:
 
 
 def _default_backend_root() -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    return cache / "bmcell" / f"triton-backends-py{_PY_VERSION}-pytriton{pytriton.__version__}"
+    # Inside the environment whose pytriton the links point at: a folder shared by
+    # several virtualenvs (a user cache) is relinked by each and left dangling when one
+    # of them is deleted, under a Triton another still runs.
+    return Path(sys.prefix) / "share" / "bmcell" / f"triton-backends-pytriton{pytriton.__version__}"
 
 
 def backend_directory(root: str | os.PathLike[str] | None = None) -> Path:
@@ -66,7 +68,7 @@ def backend_directory(root: str | os.PathLike[str] | None = None) -> Path:
 
     ``<root>/python/`` gets symlinks to the wheel's ``libtriton_python.so`` and
     ``triton_python_backend_utils.py`` plus the stub built for the running Python.
-    Default root: ``$XDG_CACHE_HOME/bmcell/triton-backends-py<X.Y>-pytriton<version>``.
+    Default root: ``<sys.prefix>/share/bmcell/triton-backends-pytriton<version>``.
     """
     base = Path(root) if root is not None else _default_backend_root()
     src_python = TRITON_DIST_DIR / "backends" / "python"
