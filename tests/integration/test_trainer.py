@@ -146,6 +146,14 @@ def assert_resumed_after(db: Database, job_id: str, epochs: int, interrupted_at:
 
 def test_round_training_publishes_and_is_idempotent(rt, trainer, stack: Stack) -> None:
     settings, db, store = rt
+    with db.transaction() as conn:
+        # Round 1 of a study starts without a served model (lr 0.01, no gate to pass);
+        # earlier modules of the session activated versions of the same model name.
+        conn.execute(
+            "UPDATE model_versions SET state = 'retired' WHERE model_name = %s "
+            "AND state = 'active'",
+            (settings.model_name,),
+        )
     study = seed_study(db, store, train_per_class=3, val_per_class=2, test_per_class=2)
     job = start(trainer, study["round_id"], epochs=2, num_workers=2)
     again = start(trainer, study["round_id"], epochs=5)
