@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from bmcell.evaluation import anova_tukey
 
@@ -91,6 +92,7 @@ def plot_figure1(by_strategy: Mapping[str, list[RoundResult]], path: Path) -> Pa
     acc_ax.set(title="Test accuracy", xlabel="round", ylabel="accuracy")
     add_ax.set(title="Labels added (cumulative)", xlabel="round", ylabel="cells")
     for ax in (acc_ax, add_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
