@@ -187,10 +187,11 @@ def test_round_training_publishes_and_is_idempotent(rt, trainer, stack: Stack) -
     )
     metrics = json.loads(report.metrics_json)
     assert report.state == "active"
-    with db.connection() as conn:
-        # The test split is every test label of the system (other modules add some).
-        n_test = conn.execute("SELECT count(*) AS n FROM labels WHERE source = 'test'").fetchone()
-    assert metrics["test"]["n"] == n_test["n"] >= 2 * 17
+    # Evaluated on exactly the plan's test split (every test label of the system up to
+    # this round; other modules add some), which holds the study's test cells.
+    test_split = {c for _, _, c in plan["test"]}
+    assert metrics["test"]["n"] == len(test_split) >= 2 * 17
+    assert set(study["test"]) <= test_split
     assert len(metrics["test"]["codes"]) == 16  # BN+ART merged
     assert metrics["validation"]["accuracy"] == pytest.approx(report.validation_accuracy)
     assert store.get(report.confusion_key)[:8] == b"\x89PNG\r\n\x1a\n"
