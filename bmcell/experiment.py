@@ -44,6 +44,7 @@ class ExperimentConfig:
     size: int = 704
     sample: int = 1000
     epochs: int = 0
+    bootstrap_epochs: int = 0
     seed: int = 0
     reviewers: scenario.Reviewers = field(default_factory=scenario.Reviewers)
     bootstrap: dict = field(
@@ -53,6 +54,8 @@ class ExperimentConfig:
             "test_per_class": 10,
             "initial_reviews": 1,
             "test_reviews": 2,
+            "wave_size": 300,
+            "max_waves": 2,
         }
     )
 
@@ -123,7 +126,7 @@ def run(cfg: ExperimentConfig, stack: Stack, say: Say) -> dict[str, Path]:
         rounds_pb2.StartRoundRequest(
             experiment="bootstrap",
             strategy="bootstrap",
-            epochs=cfg.epochs,
+            epochs=cfg.bootstrap_epochs,
             **cfg.bootstrap,
             selection=selector_pb2.SelectionParameters(seed=cfg.seed),
         ),

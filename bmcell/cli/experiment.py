@@ -31,6 +31,17 @@ console = Console(stderr=True)
 @click.option("--fields", default=12, show_default=True)
 @click.option("--sample", default=1000, show_default=True, help="Pool sample per round.")
 @click.option("--epochs", default=0, help="Training epochs per round (0: trainer default).")
+@click.option(
+    "--bootstrap-epochs",
+    default=0,
+    help="Training epochs of the initial model (0: trainer default).",
+)
+@click.option(
+    "--initial-per-class",
+    default=25,
+    show_default=True,
+    help="Bootstrap: initial labels per class (the study's 25).",
+)
 @click.option("--error-rate", default=0.02, show_default=True)
 @click.option("--difficult-rate", default=0.01, show_default=True)
 @click.option("--seed", default=0, show_default=True)
@@ -49,6 +60,8 @@ def experiment(
     fields: int,
     sample: int,
     epochs: int,
+    bootstrap_epochs: int,
+    initial_per_class: int,
     error_rate: float,
     difficult_rate: float,
     seed: int,
@@ -77,11 +90,13 @@ def experiment(
         fields=fields,
         sample=sample,
         epochs=epochs,
+        bootstrap_epochs=bootstrap_epochs,
         seed=seed,
         reviewers=Reviewers(
             count=4, error_rate=error_rate, difficult_rate=difficult_rate, seed=seed
         ),
     )
+    cfg.bootstrap["initial_per_class"] = initial_per_class
     written = exp.run(cfg, stack, say)
     click.echo((out / "table1.md").read_text())
     for name, path in sorted(written.items()):
