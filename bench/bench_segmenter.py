@@ -1,5 +1,7 @@
 """Fields per second: segmentation alone in this process, and upload + segmentation
-through the running segmenter service (``BMCELL_SEGMENTER_ADDR``; skipped if unset).
+through the running segmenter service (``BMCELL_SEGMENTER_ADDR``; skipped if unset),
+with ``BMCELL_TOKEN`` or, when that is unset, a token of operator ``bench`` issued
+through ``BMCELL_DATABASE_URL`` as ``bmcell users`` would.
 
     .venv/bin/python -m bench.bench_segmenter [--fields 8] [--size 704] [--jobs 2]
 """
@@ -44,8 +46,23 @@ def in_process(images: list[np.ndarray], threads: int) -> float:
     return len(images) / (time.perf_counter() - started)
 
 
-def through_service(images: list[np.ndarray], addr: str, jobs: int) -> float:
-    from bmcell.grpc_client import channel
+def _token() -> str:
+    token = os.environ.get("BMCELL_TOKEN")
+    if token:
+        return token
+    from bmcell.db import Database
+    from bmcell.scenario import operator_token
+    from bmcell.settings import Settings, load
+
+    db = Database(load(Settings), name="bench").open()
+    try:
+        return operator_token(db, "bench")
+    finally:
+        db.close()
+
+
+def through_service(images: list[np.ndarray], addr: str, jobs: int, token: str) -> float:
+    from bmcell.grpc_client import bearer, channel
     from bmcell.v1 import segmenter_pb2, segmenter_pb2_grpc
 
     specimen = f"bench-{uuid.uuid4().hex[:8]}"
@@ -66,7 +83,9 @@ def through_service(images: list[np.ndarray], addr: str, jobs: int) -> float:
         stub = segmenter_pb2_grpc.SegmenterStub(ch)
         started = time.perf_counter()
         with ThreadPoolExecutor(jobs) as pool:
-            results = list(pool.map(lambda b: stub.Upload(requests(b)), blobs))
+            results = list(
+                pool.map(lambda b: stub.Upload(requests(b), metadata=bearer(token)), blobs)
+            )
         elapsed = time.perf_counter() - started
     assert not any(r.duplicate for r in results)
     return len(blobs) / elapsed
@@ -96,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
         ).astype(np.uint8)
         for i in images
     ]
-    rate = through_service(fresh, addr, args.jobs)
+    rate = through_service(fresh, addr, args.jobs, _token())
     print(f"upload + segmentation through the service ({args.jobs} in flight): {rate:.2f} fields/s")
 
 

@@ -114,7 +114,8 @@ def run(cfg: ExperimentConfig, stack: Stack, say: Say) -> dict[str, Path]:
     manifest = scenario.synthesize(
         cfg.out / "synth", cfg.labs, cfg.specimens, cfg.fields, cfg.seed, cfg.size, say
     )
-    scenario.upload(manifest, say, env)
+    say("operator 'experiment-operator' gets an API token for the labs' uploads")
+    scenario.upload(manifest, say, scenario.operator_token(db, "experiment-operator"), env)
     scenario.mark_test_specimens(db, manifest, per_lab=1, say=say)
     truth = TruthIndex.from_manifest(manifest, db)
     truth.refresh()

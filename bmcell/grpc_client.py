@@ -1,4 +1,5 @@
-"""Outbound gRPC: every call gets a deadline, even when the caller forgot one."""
+"""Outbound gRPC: every call gets a deadline, even when the caller forgot one; a
+person's API token travels as ``authorization`` metadata (:func:`bearer`)."""
 
 from __future__ import annotations
 
@@ -59,3 +60,8 @@ def channel(address: str, *, default_timeout_s: float = 30.0) -> grpc.Channel:
         ],
     )
     return grpc.intercept_channel(raw, _DefaultDeadline(default_timeout_s))
+
+
+def bearer(token: str) -> tuple[tuple[str, str]]:
+    """Call metadata carrying an API token (``bmcell users token NAME``)."""
+    return (("authorization", f"Bearer {token}"),)

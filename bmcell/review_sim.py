@@ -34,6 +34,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from bmcell import users as user_repo
 from bmcell.db import Database
 from bmcell.settings import Settings
 from bmcell.storage import sha256_hex
@@ -321,8 +322,6 @@ def ensure_reviewers(
     """Users ``{prefix}-1..n`` (role reviewer, every lab of ``labs`` or every lab there
     is, missing lab grants added) and ``adjudicator`` (admin) if given; returns
     (name, fresh token) pairs, the adjudicator last."""
-    from services.labelapi import users as repo
-
     out = []
     with db.transaction() as conn:
         rows = conn.execute(
@@ -339,18 +338,18 @@ def ensure_reviewers(
             name = f"{prefix}-{i}"
             user = conn.execute("SELECT id, role FROM users WHERE name = %s", (name,)).fetchone()
             if user is None:
-                repo.add_user(conn, name, "reviewer", codes)
+                user_repo.add_user(conn, name, "reviewer", codes)
             else:
                 conn.execute(
                     """INSERT INTO user_labs (user_id, lab_id)
                        SELECT %s, id FROM labs WHERE code = ANY(%s) ON CONFLICT DO NOTHING""",
                     (user["id"], codes),
                 )
-            out.append((name, repo.issue_token(conn, name, expires_days).token))
+            out.append((name, user_repo.issue_token(conn, name, expires_days).token))
         if adjudicator:
             if not conn.execute("SELECT 1 FROM users WHERE name = %s", (adjudicator,)).fetchone():
-                repo.add_user(conn, adjudicator, "admin", [])
-            out.append((adjudicator, repo.issue_token(conn, adjudicator, expires_days).token))
+                user_repo.add_user(conn, adjudicator, "admin", [])
+            out.append((adjudicator, user_repo.issue_token(conn, adjudicator, expires_days).token))
     return out
 
 
@@ -608,19 +607,29 @@ class LabelApiError(RuntimeError):
     pass
 
 
-def _request(client: httpx.Client, method: str, path: str, **kw) -> httpx.Response:
-    """One call, retried on connection errors and 5xx (3 tries, backing off)."""
-    for attempt in range(3):
+def _request(
+    client: httpx.Client, method: str, path: str, *, retry_s: float = 60.0, **kw
+) -> httpx.Response:
+    """One call, retried on connection errors and 5xx for up to ``retry_s`` (backing off
+    to 2 s), so reviewers wait out a labeling API that restarts.
+
+    Retrying is safe for both calls the reviewers make: a lease whose answer was lost
+    comes back on the next lease (a caller holding a live lease gets it again), and a
+    submit that was recorded replays its outcome (the lease token is unique).
+    """
+    deadline = time.monotonic() + retry_s
+    delay = 0.25
+    while True:
         try:
             resp = client.request(method, path, **kw)
         except httpx.TransportError:
-            if attempt == 2:
+            if time.monotonic() + delay > deadline:
                 raise
         else:
-            if resp.status_code < 500 or attempt == 2:
+            if resp.status_code < 500 or time.monotonic() + delay > deadline:
                 return resp
-        time.sleep(0.5 * 2**attempt)
-    raise AssertionError("unreachable")
+        time.sleep(delay)
+        delay = min(2 * delay, 2.0)
 
 
 def _check(resp: httpx.Response) -> None:

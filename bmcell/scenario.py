@@ -2,10 +2,10 @@
 `bmcell experiment` are made of.
 
 Every step goes through the system's own doors: labs upload with `bmcell upload`
-(one process per lab, concurrently), rounds are started and followed through the
-rounds service, reviewers answer through the labeling API. Nothing here writes
-Postgres directly except what an operator would do by hand (marking which specimens
-form the test set).
+(one process per lab, concurrently, with an operator's API token), rounds are
+started and followed through the rounds service, reviewers answer through the
+labeling API. Nothing here writes Postgres directly except what an operator would do
+by hand (issuing the upload token, marking which specimens form the test set).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from bmcell import grpc_client
+from bmcell import grpc_client, users
 from bmcell.db import Database
+from bmcell.errors import Conflict
 from bmcell.review_sim import ReviewStats, TruthIndex, simulate_reviews
 from bmcell.synth import Manifest, generate_dataset
 from bmcell.v1 import rounds_pb2, rounds_pb2_grpc
@@ -50,8 +51,22 @@ def synthesize(
     return manifest
 
 
-def upload(manifest: Manifest, say: Say, env: dict[str, str] | None = None) -> None:
-    """Each lab uploads its specimens in its own `bmcell upload` process, all at once."""
+def operator_token(db: Database, name: str, expires_days: float = 1.0) -> str:
+    """A fresh token of operator ``name``, created if new: what an admin does with
+    `bmcell users add NAME --role operator` and `bmcell users token NAME`. Operators
+    upload to any lab; a lab's first upload creates it, so no uploader can exist yet."""
+    try:
+        with db.transaction() as conn:
+            users.add_user(conn, name, "operator", [])
+    except Conflict:
+        pass  # a second run on the same stack: the operator is there already
+    with db.transaction() as conn:
+        return users.issue_token(conn, name, expires_days).token
+
+
+def upload(manifest: Manifest, say: Say, token: str, env: dict[str, str] | None = None) -> None:
+    """Each lab uploads its specimens in its own `bmcell upload` process, all at once,
+    with ``token`` (passed as BMCELL_TOKEN, so it never shows in a process list)."""
     root = manifest.root
     assert root is not None
     by_lab: dict[str, list] = {}
@@ -80,7 +95,7 @@ def upload(manifest: Manifest, say: Say, env: dict[str, str] | None = None) -> N
                 ],
                 capture_output=True,
                 text=True,
-                env={**os.environ, **(env or {})},
+                env={**os.environ, **(env or {}), "BMCELL_TOKEN": token},
             )
             if out.returncode != 0:
                 raise RuntimeError(f"upload of {spec.id} failed:\n{out.stderr[-2000:]}")

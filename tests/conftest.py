@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from bmcell import scenario
 from bmcell.db import Database
 from bmcell.settings import Settings, load
 from bmcell.stack import Stack, StackConfig
@@ -55,6 +56,16 @@ def rt(stack: Stack) -> Iterator[tuple[Settings, Database, ObjectStore]]:
     db = Database(settings).open()
     yield settings, db, ObjectStore(settings).ensure_buckets()
     db.close()
+
+
+@pytest.fixture(scope="session")
+def operator_token(stack: Stack) -> str:
+    """An operator's API token: uploads to any lab, lists every lab's cells."""
+    db = Database(load(Settings), name="test-operator").open()
+    try:
+        return scenario.operator_token(db, "test-operator")
+    finally:
+        db.close()
 
 
 def free_port() -> int:

@@ -96,7 +96,8 @@ def demo(
     experiment = f"demo-{int(time.time())}"
 
     manifest = scenario.synthesize(out / "synth", labs, specimens, fields, seed, size, say)
-    scenario.upload(manifest, say)
+    say("operator 'demo-operator' gets an API token for the labs' uploads")
+    scenario.upload(manifest, say, scenario.operator_token(db, "demo-operator"))
     test_specimens = scenario.mark_test_specimens(db, manifest, per_lab=1, say=say)
     truth = TruthIndex.from_manifest(manifest, db)
     reviewers = scenario.Reviewers(count=4, error_rate=0.02, difficult_rate=0.01, seed=seed)
@@ -203,5 +204,6 @@ def demo(
         f"finished in {(time.monotonic() - started) / 60:.1f} min. The demo's stack "
         f"keeps running; to use it: export BMCELL_STACK_RUN_DIR={cfg.run_dir} "
         f"BMCELL_STACK_PORT_BASE={port_base}, then e.g. `bmcell round history "
-        f"--experiment {experiment}`; `bmcell stack down` stops it"
+        f"--experiment {experiment}` or, after `export BMCELL_TOKEN=$(bmcell users token "
+        f"demo-operator)`, `bmcell cells --specimen {specimen.id}`; `bmcell stack down` stops it"
     )

@@ -1,7 +1,8 @@
 """``bmcell upload``, ``bmcell cells`` and ``bmcell segmenter train | eval``.
 
 Upload and cells talk to the segmenter at ``BMCELL_SEGMENTER_ADDR`` (the embedded
-stack's ``.run/stack.env`` supplies it); train publishes weights to object storage
+stack's ``.run/stack.env`` supplies it) with the caller's API token (``--token`` or
+``BMCELL_TOKEN``, from ``bmcell users token NAME``); train publishes weights to object storage
 (``BMCELL_S3_*``); eval runs in this process against a synthetic manifest.
 """
 
@@ -35,6 +36,25 @@ def _segmenter_addr() -> str:
             "BMCELL_SEGMENTER_ADDR is not set (run `bmcell stack up` or export it)"
         )
     return addr
+
+
+_token_option = click.option(
+    "--token",
+    envvar="BMCELL_TOKEN",
+    show_envvar=True,
+    help="Your API token (`bmcell users token NAME`); uploaders upload to their own labs.",
+)
+
+
+def _metadata(token: str | None) -> tuple[tuple[str, str]]:
+    from bmcell.grpc_client import bearer
+
+    if not token:
+        raise click.UsageError(
+            "no API token: pass --token or set BMCELL_TOKEN "
+            "(an admin issues one with `bmcell users token NAME`)"
+        )
+    return bearer(token)
 
 
 def _field_files(paths: tuple[Path, ...]) -> list[Path]:
@@ -86,14 +106,22 @@ def _requests(path: Path, lab: str, specimen: str, diagnosis: str) -> Iterator:
     type=click.FloatRange(min=1),
     help="Deadline of each upload in seconds.",
 )
+@_token_option
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 def upload(
-    lab: str, specimen: str, diagnosis: str, jobs: int, timeout: float, paths: tuple[Path, ...]
+    lab: str,
+    specimen: str,
+    diagnosis: str,
+    jobs: int,
+    timeout: float,
+    token: str | None,
+    paths: tuple[Path, ...],
 ) -> None:
     """Upload field images (PNG, JPEG, TIFF; files or folders) of one specimen."""
     from bmcell.grpc_client import channel
     from bmcell.v1 import segmenter_pb2_grpc
 
+    metadata = _metadata(token)
     files = _field_files(paths)
     if not files:
         raise click.UsageError("no PNG, JPEG or TIFF files under the given paths")
@@ -110,7 +138,9 @@ def upload(
             task = bar.add_task("upload", total=len(files))
             with ThreadPoolExecutor(max_workers=jobs) as pool:
                 futures = {
-                    pool.submit(stub.Upload, _requests(p, lab, specimen, diagnosis)): p
+                    pool.submit(
+                        stub.Upload, _requests(p, lab, specimen, diagnosis), metadata=metadata
+                    ): p
                     for p in files
                 }
                 for future in as_completed(futures):
@@ -140,20 +170,31 @@ def upload(
 @click.option("--field-id", default=0, type=int, help="Only this field's cells.")
 @click.option("--limit", default=0, type=click.IntRange(min=0), help="At most this many.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def cells(specimen: str | None, lab: str | None, field_id: int, limit: int, as_json: bool) -> None:
-    """Segmented cells of a specimen, lab or field, with their morphometrics."""
+@_token_option
+def cells(
+    specimen: str | None,
+    lab: str | None,
+    field_id: int,
+    limit: int,
+    as_json: bool,
+    token: str | None,
+) -> None:
+    """Segmented cells of a specimen, lab or field (those of your labs), with their
+    morphometrics."""
     from google.protobuf.json_format import MessageToDict
     from rich.table import Table
 
     from bmcell.grpc_client import channel
     from bmcell.v1 import segmenter_pb2, segmenter_pb2_grpc
 
+    metadata = _metadata(token)
     with channel(_segmenter_addr(), default_timeout_s=60) as ch:
         try:
             resp = segmenter_pb2_grpc.SegmenterStub(ch).ListCells(
                 segmenter_pb2.ListCellsRequest(
                     lab=lab or "", specimen=specimen or "", field_id=field_id, limit=limit
-                )
+                ),
+                metadata=metadata,
             )
         except grpc.RpcError as exc:
             raise click.ClickException(f"{exc.code().name}: {exc.details()}") from exc

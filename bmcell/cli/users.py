@@ -16,10 +16,10 @@ import click
 import psycopg
 
 from bmcell import db as dbmod
+from bmcell import users as repo
+from bmcell.auth import ROLES
 from bmcell.errors import BmcellError
 from bmcell.settings import Settings, load
-from services.labelapi import users as repo
-from services.labelapi.auth import ROLES
 
 T = TypeVar("T")
 

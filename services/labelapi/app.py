@@ -27,12 +27,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from bmcell import metrics as shared_metrics
 from bmcell import report
+from bmcell.auth import Principal, authenticate, lab_ids_for_codes
 from bmcell.errors import BmcellError, NotFound, Unauthenticated
 from bmcell.runtime import Runtime
 from bmcell.settings import LabelApiSettings
 from bmcell.taxonomy import DEFAULT_TAXONOMY
 from services.labelapi import labels, metrics, queue
-from services.labelapi.auth import Principal, authenticate, lab_ids_for_codes
 
 STATIC = Path(__file__).parent / "static"
 _bearer = HTTPBearer(auto_error=False, description="a token from `bmcell users token NAME`")

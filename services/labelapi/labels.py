@@ -15,9 +15,9 @@ from collections.abc import Iterable
 import psycopg
 from psycopg.types.json import Jsonb
 
+from bmcell.auth import Principal
 from bmcell.errors import InvalidArgument, NotFound
 from bmcell.taxonomy import Taxonomy
-from services.labelapi.auth import Principal
 
 LABEL_FIELDS = ("class_code", "source", "round_id", "round_added", "labelled_by", "task_id")
 EXPORT_COLUMNS = (

@@ -22,10 +22,10 @@ from uuid import UUID
 
 import psycopg
 
+from bmcell.auth import Principal
 from bmcell.errors import Conflict, InvalidArgument, NotFound
 from bmcell.taxonomy import Taxonomy
 from services.labelapi import labels
-from services.labelapi.auth import Principal
 
 REVIEW_KINDS = ("cst", "al", "initial", "validation", "test", "adjudication")
 BOOTSTRAP_KINDS = ("initial", "validation", "test")

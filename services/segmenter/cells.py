@@ -17,7 +17,10 @@ def list_cells(
     specimen: str | None = None,
     field_id: int | None = None,
     limit: int | None = None,
+    lab_ids: list[int] | None = None,
 ) -> list[dict]:
+    """Cells matching every filter given; ``lab_ids`` is the caller's scope (None: every
+    lab), so a lab outside it lists as empty, like one that does not exist."""
     if not (lab or specimen or field_id):
         raise InvalidArgument("give a lab, a specimen or a field_id", field="specimen")
     if limit is not None and not 0 < limit <= MAX_LIST:
@@ -29,8 +32,15 @@ def list_cells(
                 WHERE (%(lab)s::text IS NULL OR l.code = %(lab)s)
                   AND (%(specimen)s::text IS NULL OR s.code = %(specimen)s)
                   AND (%(field)s::bigint IS NULL OR c.field_id = %(field)s)
+                  AND (%(labs)s::bigint[] IS NULL OR c.lab_id = ANY(%(labs)s))
                 ORDER BY c.id LIMIT %(limit)s""",
-            {"lab": lab, "specimen": specimen, "field": field_id, "limit": limit or MAX_LIST},
+            {
+                "lab": lab,
+                "specimen": specimen,
+                "field": field_id,
+                "labs": lab_ids,
+                "limit": limit or MAX_LIST,
+            },
         ).fetchall()
 
 
@@ -69,9 +79,9 @@ def insert_field(conn: Connection, row: dict) -> int | None:
     got = conn.execute(
         """INSERT INTO field_images
                (specimen_id, sha256, object_key, filename, format, width, height,
-                size_bytes, segmenter)
+                size_bytes, segmenter, uploaded_by)
            VALUES (%(specimen_id)s, %(sha256)s, %(object_key)s, %(filename)s, %(format)s,
-                   %(width)s, %(height)s, %(size_bytes)s, %(segmenter)s)
+                   %(width)s, %(height)s, %(size_bytes)s, %(segmenter)s, %(uploaded_by)s)
            ON CONFLICT (sha256) DO NOTHING RETURNING id""",
         row,
     ).fetchone()

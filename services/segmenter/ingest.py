@@ -6,6 +6,10 @@ advisory lock keyed by the digest serialises uploads of the same bytes (the seco
 waits, then finds the first's row and answers duplicate), and ``UNIQUE (sha256)``
 with ``INSERT ... ON CONFLICT DO NOTHING`` stays the last word should a lock be lost.
 
+The caller is authenticated by the server; :func:`bmcell.auth.require_upload`
+decides here, from the header's lab, before a byte of the image is read, and the
+field records who uploaded it (``field_images.uploaded_by``).
+
 Failure leaves nothing behind: objects are written first under content keys, every
 row (lab, specimen, field, cells) in one transaction after; if anything fails,
 the objects this call created are deleted before the error goes back.
@@ -23,6 +27,7 @@ from prometheus_client import Counter, Histogram
 from psycopg import Connection
 
 from bmcell import log
+from bmcell.auth import Principal, require_upload
 from bmcell.db import Database
 from bmcell.errors import BmcellError, InvalidArgument
 from bmcell.settings import SegmenterSettings
@@ -104,10 +109,12 @@ class Ingestor:
         self._segmenting = threading.BoundedSemaphore(settings.segment_concurrency)
         images.set_pixel_limit(settings.max_image_pixels)
 
-    def upload(self, header: UploadHeader, chunks: Iterable[bytes]) -> UploadResult:
+    def upload(
+        self, header: UploadHeader, chunks: Iterable[bytes], uploader: Principal
+    ) -> UploadResult:
         """Receive, check and store one field; counts every outcome."""
         try:
-            result = self._upload(header, chunks)
+            result = self._upload(header, chunks, uploader)
         except BmcellError as exc:
             UPLOADS.labels(exc.grpc_code.lower()).inc()
             raise
@@ -117,8 +124,11 @@ class Ingestor:
         UPLOADS.labels("duplicate" if result.duplicate else "created").inc()
         return result
 
-    def _upload(self, header: UploadHeader, chunks: Iterable[bytes]) -> UploadResult:
+    def _upload(
+        self, header: UploadHeader, chunks: Iterable[bytes], uploader: Principal
+    ) -> UploadResult:
         check_header(header)
+        require_upload(self.db, uploader, header.lab)
         data = self._receive(chunks)
         digest = sha256_hex(data)
         if header.sha256 and header.sha256.lower() != digest:
@@ -132,7 +142,7 @@ class Ingestor:
             conn.execute("SELECT pg_advisory_lock(%s)", (_lock_key(digest),))
             conn.commit()
             try:
-                return self._store_once(conn, header, data, digest)
+                return self._store_once(conn, header, data, digest, uploader)
             finally:
                 conn.rollback()
                 conn.execute("SELECT pg_advisory_unlock(%s)", (_lock_key(digest),))
@@ -169,7 +179,12 @@ class Ingestor:
         )
 
     def _store_once(
-        self, conn: Connection, header: UploadHeader, data: bytes, digest: str
+        self,
+        conn: Connection,
+        header: UploadHeader,
+        data: bytes,
+        digest: str,
+        uploader: Principal,
     ) -> UploadResult:
         found = self._existing(conn, digest)
         if found is not None:
@@ -207,7 +222,7 @@ class Ingestor:
                 )
                 cell_rows.append(_cell_row(cell, crop_key, mask_key))
             field_id = self._insert(
-                conn, header, data, digest, field, field_key, model.name, cell_rows
+                conn, header, data, digest, field, field_key, model.name, uploader, cell_rows
             )
         except BaseException:
             self._delete(created)
@@ -226,6 +241,7 @@ class Ingestor:
             border_cells=border,
             seconds=round(seconds, 3),
             model=model.name,
+            uploaded_by=uploader.name,
         )
         return UploadResult(
             field_id, digest, False, len(cells), border, field.width, field.height, seconds
@@ -253,6 +269,7 @@ class Ingestor:
         field: images.FieldImage,
         field_key: str,
         segmenter: str,
+        uploader: Principal,
         cell_rows: list[dict],
     ) -> int | None:
         with conn.transaction():
@@ -271,6 +288,7 @@ class Ingestor:
                     "height": field.height,
                     "size_bytes": len(data),
                     "segmenter": segmenter,
+                    "uploaded_by": uploader.user_id,
                 },
             )
             if field_id is None:

@@ -1,9 +1,15 @@
-"""gRPC surface of the segmenter: field image upload and cell listing."""
+"""gRPC surface of the segmenter: field image upload and cell listing.
+
+Both calls carry a token from ``bmcell users token NAME`` in the ``authorization``
+metadata (``Bearer <token>``), checked by the labeling API's own rules
+(:mod:`bmcell.auth`) before any message of the stream is read.
+"""
 
 from __future__ import annotations
 
 import grpc
 
+from bmcell.auth import Principal, authenticate, bearer_token
 from bmcell.errors import InvalidArgument
 from bmcell.grpc_server import Service
 from bmcell.runtime import Runtime
@@ -19,14 +25,19 @@ class SegmenterServicer(segmenter_pb2_grpc.SegmenterServicer):
         self.rt = runtime
         self.ingestor = ingestor
 
+    def _caller(self, context: grpc.ServicerContext) -> Principal:
+        metadata = dict(context.invocation_metadata())
+        return authenticate(self.rt.db, bearer_token(metadata.get("authorization")))
+
     def Upload(self, request_iterator, context: grpc.ServicerContext):
+        caller = self._caller(context)
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidArgument("the first message must carry the header", field="header")
         h = first.header
         header = UploadHeader(h.lab, h.specimen, h.diagnosis, h.filename, h.sha256)
         chunks = (_chunk(m) for m in request_iterator)
-        r = self.ingestor.upload(header, chunks)
+        r = self.ingestor.upload(header, chunks, caller)
         return segmenter_pb2.UploadResponse(
             field_id=r.field_id,
             sha256=r.sha256,
@@ -39,12 +50,14 @@ class SegmenterServicer(segmenter_pb2_grpc.SegmenterServicer):
         )
 
     def ListCells(self, request: segmenter_pb2.ListCellsRequest, context: grpc.ServicerContext):
+        caller = self._caller(context)
         rows = cells_repo.list_cells(
             self.rt.db,
             lab=request.lab or None,
             specimen=request.specimen or None,
             field_id=request.field_id or None,
             limit=request.limit or None,
+            lab_ids=None if caller.all_labs else caller.lab_list(),
         )
         return segmenter_pb2.ListCellsResponse(cells=[_cell_pb(r) for r in rows])
 

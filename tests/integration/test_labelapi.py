@@ -22,10 +22,10 @@ import pytest
 from PIL import Image
 from psycopg.rows import dict_row
 
+from bmcell import users as user_repo
 from bmcell.settings import Settings, load
 from bmcell.stack import Stack
 from bmcell.storage import ObjectStore
-from services.labelapi import users as user_repo
 
 pytestmark = pytest.mark.integration
 

@@ -13,12 +13,12 @@ import httpx
 import pytest
 
 from bmcell import modelstore
+from bmcell import users as user_repo
 from bmcell.db import Database
 from bmcell.settings import Settings, load
 from bmcell.stack import Stack
 from bmcell.taxonomy import DEFAULT_TAXONOMY
 from bmcell.v1 import classifier_pb2, classifier_pb2_grpc
-from services.labelapi import users as user_repo
 from tests.integration.seed import seed_cells, synth_crops
 from tests.integration.test_classifier import INPUT, peaky_model
 

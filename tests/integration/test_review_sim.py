@@ -263,10 +263,13 @@ def test_cli_simulates_from_a_truth_file(rt, tmp_path) -> None:
     assert usage.returncode == 2 and "--simulate" in usage.stderr
 
 
-def test_manifest_truth_through_the_segmenter(rt, stack: Stack, tmp_path) -> None:
+def test_manifest_truth_through_the_segmenter(
+    rt, stack: Stack, operator_token: str, tmp_path
+) -> None:
     """Synthetic fields uploaded to the segmenter map back to the manifest's classes."""
     import grpc
 
+    from bmcell.grpc_client import bearer
     from bmcell.synth import generate_dataset
     from bmcell.v1 import segmenter_pb2, segmenter_pb2_grpc
 
@@ -286,7 +289,11 @@ def test_manifest_truth_through_the_segmenter(rt, stack: Stack, tmp_path) -> Non
         stub = segmenter_pb2_grpc.SegmenterStub(ch)
         for rec in spec.fields:
             path = tmp_path / rec.image
-            stub.Upload(requests(path.read_bytes(), path.name), timeout=300)
+            stub.Upload(
+                requests(path.read_bytes(), path.name),
+                metadata=bearer(operator_token),
+                timeout=300,
+            )
     with db.connection() as conn:
         cells = conn.execute(
             """SELECT c.id, c.status FROM cells c JOIN labs l ON l.id = c.lab_id

@@ -19,6 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image, PngImagePlugin
 
+from bmcell.grpc_client import bearer
 from bmcell.settings import Settings, load
 from bmcell.stack import Stack
 from bmcell.storage import ObjectStore
@@ -47,10 +48,24 @@ def _requests(data: bytes, specimen: str, *, chunk: int = 64 << 10, sha256: str 
         yield segmenter_pb2.UploadRequest(chunk=data[i : i + chunk])
 
 
+class _AsOperator:
+    """The segmenter stub, every call with an operator's token (auth has its own tests)."""
+
+    def __init__(self, stub: segmenter_pb2_grpc.SegmenterStub, token: str) -> None:
+        self._stub = stub
+        self._metadata = bearer(token)
+
+    def Upload(self, requests, **kwargs):
+        return self._stub.Upload(requests, metadata=self._metadata, **kwargs)
+
+    def ListCells(self, request, **kwargs):
+        return self._stub.ListCells(request, metadata=self._metadata, **kwargs)
+
+
 @pytest.fixture(scope="module")
-def stub(stack: Stack):
+def stub(stack: Stack, operator_token: str):
     with grpc.insecure_channel(stack.config.addr("segmenter")) as ch:
-        yield segmenter_pb2_grpc.SegmenterStub(ch)
+        yield _AsOperator(segmenter_pb2_grpc.SegmenterStub(ch), operator_token)
 
 
 @pytest.fixture(scope="module")
@@ -219,13 +234,13 @@ def test_stored_image_has_no_metadata(stack: Stack, stub, store: ObjectStore, fm
     assert set(img.info) <= {"dpi", "gamma", "srgb"}
 
 
-def test_cli_upload_and_cells_json(stack: Stack, tmp_path) -> None:
+def test_cli_upload_and_cells_json(stack: Stack, operator_token: str, tmp_path) -> None:
     folder = tmp_path / "fields"
     folder.mkdir()
     for i in range(2):
         (folder / f"field-{i}.png").write_bytes(_field_png(20 + i))
     specimen = _specimen()
-    env = {**os.environ, **stack.env()}
+    env = {**os.environ, **stack.env(), "BMCELL_TOKEN": operator_token}
     cmd = [sys.executable, "-m", "bmcell.cli.main"]
     up = subprocess.run(
         [*cmd, "upload", "--lab", "lab-cli", "--specimen", specimen, str(folder)],
@@ -257,7 +272,7 @@ def test_metrics_count_uploads(stack: Stack) -> None:
     assert "bmcell_segmenter_cells_per_field_bucket" in text
 
 
-def test_without_weights_serves_but_refuses_uploads(stack: Stack) -> None:
+def test_without_weights_serves_but_refuses_uploads(stack: Stack, operator_token: str) -> None:
     port, metrics = free_port(), free_port()
     env = {
         **os.environ,
@@ -286,7 +301,9 @@ def test_without_weights_serves_but_refuses_uploads(stack: Stack) -> None:
             assert status == health_pb2.HealthCheckResponse.SERVING
             with pytest.raises(grpc.RpcError) as err:
                 segmenter_pb2_grpc.SegmenterStub(ch).Upload(
-                    _requests(_field_png(30), _specimen()), timeout=30
+                    _requests(_field_png(30), _specimen()),
+                    metadata=bearer(operator_token),
+                    timeout=30,
                 )
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "bmcell segmenter train" in err.value.details()

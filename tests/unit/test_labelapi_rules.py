@@ -7,10 +7,10 @@ from datetime import UTC, datetime
 
 import pytest
 
+from bmcell.auth import PREFIX_LEN, Principal, bearer_token, new_token
 from bmcell.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from bmcell.taxonomy import DEFAULT_TAXONOMY
 from services.labelapi import labels, queue
-from services.labelapi.auth import PREFIX_LEN, Principal, bearer_token, new_token
 
 
 def test_new_token_stores_only_a_hash_and_a_prefix() -> None:

@@ -11,8 +11,8 @@ from datetime import datetime
 
 import psycopg
 
+from bmcell.auth import ALL_LAB_ROLES, PREFIX_LEN, ROLES, TOKEN_SCHEME, new_token
 from bmcell.errors import Conflict, InvalidArgument, NotFound
-from services.labelapi.auth import ALL_LAB_ROLES, PREFIX_LEN, ROLES, TOKEN_SCHEME, new_token
 
 
 @dataclass(frozen=True)

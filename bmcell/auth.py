@@ -3,11 +3,14 @@
 A token is ``bmc_`` plus 43 URL-safe characters of randomness. Only its sha256 is
 stored (``api_tokens.token_hash``), with its first characters (``prefix``) so an
 operator can name it when revoking. :func:`authenticate` is the one place a token
-becomes a :class:`Principal`; the gRPC upload path can call it with the same database.
+becomes a :class:`Principal`, for the labeling API (HTTP ``Authorization`` header)
+and the segmenter (gRPC ``authorization`` metadata, read by :func:`bearer_token`)
+alike.
 
 Scope: uploaders and reviewers see the labs listed for them in ``user_labs``;
 operators and admins see every lab. An object outside the caller's scope is reported
-as missing (404), never as forbidden, so its existence does not leak.
+as missing (404), never as forbidden, so its existence does not leak. Writing is the
+exception: :func:`require_upload` names the lab it refuses, since the caller chose it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ TOKEN_SCHEME = "bmc_"
 PREFIX_LEN = len(TOKEN_SCHEME) + 8
 ROLES = ("uploader", "reviewer", "operator", "admin")
 ALL_LAB_ROLES = frozenset({"operator", "admin"})
+UPLOAD_ROLES = ("uploader", "operator", "admin")
 
 
 def new_token() -> tuple[str, str, bytes]:
@@ -55,21 +59,24 @@ class Principal:
         """Lab ids for ``= ANY(%s)`` filters; only meaningful when not ``all_labs``."""
         return sorted(self.lab_ids or ())
 
-    def require(self, *roles: str) -> None:
+    def require(self, *roles: str, action: str = "do this") -> None:
         if self.role not in roles:
             raise PermissionDenied(
-                f"role {self.role!r} may not do this; it needs one of {', '.join(roles)}"
+                f"role {self.role!r} may not {action}; it needs one of {', '.join(roles)}"
             )
 
 
-def bearer_token(header: str | None) -> str:
-    """The token in an ``Authorization`` value, for transports without FastAPI's parser
+def bearer_token(value: str | None) -> str:
+    """The token in an ``authorization`` value, for transports without FastAPI's parser
     (gRPC metadata)."""
-    if not header:
-        raise Unauthenticated("missing Authorization header; send 'Authorization: Bearer <token>'")
-    scheme, _, token = header.partition(" ")
+    if not value:
+        raise Unauthenticated(
+            "missing 'authorization' metadata; send 'authorization: Bearer <token>' "
+            "with a token from `bmcell users token NAME`"
+        )
+    scheme, _, token = value.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthenticated("Authorization header must be 'Bearer <token>'")
+        raise Unauthenticated("'authorization' metadata must be 'Bearer <token>'")
     return token.strip()
 
 
@@ -106,3 +113,23 @@ def lab_ids_for_codes(db: Database, principal: Principal, codes: Iterable[str]) 
         if code not in found:
             raise NotFound(f"lab {code!r} does not exist", field="lab")
     return [found[c] for c in wanted]
+
+
+def require_upload(db: Database, principal: Principal, lab_code: str) -> None:
+    """Uploaders may upload to their own labs, operators and admins to any (a new lab
+    is created by its first upload); reviewers never. PermissionDenied names the lab."""
+    principal.require(*UPLOAD_ROLES, action="upload field images")
+    if principal.all_labs:
+        return
+    with db.connection() as conn:
+        rows = conn.execute(
+            "SELECT id, code FROM labs WHERE code = %s OR id = ANY(%s) ORDER BY code",
+            (lab_code, principal.lab_list()),
+        ).fetchall()
+    own = [r["code"] for r in rows if principal.sees_lab(r["id"])]
+    if lab_code not in own:
+        raise PermissionDenied(
+            f"{principal.role} {principal.name!r} may not upload to lab {lab_code!r}; "
+            f"their labs: {', '.join(own) or 'none'}",
+            field="lab",
+        )
