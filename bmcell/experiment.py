@@ -122,7 +122,7 @@ def run(cfg: ExperimentConfig, stack: Stack, say: Say) -> dict[str, Path]:
     # Cell ids are the same in every strategy's copy of the database: fix the answers now.
     truth = TruthIndex.from_mapping(truth.mapping())
     say(f"truth known for {len(truth)} cells; bootstrap, shared by every strategy")
-    boot, boot_effort = scenario.run_round(
+    boot, boot_effort = scenario.bootstrap(
         env["BMCELL_ROUNDS_ADDR"],
         rounds_pb2.StartRoundRequest(
             experiment="bootstrap",

@@ -23,7 +23,7 @@ from bmcell import grpc_client, users
 from bmcell.db import Database
 from bmcell.errors import Conflict
 from bmcell.review_sim import ReviewStats, TruthIndex, simulate_reviews
-from bmcell.synth import Manifest, generate_dataset
+from bmcell.synth import Manifest, generate_dataset, load_manifest
 from bmcell.v1 import rounds_pb2, rounds_pb2_grpc
 
 Say = Callable[[str], None]
@@ -41,6 +41,18 @@ class Reviewers:
 def synthesize(
     out: Path, labs: int, specimens: int, fields: int, seed: int, size: int, say: Say
 ) -> Manifest:
+    if (out / "manifest.json").exists():
+        # Generation is a pure function of its arguments: a run that stopped after
+        # synthesising can reuse what it wrote.
+        old = load_manifest(out / "manifest.json")
+        if (old.seed, old.size, len(old.labs), len(old.specimens)) == (
+            seed,
+            size,
+            labs,
+            labs * specimens,
+        ) and all(len(s.fields) == fields for s in old.specimens):
+            say(f"synthetic specimens already in {out}")
+            return old
     say(f"synthesising {labs} labs x {specimens} specimens x {fields} fields ({size}px)")
     started = time.monotonic()
     manifest = generate_dataset(
@@ -194,3 +206,29 @@ def run_round(
         r = stub.GetRound(rounds_pb2.GetRoundRequest(round_id=r.round_id))
     say(f"  round {r.number}: {r.state} {r.message}")
     return r, total
+
+
+MAX_BOOTSTRAPS = 3
+
+
+def bootstrap(
+    rounds_addr: str,
+    request: rounds_pb2.StartRoundRequest,
+    *,
+    attempts: int = MAX_BOOTSTRAPS,
+    say: Say,
+    **common,
+) -> tuple[rounds_pb2.Round, ReviewStats]:
+    """The bootstrap round, repeated as the study's protocol says while the initial
+    model misses the gate: reviewers label more initial cells and it trains again (the
+    validation split, fixed by the first bootstrap, stays as it is)."""
+    total = ReviewStats()
+    for attempt in range(1, attempts + 1):
+        boot, stats = run_round(rounds_addr, request, say=say, **common)
+        total = add_stats(total, stats)
+        if boot.state == "published" or "gate" not in boot.message:
+            break
+        if attempt < attempts:
+            say(f"bootstrap {attempt} missed the gate: labelling more cells and training again")
+            request.selection.seed += 1  # a different wave of random cells
+    return boot, total

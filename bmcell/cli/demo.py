@@ -31,7 +31,6 @@ from bmcell.studyreport import RoundResult, plot_figure1, table1_rows, write_tab
 from bmcell.v1 import rounds_pb2, selector_pb2
 
 console = Console(stderr=True)
-MAX_BOOTSTRAPS = 3
 
 
 def say(msg: str) -> None:
@@ -110,29 +109,23 @@ def demo(
     }
 
     say("bootstrap: reviewers label random cells until every class has its quota")
-    for attempt in range(1, MAX_BOOTSTRAPS + 1):
-        # The study's protocol when the initial model misses the gate: label more
-        # initial cells and bootstrap again (the validation split stays as it is).
-        boot, _ = scenario.run_round(
-            env["BMCELL_ROUNDS_ADDR"],
-            rounds_pb2.StartRoundRequest(
-                experiment=experiment,
-                strategy="bootstrap",
-                epochs=bootstrap_epochs,
-                initial_per_class=10,
-                validation_per_class=5,
-                test_per_class=5,
-                initial_reviews=1,
-                test_reviews=2,
-                wave_size=120,
-                max_waves=4,
-                selection=selector_pb2.SelectionParameters(seed=seed + attempt),
-            ),
-            **common,
-        )
-        if boot.state == "published" or "gate" not in boot.message:
-            break
-        say(f"bootstrap {attempt} missed the gate: labelling more cells and bootstrapping again")
+    boot, _ = scenario.bootstrap(
+        env["BMCELL_ROUNDS_ADDR"],
+        rounds_pb2.StartRoundRequest(
+            experiment=experiment,
+            strategy="bootstrap",
+            epochs=bootstrap_epochs,
+            initial_per_class=10,
+            validation_per_class=5,
+            test_per_class=5,
+            initial_reviews=1,
+            test_reviews=2,
+            wave_size=120,
+            max_waves=4,
+            selection=selector_pb2.SelectionParameters(seed=seed + 1),
+        ),
+        **common,
+    )
     if boot.state != "published":
         raise click.ClickException(f"bootstrap ended {boot.state}: {boot.message}")
     rounds = [boot]
