@@ -19,7 +19,7 @@ from pathlib import Path
 import psycopg
 import tritonclient.grpc as grpcclient
 
-from bmcell import modelrepo, scenario
+from bmcell import grpc_client, modelrepo, scenario
 from bmcell.db import Database
 from bmcell.review_sim import TruthIndex
 from bmcell.settings import Settings, load
@@ -27,9 +27,10 @@ from bmcell.stack import Stack
 from bmcell.stack.components import GRPC_SERVICES
 from bmcell.storage import ObjectStore
 from bmcell.studyreport import Effort, RoundResult, write_all
-from bmcell.v1 import rounds_pb2, selector_pb2
+from bmcell.v1 import rounds_pb2, rounds_pb2_grpc, selector_pb2
 
 SERVICES = [*GRPC_SERVICES, "labelapi"]
+BOOTSTRAP = "bootstrap"  # the experiment name of the shared start
 Say = Callable[[str], None]
 
 
@@ -122,21 +123,11 @@ def run(cfg: ExperimentConfig, stack: Stack, say: Say) -> dict[str, Path]:
     # Cell ids are the same in every strategy's copy of the database: fix the answers now.
     truth = TruthIndex.from_mapping(truth.mapping())
     say(f"truth known for {len(truth)} cells; bootstrap, shared by every strategy")
-    boot, boot_effort = scenario.bootstrap(
-        env["BMCELL_ROUNDS_ADDR"],
-        rounds_pb2.StartRoundRequest(
-            experiment="bootstrap",
-            strategy="bootstrap",
-            epochs=cfg.bootstrap_epochs,
-            **cfg.bootstrap,
-            selection=selector_pb2.SelectionParameters(seed=cfg.seed),
-        ),
-        labelapi_url=env["BMCELL_LABELAPI_URL"],
-        db=db,
-        truth=truth,
-        reviewers=cfg.reviewers,
-        say=say,
-    )
+    boot = published_bootstrap(env["BMCELL_ROUNDS_ADDR"])
+    if boot is not None:
+        say(f"bootstrap already published (round {boot.number}, {boot.model_out}): reused")
+    else:
+        boot = _bootstrap(cfg, env, db, truth, say)
     db.close()
     if boot.state != "published":
         raise RuntimeError(f"bootstrap ended {boot.state}: {boot.message}")
@@ -169,7 +160,7 @@ def run(cfg: ExperimentConfig, stack: Stack, say: Say) -> dict[str, Path]:
             r, _ = scenario.run_round(
                 env["BMCELL_ROUNDS_ADDR"],
                 rounds_pb2.StartRoundRequest(
-                    experiment="bootstrap",
+                    experiment=BOOTSTRAP,
                     strategy=strategy,
                     epochs=cfg.epochs,
                     selection=selector_pb2.SelectionParameters(
@@ -184,7 +175,7 @@ def run(cfg: ExperimentConfig, stack: Stack, say: Say) -> dict[str, Path]:
             )
             results.append(
                 RoundResult(
-                    round=r.number,
+                    round=i + 1,  # the service numbers bootstrap attempts too
                     test_accuracy=r.test_accuracy,
                     validation_accuracy=r.validation_accuracy,
                     added=r.labels_added,
@@ -225,6 +216,37 @@ def run(cfg: ExperimentConfig, stack: Stack, say: Say) -> dict[str, Path]:
         written[path.name] = path
     stack.up(only=SERVICES)  # back on the main database
     return written
+
+
+def published_bootstrap(rounds_addr: str) -> rounds_pb2.Round | None:
+    """The experiment's bootstrap when an earlier run already published it: an
+    experiment that stopped later (a strategy's round failed, the machine restarted)
+    starts again from the same initial model instead of labelling anew."""
+    stub = rounds_pb2_grpc.RoundsStub(grpc_client.channel(rounds_addr, default_timeout_s=30))
+    rounds = stub.ListRounds(rounds_pb2.ListRoundsRequest(experiment=BOOTSTRAP)).rounds
+    done = [r for r in rounds if r.strategy == "bootstrap" and r.state == "published"]
+    return done[-1] if done else None
+
+
+def _bootstrap(
+    cfg: ExperimentConfig, env: dict[str, str], db: Database, truth: TruthIndex, say: Say
+) -> rounds_pb2.Round:
+    boot, _ = scenario.bootstrap(
+        env["BMCELL_ROUNDS_ADDR"],
+        rounds_pb2.StartRoundRequest(
+            experiment=BOOTSTRAP,
+            strategy="bootstrap",
+            epochs=cfg.bootstrap_epochs,
+            **cfg.bootstrap,
+            selection=selector_pb2.SelectionParameters(seed=cfg.seed),
+        ),
+        labelapi_url=env["BMCELL_LABELAPI_URL"],
+        db=db,
+        truth=truth,
+        reviewers=cfg.reviewers,
+        say=say,
+    )
+    return boot
 
 
 def _unload(triton_url: str, model: str) -> None:

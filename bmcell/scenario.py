@@ -10,6 +10,7 @@ by hand (issuing the upload token, marking which specimens form the test set).
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -85,8 +86,10 @@ def upload(manifest: Manifest, say: Say, token: str, env: dict[str, str] | None 
     for spec in manifest.specimens:
         by_lab.setdefault(spec.lab, []).append(spec)
 
-    def lab_uploads(lab: str) -> str:
-        lines = []
+    total = len(manifest.specimens)
+    done = itertools.count(1)
+
+    def lab_uploads(lab: str) -> None:
         for spec in by_lab[lab]:
             files = [str(root / f.image) for f in spec.fields]
             out = subprocess.run(
@@ -107,18 +110,18 @@ def upload(manifest: Manifest, say: Say, token: str, env: dict[str, str] | None 
                 ],
                 capture_output=True,
                 text=True,
-                env={**os.environ, **(env or {}), "BMCELL_TOKEN": token},
+                # COLUMNS: the summary line stays one line in the captured output.
+                env={**os.environ, **(env or {}), "BMCELL_TOKEN": token, "COLUMNS": "200"},
             )
             if out.returncode != 0:
                 raise RuntimeError(f"upload of {spec.id} failed:\n{out.stderr[-2000:]}")
-            lines.append(f"  {lab}/{spec.id}: {out.stderr.strip().splitlines()[-1]}")
-        return "\n".join(lines)
+            summary = out.stderr.strip().splitlines()[-1]
+            say(f"  [{next(done)}/{total}] {lab}/{spec.id}: {summary}")
 
-    say(f"{len(by_lab)} labs upload concurrently")
+    say(f"{len(by_lab)} labs upload concurrently ({total} specimens)")
     started = time.monotonic()
     with ThreadPoolExecutor(len(by_lab)) as pool:
-        for text in pool.map(lab_uploads, sorted(by_lab)):
-            say(text)
+        list(pool.map(lab_uploads, sorted(by_lab)))
     say(f"  uploaded and segmented in {time.monotonic() - started:.1f}s")
 
 
