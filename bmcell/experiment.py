@@ -21,6 +21,7 @@ import tritonclient.grpc as grpcclient
 
 from bmcell import grpc_client, modelrepo, scenario
 from bmcell.db import Database
+from bmcell.modelstore import state_dict_key
 from bmcell.review_sim import TruthIndex
 from bmcell.settings import Settings, load
 from bmcell.stack import Stack
@@ -97,6 +98,11 @@ def copy_model(store: ObjectStore, url: str, model_name: str, new_name: str) -> 
         for key in store.list(f"{model_name}/{v}/", bucket=store.models_bucket):
             data = store.get(key, bucket=store.models_bucket)
             store.put(new_name + key[len(model_name) :], data, bucket=store.models_bucket)
+        # The plain weights the next round transfers from (without them the trainer
+        # would start the strategy's first round from scratch).
+        weights = state_dict_key(model_name, v)
+        if store.exists(weights):
+            store.put(state_dict_key(new_name, v), store.get(weights))
     store.put(
         f"{new_name}/config.pbtxt",
         modelrepo.config_pbtxt(new_name).encode(),

@@ -108,3 +108,9 @@ def _delete(store: ObjectStore, keys: list[str]) -> None:
         # Best effort: the error that brought us here matters more than this one.
         with contextlib.suppress(Exception):
             store.delete(key, bucket=store.models_bucket)
+
+
+def state_dict_key(model_name: str, version: int) -> str:
+    """Where a version's plain PyTorch weights live in the data bucket: what the next
+    round's training transfers from."""
+    return f"models/state_dicts/{model_name}/v{version}.pt"

@@ -22,17 +22,16 @@ from typing import Any
 
 import numpy as np
 
+from bmcell import log
 from bmcell.db import Database
 from bmcell.errors import FailedPrecondition, InvalidArgument
+from bmcell.modelstore import state_dict_key
 from bmcell.settings import TrainerSettings
 from bmcell.storage import ObjectStore
 from bmcell.taxonomy import DEFAULT_TAXONOMY, Taxonomy
 from services.trainer import jobs, trainset
 
-
-def state_dict_key(model_name: str, version: int) -> str:
-    """Where a version's plain PyTorch weights live in the data bucket (for transfer)."""
-    return f"models/state_dicts/{model_name}/v{version}.pt"
+_LOG = log.get(__name__)
 
 
 @dataclass
@@ -109,7 +108,14 @@ def make_plan(
     taxonomy = Taxonomy.from_json(active["taxonomy"]) if active else DEFAULT_TAXONOMY
     init_key = state_dict_key(settings.model_name, active["version"]) if active else None
     if init_key is not None and not store.exists(init_key):
-        init_key = None  # a version registered outside the trainer: train from scratch
+        # A version registered outside the trainer has no plain weights to start from.
+        _LOG.warning(
+            "no weights to transfer from: training from scratch",
+            model=settings.model_name,
+            active_version=active["version"],
+            missing=init_key,
+        )
+        init_key = None
     cap = overrides.per_class_cap or settings.per_class_cap
 
     cells, crop_keys = jobs.labelled_cells(db, round_number)

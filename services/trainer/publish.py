@@ -30,12 +30,13 @@ import torch
 from bmcell import evaluation, modelstore
 from bmcell.db import Database
 from bmcell.errors import BmcellError
+from bmcell.modelstore import state_dict_key
 from bmcell.network import CellClassifier
 from bmcell.preprocess import crop_to_tensor
 from bmcell.storage import ObjectStore
 from bmcell.taxonomy import Taxonomy
 from services.trainer import jobs
-from services.trainer.plan import Plan, state_dict_key
+from services.trainer.plan import Plan
 
 
 @dataclass

@@ -19,13 +19,13 @@ import grpc
 import pytest
 
 from bmcell.db import Database
+from bmcell.modelstore import state_dict_key
 from bmcell.stack import Stack
 from bmcell.storage import ObjectStore
 from bmcell.synth import crop_rng, lab_style, render_crop
 from bmcell.taxonomy import DEFAULT_TAXONOMY
 from bmcell.v1 import classifier_pb2, classifier_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from services.trainer import runner
-from services.trainer.plan import state_dict_key
 from tests.integration.seed import png, seed_cells
 
 pytestmark = pytest.mark.integration

@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from bmcell.errors import InvalidArgument
+from bmcell.modelstore import state_dict_key
 from bmcell.settings import TrainerSettings, load
 from bmcell.synth.field import CROP_FILL
 from bmcell.taxonomy import DEFAULT_TAXONOMY
 from services.trainer import runner
 from services.trainer.augment import AugmentParams, augment, seeded_generator
 from services.trainer.loop import CROP_BACKGROUND, LoopConfig
-from services.trainer.plan import Overrides, Plan, state_dict_key
+from services.trainer.plan import Overrides, Plan
 
 
 def settings() -> TrainerSettings:
