@@ -89,8 +89,9 @@ class Stack:
     def up(
         self, only: list[str] | None = None, extra_env: dict[str, str] | None = None
     ) -> list[ComponentStatus]:
-        """Start what is not running. ``extra_env`` overrides settings of the components
-        started by this call (an experiment points services at another database)."""
+        """Start what is not running (of ``only``, when given) and return its status.
+        ``extra_env`` overrides settings of the components started by this call (an
+        experiment points services at another database)."""
         cfg = self.config
         cfg.logs_dir.mkdir(parents=True, exist_ok=True)
         state = self._load_state()
@@ -131,7 +132,7 @@ class Stack:
             if c.after_ready:
                 c.after_ready()
             self.progress(f"{c.name}: ready ({c.endpoint})")
-        return self.status()
+        return self.status(only)
 
     def _wait_ready(self, c: comp.Component, proc: subprocess.Popen, log_path: Path) -> None:
         deadline = time.monotonic() + self.config.ready_timeout_s
@@ -187,10 +188,14 @@ class Stack:
             time.sleep(0.1)
 
     # --- status and logs -----------------------------------------------------------
-    def status(self) -> list[ComponentStatus]:
+    def status(self, only: list[str] | None = None) -> list[ComponentStatus]:
+        """Every component's status, or those named in ``only`` (checking readiness
+        costs seconds for some: a service restarted alone need not wait on the rest)."""
         state = self._load_state()
         out = []
         for c in self.components():
+            if only and c.name not in only:
+                continue
             rec = state["components"].get(c.name, {})
             pid = rec.get("pid")
             running = _alive(pid)
