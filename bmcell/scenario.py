@@ -20,6 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
+
 from bmcell import grpc_client, users
 from bmcell.db import Database
 from bmcell.errors import Conflict
@@ -206,12 +208,26 @@ def run_round(
             )
             total = add_stats(total, stats)
         time.sleep(poll_s)
-        r = stub.GetRound(rounds_pb2.GetRoundRequest(round_id=r.round_id))
+        r = _get_round(stub, r.round_id)
     say(f"  round {r.number}: {r.state} {r.message}")
     return r, total
 
 
 MAX_BOOTSTRAPS = 3
+ROUNDS_OUTAGE_S = 120.0
+
+
+def _get_round(stub: rounds_pb2_grpc.RoundsStub, round_id: int) -> rounds_pb2.Round:
+    """GetRound, waiting out a restart of the rounds service: the round is in Postgres
+    and carries on when the service is back, so whoever follows it should too."""
+    deadline = time.monotonic() + ROUNDS_OUTAGE_S
+    while True:
+        try:
+            return stub.GetRound(rounds_pb2.GetRoundRequest(round_id=round_id))
+        except grpc.RpcError as err:
+            if err.code() != grpc.StatusCode.UNAVAILABLE or time.monotonic() > deadline:
+                raise
+            time.sleep(1.0)
 
 
 def bootstrap(
