@@ -10,9 +10,9 @@ from rich.console import Console
 
 from bmcell import experiment as exp
 from bmcell.scenario import Reviewers
+from bmcell.selection import STRATEGIES
 from bmcell.stack import Stack, StackConfig
 from bmcell.stack.config import REPO
-from services.selector.selection import STRATEGIES
 
 console = Console(stderr=True)
 

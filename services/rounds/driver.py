@@ -22,10 +22,10 @@ import psycopg
 
 from bmcell import log
 from bmcell.db import Database
+from bmcell.selection import sample_pool
 from bmcell.taxonomy import DEFAULT_TAXONOMY
+from bmcell.trainset import LabelledCell, validation_split
 from services.rounds import store
-from services.selector.selection import sample_pool
-from services.trainer.trainset import LabelledCell, validation_split
 
 _LOG = log.get(__name__)
 _LOCK_CLASS = 0x726F  # "ro": advisory-lock namespace for rounds

@@ -11,6 +11,7 @@ from bmcell import grpc_client
 from bmcell.errors import InvalidArgument, Unavailable
 from bmcell.grpc_server import Service
 from bmcell.runtime import Runtime
+from bmcell.selection import STRATEGIES
 from bmcell.settings import RoundsSettings
 from bmcell.v1 import (
     rounds_pb2,
@@ -22,7 +23,6 @@ from bmcell.v1 import (
 )
 from services.rounds import store
 from services.rounds.driver import Job, Ports, RoundDriver, run_forever
-from services.selector.selection import STRATEGIES
 
 STRATEGIES_WITH_BOOTSTRAP = ("bootstrap", *STRATEGIES)
 

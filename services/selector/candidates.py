@@ -16,9 +16,9 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from bmcell import selection as rules
 from bmcell.db import Database
 from bmcell.errors import InvalidArgument
-from services.selector import selection as rules
 from services.selector import store
 
 DEFAULT_SAMPLE_SIZE = 5000

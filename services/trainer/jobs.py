@@ -16,7 +16,7 @@ import psycopg
 
 from bmcell.db import Database
 from bmcell.errors import FailedPrecondition, NotFound
-from services.trainer.trainset import LabelledCell
+from bmcell.trainset import LabelledCell
 
 LIVE = ("queued", "running")
 FINAL = ("succeeded", "failed", "cancelled")

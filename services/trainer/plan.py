@@ -22,14 +22,14 @@ from typing import Any
 
 import numpy as np
 
-from bmcell import log
+from bmcell import log, trainset
 from bmcell.db import Database
 from bmcell.errors import FailedPrecondition, InvalidArgument
 from bmcell.modelstore import state_dict_key
 from bmcell.settings import TrainerSettings
 from bmcell.storage import ObjectStore
 from bmcell.taxonomy import DEFAULT_TAXONOMY, Taxonomy
-from services.trainer import jobs, trainset
+from services.trainer import jobs
 
 _LOG = log.get(__name__)
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from bmcell import modelstore, preprocess
+from bmcell import selection as rules
 from bmcell.network import WithSoftmax
 from bmcell.stack import Stack
 from bmcell.taxonomy import DEFAULT_TAXONOMY
@@ -20,7 +21,6 @@ from bmcell.v1 import (
     selector_pb2,
     selector_pb2_grpc,
 )
-from services.selector import selection as rules
 from tests.integration.seed import seed_cells, synth_crops
 
 pytestmark = pytest.mark.integration

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import stats
 
-from services.selector.selection import (
+from bmcell.selection import (
     STRATEGIES,
     SelectionParams,
     cap_per_class,

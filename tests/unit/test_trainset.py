@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bmcell.taxonomy import DEFAULT_TAXONOMY
-from services.trainer.trainset import (
+from bmcell.trainset import (
     LabelledCell,
     assemble_training_set,
     check_no_leak,
