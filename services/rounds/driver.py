@@ -83,8 +83,16 @@ class RoundDriver:
             try:
                 self._step(round_id)
             except Exception as exc:  # a step failing is the round's news, not the driver's end
-                _LOG.exception("round step failed", round_id=round_id)
-                if not _is_transient(exc):
+                if _is_transient(exc):
+                    # A dependency restarting: one line per tick, no traceback; the
+                    # step is retried on the next tick.
+                    _LOG.warning(
+                        "round step waits for a dependency",
+                        round_id=round_id,
+                        error=f"{type(exc).__name__}: {exc}",
+                    )
+                else:
+                    _LOG.exception("round step failed", round_id=round_id)
                     with self.db.transaction() as conn:
                         state = store.get(conn, round_id)["state"]
                         store.set_state(conn, round_id, "failed", f"{state} failed: {exc}")
