@@ -8,7 +8,6 @@ the gRPC status and exits with code 1.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
+from bmcell.cli.common import address
 from bmcell.grpc_client import channel
 from bmcell.v1 import classifier_pb2, classifier_pb2_grpc
 
@@ -32,18 +32,9 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
 ACTIVATE_TIMEOUT_S = 300.0
 
 
-def _address() -> str:
-    try:
-        return os.environ[ADDR_VAR]
-    except KeyError:
-        raise click.ClickException(
-            f"{ADDR_VAR} is not set (run `bmcell stack up` or export it)"
-        ) from None
-
-
 @contextmanager
 def _stub(timeout_s: float = 60.0) -> Iterator[classifier_pb2_grpc.ClassifierStub]:
-    with channel(_address(), default_timeout_s=timeout_s) as ch:
+    with channel(address(ADDR_VAR), default_timeout_s=timeout_s) as ch:
         yield classifier_pb2_grpc.ClassifierStub(ch)
 
 

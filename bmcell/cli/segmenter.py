@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -22,20 +21,13 @@ import grpc
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
+from bmcell.cli.common import address
+
 console = Console(stderr=True)
 SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
 # Truth masks that `bmcell synth` writes beside each field: not field images.
 SKIP_SUFFIXES = (".instances.png", ".nuclei.png")
 CHUNK = 1 << 20
-
-
-def _segmenter_addr() -> str:
-    addr = os.environ.get("BMCELL_SEGMENTER_ADDR")
-    if not addr:
-        raise click.UsageError(
-            "BMCELL_SEGMENTER_ADDR is not set (run `bmcell stack up` or export it)"
-        )
-    return addr
 
 
 _token_option = click.option(
@@ -126,7 +118,7 @@ def upload(
     if not files:
         raise click.UsageError("no PNG, JPEG or TIFF files under the given paths")
     totals = {"fields": 0, "cells": 0, "border_cells": 0, "duplicates": 0, "errors": 0}
-    with channel(_segmenter_addr(), default_timeout_s=timeout) as ch:
+    with channel(address("BMCELL_SEGMENTER_ADDR"), default_timeout_s=timeout) as ch:
         stub = segmenter_pb2_grpc.SegmenterStub(ch)
         with Progress(
             "[progress.description]{task.description}",
@@ -188,7 +180,7 @@ def cells(
     from bmcell.v1 import segmenter_pb2, segmenter_pb2_grpc
 
     metadata = _metadata(token)
-    with channel(_segmenter_addr(), default_timeout_s=60) as ch:
+    with channel(address("BMCELL_SEGMENTER_ADDR"), default_timeout_s=60) as ch:
         try:
             resp = segmenter_pb2_grpc.SegmenterStub(ch).ListCells(
                 segmenter_pb2.ListCellsRequest(
