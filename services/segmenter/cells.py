@@ -44,16 +44,18 @@ def list_cells(
         ).fetchall()
 
 
-def find_field(conn: Connection, sha256: str) -> dict | None:
-    """The field stored for these bytes, with its cell counts, or None."""
+def find_field(conn: Connection, lab: str, sha256: str) -> dict | None:
+    """The field stored for these bytes in this lab (by code), with its cell counts, or
+    None. Never another lab's: the same bytes in two labs are two fields."""
     return conn.execute(
         """SELECT f.id, f.width, f.height,
                   count(c.id) AS cells,
                   count(c.id) FILTER (WHERE c.touches_border) AS border_cells
-             FROM field_images f LEFT JOIN cells c ON c.field_id = f.id
-            WHERE f.sha256 = %s
+             FROM field_images f JOIN labs l ON l.id = f.lab_id
+                  LEFT JOIN cells c ON c.field_id = f.id
+            WHERE l.code = %s AND f.sha256 = %s
             GROUP BY f.id""",
-        (sha256,),
+        (lab, sha256),
     ).fetchone()
 
 
@@ -75,14 +77,15 @@ def upsert_specimen(conn: Connection, lab: str, specimen: str, diagnosis: str) -
 
 
 def insert_field(conn: Connection, row: dict) -> int | None:
-    """The new field's id, or None when a field with the same sha256 exists."""
+    """The new field's id, or None when the lab already has a field with this sha256."""
     got = conn.execute(
         """INSERT INTO field_images
-               (specimen_id, sha256, object_key, filename, format, width, height,
+               (lab_id, specimen_id, sha256, object_key, filename, format, width, height,
                 size_bytes, segmenter, uploaded_by)
-           VALUES (%(specimen_id)s, %(sha256)s, %(object_key)s, %(filename)s, %(format)s,
-                   %(width)s, %(height)s, %(size_bytes)s, %(segmenter)s, %(uploaded_by)s)
-           ON CONFLICT (sha256) DO NOTHING RETURNING id""",
+           VALUES (%(lab_id)s, %(specimen_id)s, %(sha256)s, %(object_key)s, %(filename)s,
+                   %(format)s, %(width)s, %(height)s, %(size_bytes)s, %(segmenter)s,
+                   %(uploaded_by)s)
+           ON CONFLICT (lab_id, sha256) DO NOTHING RETURNING id""",
         row,
     ).fetchone()
     return None if got is None else got["id"]

@@ -1,10 +1,18 @@
 """One field image upload: check, segment, store objects, then rows in one transaction.
 
-Content-addressed on the sha256 of the uploaded bytes. The same bytes sent twice,
-even at the same moment and to different replicas, end as one field: a Postgres
-advisory lock keyed by the digest serialises uploads of the same bytes (the second
-waits, then finds the first's row and answers duplicate), and ``UNIQUE (sha256)``
-with ``INSERT ... ON CONFLICT DO NOTHING`` stays the last word should a lock be lost.
+Content-addressed on the sha256 of the uploaded bytes, within a lab. The same bytes
+sent twice to one lab, even at the same moment and to different replicas, end as one
+field: a Postgres advisory lock keyed by lab and digest serialises them (the second
+waits, then finds the first's row and answers duplicate), and ``UNIQUE (lab_id,
+sha256)`` with ``INSERT ... ON CONFLICT DO NOTHING`` stays the last word should a lock
+be lost. The same bytes sent to another lab are that lab's own field, with its own
+cells: a lab never learns from an upload that another lab holds the image.
+
+Objects are shared between labs (their keys are content addresses), so writing them,
+the rows that use them and, on failure, deleting the ones this call created, happen
+under a second lock keyed by the digest alone: a failing upload to one lab never
+deletes an object that an upload of the same bytes to another lab has just found and
+used. Segmentation runs outside it, so labs wait on each other only for that write.
 
 The caller is authenticated by the server; :func:`bmcell.auth.require_upload`
 decides here, from the header's lab, before a byte of the image is read, and the
@@ -17,10 +25,12 @@ the objects this call created are deleted before the error goes back.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Histogram
@@ -90,8 +100,28 @@ def check_header(h: UploadHeader) -> None:
         raise InvalidArgument("must be 64 hex digits", field="sha256")
 
 
-def _lock_key(digest: str) -> int:
+def _objects_lock_key(digest: str) -> int:
+    """The lock around writing (and cleaning up) the objects of these bytes, any lab."""
     return int.from_bytes(bytes.fromhex(digest[:16]), "big", signed=True)
+
+
+def _field_lock_key(lab: str, digest: str) -> int:
+    """The lock that makes these bytes one field in this lab (by code)."""
+    key = hashlib.sha256(f"field\0{lab}\0{digest}".encode()).digest()[:8]
+    return int.from_bytes(key, "big", signed=True)
+
+
+@contextmanager
+def _advisory_lock(conn: Connection, key: int) -> Iterator[None]:
+    """A session-level advisory lock, committed so no transaction is left open."""
+    conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+    conn.commit()
+    try:
+        yield
+    finally:
+        conn.rollback()
+        conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+        conn.commit()
 
 
 class Ingestor:
@@ -136,17 +166,13 @@ class Ingestor:
                 f"truncated or altered: received {len(data)} bytes with sha256 {digest}",
                 field="sha256",
             )
-        # One pooled connection holds the lock and does every query of this upload, so
+        # One pooled connection holds the locks and does every query of this upload, so
         # uploads never wait on each other for a second connection.
-        with self.db.connection() as conn:
-            conn.execute("SELECT pg_advisory_lock(%s)", (_lock_key(digest),))
-            conn.commit()
-            try:
-                return self._store_once(conn, header, data, digest, uploader)
-            finally:
-                conn.rollback()
-                conn.execute("SELECT pg_advisory_unlock(%s)", (_lock_key(digest),))
-                conn.commit()
+        with (
+            self.db.connection() as conn,
+            _advisory_lock(conn, _field_lock_key(header.lab, digest)),
+        ):
+            return self._store_once(conn, header, data, digest, uploader)
 
     def _receive(self, chunks: Iterable[bytes]) -> bytes:
         limit = self.settings.max_upload_bytes
@@ -162,8 +188,8 @@ class Ingestor:
             parts.append(chunk)
         return b"".join(parts)
 
-    def _existing(self, conn: Connection, digest: str) -> UploadResult | None:
-        row = repo.find_field(conn, digest)
+    def _existing(self, conn: Connection, lab: str, digest: str) -> UploadResult | None:
+        row = repo.find_field(conn, lab, digest)
         conn.commit()
         if row is None:
             return None
@@ -186,7 +212,7 @@ class Ingestor:
         digest: str,
         uploader: Principal,
     ) -> UploadResult:
-        found = self._existing(conn, digest)
+        found = self._existing(conn, header.lab, digest)
         if found is not None:
             return found
         model = self.model.get()
@@ -202,34 +228,36 @@ class Ingestor:
             cells = instances.cells_from(field.rgb, labels, nuclei, self.settings.crop_size)
             seconds = time.perf_counter() - started
         SEGMENTATION_SECONDS.observe(seconds)
-        created: list[str] = []
-        try:
-            field_key = self._put(
-                content_key("fields", digest, ".png"), field.png, "image/png", created
-            )
-            cell_rows = []
-            for cell in cells:
-                crop = images.png_bytes(cell.crop)
-                mask = images.png_bytes(cell.mask)
-                crop_key = self._put(
-                    content_key("cells", sha256_hex(crop), ".png"), crop, "image/png", created
+        encoded = [(c, images.png_bytes(c.crop), images.png_bytes(c.mask)) for c in cells]
+        # Objects are shared with other labs' fields of these bytes: see the module doc.
+        with _advisory_lock(conn, _objects_lock_key(digest)):
+            created: list[str] = []
+            try:
+                field_key = self._put(
+                    content_key("fields", digest, ".png"), field.png, "image/png", created
                 )
-                mask_key = self._put(
-                    content_key("cells", sha256_hex(mask), ".mask.png"),
-                    mask,
-                    "image/png",
-                    created,
+                cell_rows = []
+                for cell, crop, mask in encoded:
+                    crop_key = self._put(
+                        content_key("cells", sha256_hex(crop), ".png"), crop, "image/png", created
+                    )
+                    mask_key = self._put(
+                        content_key("cells", sha256_hex(mask), ".mask.png"),
+                        mask,
+                        "image/png",
+                        created,
+                    )
+                    cell_rows.append(_cell_row(cell, crop_key, mask_key))
+                field_id = self._insert(
+                    conn, header, data, digest, field, field_key, model.name, uploader, cell_rows
                 )
-                cell_rows.append(_cell_row(cell, crop_key, mask_key))
-            field_id = self._insert(
-                conn, header, data, digest, field, field_key, model.name, uploader, cell_rows
-            )
-        except BaseException:
-            self._delete(created)
-            raise
-        if field_id is None:  # lost a race the lock should have prevented
-            self._delete(created)
-            found = self._existing(conn, digest)
+            except BaseException:
+                self._delete(created)
+                raise
+            if field_id is None:  # lost a race the lock should have prevented
+                self._delete(created)
+        if field_id is None:
+            found = self._existing(conn, header.lab, digest)
             assert found is not None
             return found
         CELLS_PER_FIELD.observe(len(cells))
@@ -279,6 +307,7 @@ class Ingestor:
             field_id = repo.insert_field(
                 conn,
                 {
+                    "lab_id": lab_id,
                     "specimen_id": specimen_id,
                     "sha256": digest,
                     "object_key": field_key,

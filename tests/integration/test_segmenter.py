@@ -19,6 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image, PngImagePlugin
 
+from bmcell import db as dbmod
 from bmcell.grpc_client import bearer
 from bmcell.settings import Settings, load
 from bmcell.stack import Stack
@@ -38,10 +39,12 @@ def _field_png(seed: int, size: int = 352) -> bytes:
     return buf.getvalue()
 
 
-def _requests(data: bytes, specimen: str, *, chunk: int = 64 << 10, sha256: str = ""):
+def _requests(
+    data: bytes, specimen: str, *, chunk: int = 64 << 10, sha256: str = "", lab: str = "lab-seg"
+):
     yield segmenter_pb2.UploadRequest(
         header=segmenter_pb2.UploadHeader(
-            lab="lab-seg", specimen=specimen, diagnosis="normal", filename="f.png", sha256=sha256
+            lab=lab, specimen=specimen, diagnosis="normal", filename="f.png", sha256=sha256
         )
     )
     for i in range(0, len(data), chunk):
@@ -141,6 +144,105 @@ def test_concurrent_same_bytes_is_one_field(stack: Stack, stub) -> None:
     assert _sql(stack, "SELECT count(*) FROM cells WHERE field_id = %s", results[0].field_id) == [
         (results[0].cells,)
     ]
+
+
+def test_concurrent_same_bytes_to_two_labs_is_one_field_per_lab(
+    stack: Stack, stub, store: ObjectStore
+) -> None:
+    """Two labs, two uploads each, all at once: one field per lab, each with its own
+    cells; the content-addressed objects are shared and none is lost."""
+    data = _field_png(8, size=256)
+    labs = [f"lab-x{i}-{uuid.uuid4().hex[:6]}" for i in range(2)]
+    jobs = [lab for lab in labs for _ in range(2)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(
+            pool.map(
+                lambda lab: stub.Upload(_requests(data, _specimen(), lab=lab), timeout=180), jobs
+            )
+        )
+    by_lab = {lab: [r for r, j in zip(results, jobs, strict=True) if j == lab] for lab in labs}
+    for rs in by_lab.values():
+        assert len({r.field_id for r in rs}) == 1
+        assert sorted(r.duplicate for r in rs) == [False, True]
+    field_ids = [rs[0].field_id for rs in by_lab.values()]
+    assert len(set(field_ids)) == 2
+    rows = _sql(
+        stack,
+        """SELECT l.code, f.object_key, count(c.id), bool_and(c.lab_id = f.lab_id),
+                  array_agg(c.crop_key ORDER BY c.index_in_field)
+             FROM field_images f JOIN labs l ON l.id = f.lab_id
+             LEFT JOIN cells c ON c.field_id = f.id
+            WHERE f.sha256 = %s GROUP BY l.code, f.object_key ORDER BY l.code""",
+        results[0].sha256,
+    )
+    assert [r[0] for r in rows] == sorted(labs)
+    assert all(n == results[0].cells and same_lab for _, _, n, same_lab, _ in rows)
+    assert rows[0][1] == rows[1][1]  # the field's object is shared
+    for key in {rows[0][1], *rows[0][4], *rows[1][4]}:  # and none of them was lost
+        assert store.exists(key), key
+
+
+def _fresh_database(stack: Stack) -> str:
+    base = stack.env()["BMCELL_DATABASE_URL"].rsplit("/", 1)[0]
+    name = f"mig_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(base + "/postgres", autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    return f"{base}/{name}"
+
+
+def test_dedupe_per_lab_migration_keeps_existing_fields(stack: Stack) -> None:
+    """0005 on a database that already holds fields: each gets its specimen's lab; then
+    the same bytes may be stored once per lab, and a row whose lab is not its
+    specimen's is refused."""
+    url = _fresh_database(stack)
+    earlier = [m for m in dbmod.migrations() if m.version < "0005"]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE schema_migrations (version text PRIMARY KEY, name text NOT NULL, "
+            "checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for m in earlier:
+            conn.execute(m.sql)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                (m.version, m.name, m.checksum),
+            )
+        labs = [
+            conn.execute("INSERT INTO labs (code) VALUES (%s) RETURNING id", (code,)).fetchone()[0]
+            for code in ("old-a", "old-b")
+        ]
+        specimens = [
+            conn.execute(
+                "INSERT INTO specimens (lab_id, code) VALUES (%s, 's1') RETURNING id", (lab,)
+            ).fetchone()[0]
+            for lab in labs
+        ]
+        insert = (
+            "INSERT INTO field_images (specimen_id, sha256, object_key, format, width, height,"
+            " size_bytes) VALUES (%s, %s, 'fields/x.png', 'PNG', 10, 10, 1) RETURNING id"
+        )
+        sha_a, sha_b = "a" * 64, "b" * 64
+        old = [
+            conn.execute(insert, (sp, sha)).fetchone()[0]
+            for sp, sha in zip(specimens, (sha_a, sha_b), strict=True)
+        ]
+    assert dbmod.migrate(url) == [m.version for m in dbmod.migrations() if m.version >= "0005"]
+    with psycopg.connect(url, autocommit=True) as conn:
+        got = conn.execute("SELECT id, lab_id FROM field_images ORDER BY id").fetchall()
+        assert got == list(zip(old, labs, strict=True))
+        # The same bytes in the other lab: allowed, and the lab comes from the specimen.
+        again = conn.execute(insert, (specimens[1], sha_a)).fetchone()[0]
+        assert conn.execute(
+            "SELECT lab_id FROM field_images WHERE id = %s", (again,)
+        ).fetchone() == (labs[1],)
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            conn.execute(insert, (specimens[0], sha_a))
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):
+            conn.execute(
+                "INSERT INTO field_images (lab_id, specimen_id, sha256, object_key, format,"
+                " width, height, size_bytes) VALUES (%s, %s, %s, 'k', 'PNG', 1, 1, 1)",
+                (labs[1], specimens[0], "c" * 64),
+            )
 
 
 def _big_pixels_png() -> bytes:

@@ -211,6 +211,69 @@ def test_allowed_upload_records_the_uploader(
     assert (row["name"], row["code"]) == (world.user(who), lab)
 
 
+def test_same_bytes_in_another_lab_are_that_labs_own_field(
+    world: World, channel: grpc.Channel
+) -> None:
+    """Deduplication is per lab: lab B's uploader sending bytes lab A already has gets
+    a new field of B's (not A's id or counts, which would tell B what A holds)."""
+    people, data = world.people, _fresh_png()
+    uploader_b = bearer(people.token("uploader-b", "uploader", [world.lab_b]))
+    specimen_a, specimen_b = _specimen(), _specimen()
+    in_a = _upload(channel, data, world.lab_a, specimen_a, bearer(world.tokens["operator"]))
+    in_b = _upload(channel, data, world.lab_b, specimen_b, uploader_b)
+    assert not in_a.duplicate and not in_b.duplicate
+    assert in_b.field_id != in_a.field_id and in_b.sha256 == in_a.sha256 == sha256_hex(data)
+    assert in_b.cells == in_a.cells > 0  # the same image, segmented again for B
+
+    # Again to lab B, even for another specimen: B's field, as a duplicate.
+    again = _upload(channel, data, world.lab_b, _specimen(), uploader_b)
+    assert again.duplicate
+    assert (again.field_id, again.cells, again.border_cells) == (
+        in_b.field_id,
+        in_b.cells,
+        in_b.border_cells,
+    )
+
+    def field(field_id: int):
+        return people.one(
+            """SELECT l.code AS lab, s.code AS specimen, u.name AS uploader, f.object_key,
+                      (SELECT count(*) FROM cells c WHERE c.field_id = f.id) AS cells,
+                      (SELECT count(*) FROM cells c WHERE c.field_id = f.id
+                          AND (c.lab_id, c.specimen_id) = (f.lab_id, f.specimen_id)) AS own
+                 FROM field_images f JOIN specimens s ON s.id = f.specimen_id
+                 JOIN labs l ON l.id = s.lab_id JOIN users u ON u.id = f.uploaded_by
+                WHERE f.id = %s""",
+            field_id,
+        )
+
+    a, b = field(in_a.field_id), field(in_b.field_id)
+    assert (a["lab"], a["specimen"], a["uploader"]) == (
+        world.lab_a,
+        specimen_a,
+        world.user("operator"),
+    )
+    assert (b["lab"], b["specimen"], b["uploader"]) == (
+        world.lab_b,
+        specimen_b,
+        world.user("uploader-b"),
+    )
+    assert a["cells"] == a["own"] == in_a.cells and b["cells"] == b["own"] == in_b.cells
+    assert a["object_key"] == b["object_key"]  # objects are content addressed, shared
+    n = people.one("SELECT count(*) AS n FROM field_images WHERE sha256 = %s", in_a.sha256)["n"]
+    assert n == 2
+
+    # B's uploader lists B's field's cells, and A's field as if it did not exist.
+    stub = segmenter_pb2_grpc.SegmenterStub(channel)
+    mine = stub.ListCells(
+        segmenter_pb2.ListCellsRequest(field_id=in_b.field_id), metadata=uploader_b, timeout=10
+    )
+    assert len(mine.cells) == in_b.cells and {c.lab for c in mine.cells} == {world.lab_b}
+    theirs = stub.ListCells(
+        segmenter_pb2.ListCellsRequest(field_id=in_a.field_id), metadata=uploader_b, timeout=10
+    )
+    assert list(theirs.cells) == []
+
+
 def test_list_cells_needs_a_token_and_keeps_to_the_callers_labs(
     world: World, channel: grpc.Channel
 ) -> None:
