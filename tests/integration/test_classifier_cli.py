@@ -159,5 +159,5 @@ def test_missing_address_names_the_variable(tmp_path) -> None:
         text=True,
         timeout=60,
     )
-    assert res.returncode == 1
+    assert res.returncode == 2  # a usage error, like every command missing an address
     assert "BMCELL_CLASSIFIER_ADDR" in res.stderr and "bmcell stack up" in res.stderr
