@@ -43,7 +43,12 @@ def say(msg: str) -> None:
 @click.option("--fields", default=12, show_default=True, help="Per specimen.")
 @click.option("--size", default=704, show_default=True, help="Field size in pixels.")
 @click.option("--rounds", "n_rounds", default=3, show_default=True, help="CST+AL rounds.")
-@click.option("--sample", default=150, show_default=True, help="Pool sample per round.")
+@click.option(
+    "--sample",
+    default=400,
+    show_default=True,
+    help="Pool sample per round (about half of it becomes CST or AL tasks).",
+)
 @click.option(
     "--epochs",
     default=8,
