@@ -250,4 +250,7 @@ def bootstrap(
         if attempt < attempts:
             say(f"bootstrap {attempt} missed the gate: labelling more cells and training again")
             request.selection.seed += 1  # a different wave of random cells
+            # One more wave is "more initial cells"; the next model starts from this
+            # one's weights. More waves would spend the pool the rounds need.
+            request.max_waves = 1
     return boot, total

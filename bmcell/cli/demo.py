@@ -40,12 +40,12 @@ def say(msg: str) -> None:
 @click.command()
 @click.option("--labs", default=3, show_default=True)
 @click.option("--specimens", default=4, show_default=True, help="Per lab; one per lab is test.")
-@click.option("--fields", default=12, show_default=True, help="Per specimen.")
+@click.option("--fields", default=16, show_default=True, help="Per specimen.")
 @click.option("--size", default=704, show_default=True, help="Field size in pixels.")
 @click.option("--rounds", "n_rounds", default=3, show_default=True, help="CST+AL rounds.")
 @click.option(
     "--sample",
-    default=400,
+    default=300,
     show_default=True,
     help="Pool sample per round (about half of it becomes CST or AL tasks).",
 )
@@ -125,8 +125,8 @@ def demo(
             test_per_class=5,
             initial_reviews=1,
             test_reviews=2,
-            wave_size=120,
-            max_waves=4,
+            wave_size=240,
+            max_waves=3,
             selection=selector_pb2.SelectionParameters(seed=seed + 1),
         ),
         **common,
