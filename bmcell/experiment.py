@@ -228,8 +228,9 @@ def published_bootstrap(rounds_addr: str) -> rounds_pb2.Round | None:
     """The experiment's bootstrap when an earlier run already published it: an
     experiment that stopped later (a strategy's round failed, the machine restarted)
     starts again from the same initial model instead of labelling anew."""
-    stub = rounds_pb2_grpc.RoundsStub(grpc_client.channel(rounds_addr, default_timeout_s=30))
-    rounds = stub.ListRounds(rounds_pb2.ListRoundsRequest(experiment=BOOTSTRAP)).rounds
+    with grpc_client.channel(rounds_addr, default_timeout_s=30) as ch:
+        stub = rounds_pb2_grpc.RoundsStub(ch)
+        rounds = stub.ListRounds(rounds_pb2.ListRoundsRequest(experiment=BOOTSTRAP)).rounds
     done = [r for r in rounds if r.strategy == "bootstrap" and r.state == "published"]
     return done[-1] if done else None
 

@@ -241,6 +241,7 @@ def bootstrap(
     """The bootstrap round, repeated as the study's protocol says while the initial
     model misses the gate: reviewers label more initial cells and it trains again (the
     validation split, fixed by the first bootstrap, stays as it is)."""
+    request = rounds_pb2.StartRoundRequest.FromString(request.SerializeToString())  # ours to vary
     total = ReviewStats()
     for attempt in range(1, attempts + 1):
         boot, stats = run_round(rounds_addr, request, say=say, **common)
