@@ -16,6 +16,7 @@ from bmcell.db import Database
 from bmcell.storage import ObjectStore
 from bmcell.synth import lab_style, render_crop
 from bmcell.taxonomy import DEFAULT_TAXONOMY
+from bmcell.v1 import rounds_pb2, selector_pb2
 
 
 def png(array: np.ndarray) -> bytes:
@@ -82,3 +83,32 @@ def seed_cells(
                 ).fetchone()["id"]
             )
     return ids
+
+
+def retire_active_model(conn, model_name: str) -> None:
+    """Start a study without a served model: earlier modules of the session activated
+    versions of the same model name, which the trainer would transfer from and the
+    promotion gate compare with."""
+    conn.execute(
+        "UPDATE model_versions SET state = 'retired' WHERE model_name = %s AND state = 'active'",
+        (model_name,),
+    )
+
+
+def small_bootstrap(
+    experiment: str, lab: str, *, test_reviews: int
+) -> rounds_pb2.StartRoundRequest:
+    """A bootstrap over a handful of seeded cells of ``lab``: 3 epochs, quotas of 3
+    initial / 2 validation / 2 test per class."""
+    return rounds_pb2.StartRoundRequest(
+        experiment=experiment,
+        strategy="bootstrap",
+        epochs=3,
+        initial_per_class=3,
+        validation_per_class=2,
+        test_per_class=2,
+        initial_reviews=1,
+        test_reviews=test_reviews,
+        gate=0.01,  # a handful of labels: the gate's arithmetic, not the study's bar
+        selection=selector_pb2.SelectionParameters(seed=5, labs=[lab]),
+    )

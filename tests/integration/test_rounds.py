@@ -12,7 +12,7 @@ from bmcell.settings import Settings, load
 from bmcell.stack import Stack
 from bmcell.storage import ObjectStore
 from bmcell.v1 import rounds_pb2, rounds_pb2_grpc, selector_pb2
-from tests.integration.seed import seed_cells, synth_crops
+from tests.integration.seed import retire_active_model, seed_cells, small_bootstrap, synth_crops
 
 pytestmark = pytest.mark.integration
 EXPERIMENT = "rounds-test"
@@ -63,13 +63,7 @@ def test_round_needs_bootstrap_first(world) -> None:
 def test_bootstrap_then_cst_al_round(world) -> None:
     env, db, truth, test_ids = world
     with db.transaction() as conn:
-        # The study starts without a served model: earlier modules of the session
-        # activated versions of the same model name, and the gate would compare with them.
-        conn.execute(
-            "UPDATE model_versions SET state = 'retired' WHERE model_name = %s "
-            "AND state = 'active'",
-            (load(Settings).model_name,),
-        )
+        retire_active_model(conn, load(Settings).model_name)
         # The validation split is carved out once per database, by its first bootstrap.
         split_before = conn.execute(
             "SELECT count(*) AS n FROM labels WHERE source = 'validation'"
@@ -83,18 +77,7 @@ def test_bootstrap_then_cst_al_round(world) -> None:
         env,
         db,
         truth,
-        rounds_pb2.StartRoundRequest(
-            experiment=EXPERIMENT,
-            strategy="bootstrap",
-            epochs=3,
-            initial_per_class=3,
-            validation_per_class=2,
-            test_per_class=2,
-            initial_reviews=1,
-            test_reviews=2,
-            gate=0.01,  # a handful of labels: the gate's arithmetic, not the study's bar
-            selection=selector_pb2.SelectionParameters(seed=5, labs=["lab-rounds"]),
-        ),
+        small_bootstrap(EXPERIMENT, "lab-rounds", test_reviews=2),
     )
     with db.connection() as conn:
         sources = {

@@ -40,7 +40,7 @@ from bmcell.storage import ObjectStore
 from bmcell.v1 import rounds_pb2, rounds_pb2_grpc, selector_pb2
 from services.rounds.driver import _LOCK_CLASS
 from services.trainer import runner
-from tests.integration.seed import seed_cells, synth_crops
+from tests.integration.seed import retire_active_model, seed_cells, small_bootstrap, synth_crops
 
 pytestmark = pytest.mark.integration
 EXPERIMENT = "restart-test"
@@ -204,27 +204,10 @@ def test_round_survives_each_service_killed_mid_round(world) -> None:
     env = stack.env()
     truth = TruthIndex.from_mapping(truth_map)
     with db.transaction() as conn:
-        # The study starts without a served model: earlier modules of the session
-        # activated versions of the same model name, and the gate would compare with them.
-        conn.execute(
-            "UPDATE model_versions SET state = 'retired' WHERE model_name = %s "
-            "AND state = 'active'",
-            (load(Settings).model_name,),
-        )
+        retire_active_model(conn, load(Settings).model_name)
     boot, _ = run_round(
         env["BMCELL_ROUNDS_ADDR"],
-        rounds_pb2.StartRoundRequest(
-            experiment=EXPERIMENT,
-            strategy="bootstrap",
-            epochs=3,
-            initial_per_class=3,
-            validation_per_class=2,
-            test_per_class=2,
-            initial_reviews=1,
-            test_reviews=1,
-            gate=0.01,  # a handful of labels: the gate's arithmetic, not the study's bar
-            selection=selector_pb2.SelectionParameters(seed=5, labs=[LAB]),
-        ),
+        small_bootstrap(EXPERIMENT, LAB, test_reviews=1),
         labelapi_url=env["BMCELL_LABELAPI_URL"],
         db=db,
         truth=truth,

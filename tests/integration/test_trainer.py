@@ -26,7 +26,7 @@ from bmcell.synth import crop_rng, lab_style, render_crop
 from bmcell.taxonomy import DEFAULT_TAXONOMY
 from bmcell.v1 import classifier_pb2, classifier_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from services.trainer import runner
-from tests.integration.seed import png, seed_cells
+from tests.integration.seed import png, retire_active_model, seed_cells
 
 pytestmark = pytest.mark.integration
 INPUT = 32
@@ -147,13 +147,8 @@ def assert_resumed_after(db: Database, job_id: str, epochs: int, interrupted_at:
 def test_round_training_publishes_and_is_idempotent(rt, trainer, stack: Stack) -> None:
     settings, db, store = rt
     with db.transaction() as conn:
-        # Round 1 of a study starts without a served model (lr 0.01, no gate to pass);
-        # earlier modules of the session activated versions of the same model name.
-        conn.execute(
-            "UPDATE model_versions SET state = 'retired' WHERE model_name = %s "
-            "AND state = 'active'",
-            (settings.model_name,),
-        )
+        # Round 1 of a study starts without a served model (lr 0.01, no gate to pass).
+        retire_active_model(conn, settings.model_name)
     study = seed_study(db, store, train_per_class=3, val_per_class=2, test_per_class=2)
     job = start(trainer, study["round_id"], epochs=2, num_workers=2)
     again = start(trainer, study["round_id"], epochs=5)
