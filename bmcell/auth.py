@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from bmcell.db import Database
@@ -64,6 +66,27 @@ class Principal:
             raise PermissionDenied(
                 f"role {self.role!r} may not {action}; it needs one of {', '.join(roles)}"
             )
+
+
+# The principal of the call being served: set by the transport (gRPC interceptor,
+# HTTP dependency) once the token is checked, read by domain code that records who
+# acted (the audit trail) without threading the caller through every signature.
+_caller: ContextVar[Principal | None] = ContextVar("bmcell_caller", default=None)
+
+
+def current_principal() -> Principal | None:
+    """The authenticated caller of the call in progress, or None outside one."""
+    return _caller.get()
+
+
+@contextmanager
+def acting_as(principal: Principal) -> Iterator[Principal]:
+    """Run a block as ``principal``: what it records is attributed to them."""
+    reset = _caller.set(principal)
+    try:
+        yield principal
+    finally:
+        _caller.reset(reset)
 
 
 def bearer_token(value: str | None) -> str:
