@@ -6,7 +6,7 @@ what is needed to use it correctly: the taxonomy (class order of the output) and
 the preprocessing (input size, channel order, scaling). ``<model_name>/config.pbtxt``
 is shared by all versions. The functions here do no storage I/O: callers upload the
 returned ``{relative path: bytes}`` to object storage, or ``write_tree`` them to a
-local directory, so the same export feeds MinIO, moto and a temp directory in tests.
+local directory, so the same export feeds S3 (SeaweedFS, MinIO) and a temp directory in tests.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
     database_url: str = Field(description="Postgres conninfo, e.g. postgresql://u@host:5432/bmcell")
-    s3_endpoint: str = Field(description="host:port of the S3 (MinIO) server")
+    s3_endpoint: str = Field(description="host:port of the S3 server (SeaweedFS embedded, or MinIO)")
     s3_access_key: SecretStr = SecretStr("bmcell")
     s3_secret_key: SecretStr = SecretStr("bmcell-secret")
     s3_secure: bool = False

