@@ -177,11 +177,16 @@ def test_compose_and_k8s_run_the_same_images() -> None:
     assert all(":" in i and not i.endswith(":latest") for i in compose_images | k8s_images)
 
 
-def test_triton_reads_its_repository_from_minio_with_explicit_control() -> None:
+def test_triton_reads_its_repository_from_the_s3_store_with_explicit_control() -> None:
     bucket = st.Settings.model_fields["models_bucket"].default
     (container,) = k8s_objects()[("Deployment", "triton")]["spec"]["template"]["spec"]["containers"]
-    for args in (container["args"], compose()["services"]["triton"]["command"]):
-        assert f"--model-repository=s3://minio:9000/{bucket}" in args
+    k8s_s3 = k8s_objects()[("ConfigMap", "bmcell-config")]["data"]["BMCELL_S3_ENDPOINT"]
+    compose_s3 = compose()["x-bmcell-env"]["BMCELL_S3_ENDPOINT"]
+    for args, endpoint in (
+        (container["args"], k8s_s3),
+        (compose()["services"]["triton"]["command"], compose_s3),
+    ):
+        assert f"--model-repository=s3://{endpoint}/{bucket}" in args
         assert "--model-control-mode=explicit" in args
     env_names = {e["name"] for e in container["env"]}
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= env_names

@@ -119,6 +119,10 @@ def test_custom_resources_have_the_expected_shape() -> None:
         "rounds",
         "labelapi",
         "triton",
+        "seaweedfs-master",
+        "seaweedfs-volume",
+        "seaweedfs-filer",
+        "seaweedfs-s3",
     }
 
 
