@@ -288,7 +288,14 @@ class Ingestor:
             lost = {k for k in lost if not self.store.exists(k)}  # another upload was first
             if field["object_key"] in lost:
                 self.store.put(field["object_key"], image.png, "image/png")
-            bind = restore.segmenter_of(self.store, field["segmenter"])
+            segment = restore.segmenter_of(self.store, field["segmenter"])(
+                image.rgb, self.settings.crop_size
+            )
+
+            def segment_in_turn() -> list[instances.SegmentedCell]:
+                with self._segmenting:  # the same bound as new fields
+                    return segment()
+
             masks = {
                 c["mask_key"]: self.store.get(c["mask_key"])
                 for c in cells
@@ -300,7 +307,7 @@ class Ingestor:
                 lost,
                 crop_size=self.settings.crop_size,
                 masks=masks,
-                segment=bind(image.rgb, self.settings.crop_size),
+                segment=segment_in_turn,
             )
             for key, png in cut.items():
                 self.store.put(key, png, "image/png")
