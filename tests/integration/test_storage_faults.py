@@ -38,7 +38,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from bmcell import modelstore
+from bmcell import integrity, modelstore
 from bmcell.grpc_client import bearer
 from bmcell.integrity import VERSION_FILES
 from bmcell.stack import Stack
@@ -91,6 +91,10 @@ def storage_check(*args: str) -> tuple[int, dict]:
 
 def keys(findings: list[dict], problem: str) -> set[str]:
     return {f["key"] for f in findings if f["problem"] == problem}
+
+
+def missing(db, store) -> set[str]:
+    return {f.key for f in integrity.check(db, store).missing}
 
 
 def wait_for(what: str, probe: Callable[[], object], timeout_s: float) -> None:
@@ -160,9 +164,9 @@ def test_killed_upload_leaves_orphans_that_repair_deletes(stack: Stack, rt, uplo
     status, report = storage_check()
     assert status == 1 and written <= keys(report["check"]["findings"], "orphan")
 
-    status, report = storage_check("--repair")  # the default grace period: an hour
-    assert written <= keys(report["repair"]["too_young"], "orphan")
-    assert all(store.exists(k) for k in written)
+    found = integrity.check(db, store)  # the default grace period, an hour, spares them
+    kept = integrity.repair(db, store, found, recut=None)
+    assert written <= {f.key for f in kept.too_young} and all(store.exists(k) for k in written)
 
     status, report = storage_check("--repair", "--grace-s", "0")
     assert written <= keys(report["repair"]["deleted"], "orphan")
@@ -184,13 +188,10 @@ def test_lost_crop_and_mask_are_reported_and_restored(rt, upload) -> None:
     assert len(cells) >= 2
     lost = {cells[0]["crop_key"], cells[1]["mask_key"]}
     original = {k: store.get(k) for k in lost}
-    _, before = storage_check()
-    already = keys(before["check"]["findings"], "missing")
+    already = missing(db, store)
 
     store.delete(cells[0]["crop_key"])
-    status, report = storage_check()
-    assert status == 1
-    assert keys(report["check"]["findings"], "missing") - already == {cells[0]["crop_key"]}
+    assert missing(db, store) - already == {cells[0]["crop_key"]}
 
     store.delete(cells[1]["mask_key"])
     again = upload(data)  # the same file once more repairs its field
@@ -200,6 +201,7 @@ def test_lost_crop_and_mask_are_reported_and_restored(rt, upload) -> None:
     for key in lost:
         store.delete(key)
     status, report = storage_check("--repair")
+    assert lost <= keys(report["check"]["findings"], "missing")
     assert lost <= {f["key"] for f in report["repair"]["restored"]}
     assert not lost & keys(report["after"]["findings"], "missing")
     assert {k: store.get(k) for k in lost} == original
@@ -245,8 +247,8 @@ def test_concurrent_registrations_keep_both_versions_intact(rt) -> None:
         assert meta["model_pt_sha256"] == hashlib.sha256(model_pt).hexdigest()
         digests.add(meta["model_pt_sha256"])
     assert len(digests) == 2  # each version holds its own model, not the other's
-    _, report = storage_check()
-    assert not [f for f in report["check"]["findings"] if f["key"].startswith(f"{name}/")]
+    found = integrity.check(db, store)
+    assert not [f for f in found.findings if f.key.startswith(f"{name}/")]
 
 
 # --- Postgres away for a minute ------------------------------------------------------------
