@@ -10,7 +10,8 @@ refused rather than silently skipped.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -26,6 +27,8 @@ from bmcell.settings import Settings
 _LOG = log.get(__name__)
 # Arbitrary constant shared by every bmcell process: "bmcell" as an int8 key.
 _MIGRATION_LOCK_KEY = int.from_bytes(b"bmcell\0\0", "big") >> 1
+# How long a call waits for a pooled connection while Postgres is known to be down.
+OUTAGE_WAIT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,7 @@ class Database:
             name=name,
             open=False,
         )
+        self._down = threading.Event()  # the last call found Postgres unreachable
 
     def open(self, timeout_s: float = 30.0) -> Database:
         try:
@@ -116,14 +120,63 @@ class Database:
 
     @contextmanager
     def connection(self) -> Iterator[psycopg.Connection]:
+        """A pooled connection; Unavailable when Postgres is down or the pool is exhausted.
+
+        After a failure, callers wait at most ``OUTAGE_WAIT_S`` for a connection (not the
+        pool's usual 30 s) until one call succeeds again: while Postgres is known to be
+        down, a request answers "unavailable" at once instead of queueing behind it.
+        """
+        timeout = OUTAGE_WAIT_S if self._down.is_set() else None
         try:
-            with self.pool.connection() as conn:
+            with self.pool.connection(timeout=timeout) as conn:
                 yield conn
         except psycopg.OperationalError as exc:
+            self._down.set()
             raise Unavailable(f"Postgres is unavailable: {exc}") from exc
+        self._down.clear()
+
+    def ping(self) -> None:
+        """Raise Unavailable unless Postgres answers a query now (health checks)."""
+        with self.connection() as conn:
+            conn.execute("SELECT 1")
 
     @contextmanager
     def transaction(self) -> Iterator[psycopg.Connection]:
         """A connection inside one transaction: committed on exit, rolled back on error."""
         with self.connection() as conn, conn.transaction():
             yield conn
+
+
+def lock_key(*parts: str) -> int:
+    """A signed 64-bit advisory lock key for a name made of ``parts``."""
+    digest = hashlib.sha256("\0".join(parts).encode()).digest()[:8]
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def object_lock_key(digest: str) -> int:
+    """The lock held while the object stored under this sha256 (a field image, a crop,
+    a mask) is written, used by rows being committed, or judged an orphan and deleted."""
+    return int.from_bytes(bytes.fromhex(digest[:16]), "big", signed=True)
+
+
+@contextmanager
+def advisory_locks(conn: psycopg.Connection, keys: Iterable[int]) -> Iterator[None]:
+    """Session-level advisory locks on ``conn``, committed so no transaction stays open.
+
+    Taken in ascending order, so two holders of overlapping sets wait for each other
+    instead of deadlocking; released in any case on exit.
+    """
+    ordered = sorted(set(keys))
+    taken: list[int] = []
+    try:
+        for key in ordered:
+            conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+            taken.append(key)
+        conn.commit()
+        yield
+    finally:
+        if not conn.closed and not conn.broken:
+            conn.rollback()
+            for key in reversed(taken):
+                conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
+            conn.commit()

@@ -1,7 +1,8 @@
 """The one way a bmcell gRPC service starts, serves and stops.
 
 ``run_service`` wires what every service must have: the error-mapping and metrics
-interceptor, ``grpc.health.v1`` (SERVING only once handlers are registered, and
+interceptor, ``grpc.health.v1`` (SERVING only once handlers are registered, NOT_SERVING
+while a dependency the service cannot work without, Postgres, fails its probe, and
 NOT_SERVING as soon as shutdown begins, so load balancers drain first), reflection,
 a Prometheus ``/metrics`` endpoint, and a graceful stop on SIGTERM/SIGINT that lets
 in-flight calls finish within ``shutdown_grace_s``.
@@ -38,6 +39,10 @@ RPC_SECONDS = Histogram(
     ["service", "method"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
+
+
+# How often a service probes its dependencies for its health status.
+DEPENDENCY_PROBE_S = 1.0
 
 
 def _split(full_method: str) -> tuple[str, str]:
@@ -123,6 +128,9 @@ class Service:
     # (server) -> full names of the registered gRPC services, e.g. "bmcell.v1.Segmenter"
     register: Callable[[grpc.Server], list[str]]
     on_stop: list[Callable[[], None]] = field(default_factory=list)
+    # Probes that raise when a dependency is down (e.g. ``Database.ping``): health
+    # follows them, see ``watch_dependencies``.
+    dependencies: list[Callable[[], None]] = field(default_factory=list)
 
 
 class RunningServer:
@@ -214,9 +222,47 @@ def start_server(settings: ServiceSettings, service: Service) -> RunningServer:
     for name in ["", *names]:
         health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     _LOG.info("serving", address=address, metrics_port=settings.metrics_port, services=names)
-    return RunningServer(
+    running = RunningServer(
         server, health_servicer, names, metrics_httpd, settings.shutdown_grace_s, service.on_stop
     )
+    if service.dependencies:
+        threading.Thread(
+            target=watch_dependencies,
+            args=(running, service.dependencies),
+            name=f"{service.name}-health",
+            daemon=True,
+        ).start()
+    return running
+
+
+def watch_dependencies(
+    running: RunningServer,
+    probes: list[Callable[[], None]],
+    interval_s: float = DEPENDENCY_PROBE_S,
+) -> None:
+    """Every ``interval_s``, run each probe; health is NOT_SERVING while any raises and
+    SERVING again once all pass, with no restart. Shutdown's NOT_SERVING is final (the
+    health servicer ignores later changes)."""
+    serving = True
+    while not running.stopped.wait(interval_s):
+        failure = None
+        for probe in probes:
+            try:
+                probe()
+            except Exception as exc:  # any failure of a probe is the dependency's
+                failure = exc
+                break
+        if (failure is None) == serving:
+            continue
+        serving = failure is None
+        status = health_pb2.HealthCheckResponse.SERVING
+        if not serving:
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+            _LOG.warning("a dependency is down: not serving", error=str(failure))
+        else:
+            _LOG.info("dependencies are back: serving")
+        for name in ["", *running.names]:
+            running.health.set(name, status)
 
 
 def run_service(settings: ServiceSettings, service: Service) -> None:

@@ -16,6 +16,7 @@ import hashlib
 import io
 import json
 import re
+import threading
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from pathlib import Path
@@ -32,6 +33,9 @@ INPUT_NAME = "INPUT"
 OUTPUT_NAME = "PROB"
 DEFAULT_MAX_BATCH_SIZE = 64
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# torch.jit.script is not thread-safe while it compiles a module type for the first
+# time ("Can't redefine method: forward"): two publishes in one process take turns.
+_SCRIPTING = threading.Lock()
 
 
 def backend_model_py() -> bytes:
@@ -132,7 +136,8 @@ def script_served_model(model: nn.Module) -> torch.jit.ScriptModule:
     if not isinstance(served, WithSoftmax):
         served = WithSoftmax(served)
     served.eval()
-    return torch.jit.script(served)
+    with _SCRIPTING:
+        return torch.jit.script(served)
 
 
 def torchscript_bytes(scripted: torch.jit.ScriptModule) -> bytes:

@@ -5,6 +5,12 @@ produces to ``models_bucket`` and records a ``model_versions`` row in state
 ``registered``. Serving it (activation) is the classifier's job. Objects go first
 and the row last, in one transaction; a failure in between deletes the objects this
 call wrote, so nothing half-registered is left behind.
+
+Registrations of one model are serialised by an advisory lock on its name, held from
+choosing the version number to committing its row: two publishers at the same moment
+get two numbers, each writes only under its own ``<model>/<version>/`` prefix, and a
+failing one deletes only what it wrote, never the other's files. ``bmcell storage
+check --repair`` takes the same lock before it deletes a version's orphaned files.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import psycopg
 from torch import nn
 
 from bmcell import modelrepo
-from bmcell.db import Database
+from bmcell.db import Database, advisory_locks, lock_key
 from bmcell.storage import ObjectStore
 from bmcell.taxonomy import Taxonomy
 
@@ -38,9 +44,9 @@ def register_version(
     note: str = "",
 ) -> int:
     """Export ``model`` as the next version of ``model_name``; returns its number."""
-    for _attempt in range(5):
-        with db.connection() as conn:
-            version = next_version(conn, model_name)
+    with db.connection() as conn, advisory_locks(conn, [model_lock_key(model_name)]):
+        version = next_version(conn, model_name)
+        conn.commit()
         files = modelrepo.export_version(
             model,
             taxonomy,
@@ -49,14 +55,14 @@ def register_version(
             version=version,
             metadata={"round_id": round_id, "note": note},
         )
-        written = []
+        written: list[str] = []
         try:
             for rel, data in sorted(files.items()):
                 if rel.endswith("config.pbtxt") and store.exists(rel, bucket=store.models_bucket):
                     continue  # shared by all versions; never rewrite it under a live Triton
                 store.put(rel, data, bucket=store.models_bucket)
                 written.append(rel)
-            with db.transaction() as conn:
+            with conn.transaction():
                 conn.execute(
                     """INSERT INTO model_versions (model_name, version, input_size, taxonomy,
                            round_id, validation_accuracy, test_accuracy, metrics, note)
@@ -73,14 +79,15 @@ def register_version(
                         note,
                     ),
                 )
-            return version
-        except psycopg.errors.UniqueViolation:
-            # Another publisher took this number between our read and insert: retry.
-            _delete(store, [w for w in written if not w.endswith("config.pbtxt")])
         except BaseException:
             _delete(store, written)
             raise
-    raise RuntimeError(f"could not allocate a version of {model_name} after 5 attempts")
+        return version
+
+
+def model_lock_key(model_name: str) -> int:
+    """The lock that serialises registering versions of ``model_name``."""
+    return lock_key("model", model_name)
 
 
 def next_version(conn: psycopg.Connection, model_name: str) -> int:

@@ -62,6 +62,13 @@ class SegmenterSettings(ServiceSettings):
     )
     segment_concurrency: int = Field(2, ge=1, description="fields segmented at the same time")
     torch_threads: int = Field(2, ge=1, description="intra-op threads of the network")
+    fault_pause_before_commit_s: float = Field(
+        0.0,
+        ge=0,
+        le=600,
+        description="fault tests only: wait this long between writing a new field's "
+        "objects and committing its rows (the window a crash leaves orphans in)",
+    )
 
 
 class ClassifierSettings(ServiceSettings):

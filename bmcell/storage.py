@@ -11,7 +11,8 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Iterator
-from datetime import timedelta
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 import urllib3
 from minio import Minio
@@ -28,6 +29,23 @@ def sha256_hex(data: bytes) -> str:
 def content_key(prefix: str, digest: str, suffix: str = "") -> str:
     """``prefix/ab/abcdef...suffix``: two-character fan-out keeps listings short."""
     return f"{prefix.strip('/')}/{digest[:2]}/{digest}{suffix}"
+
+
+def digest_of_key(key: str) -> str | None:
+    """The sha256 a :func:`content_key` carries (``cells/ab/<digest>.mask.png``), or None
+    for a key that is not a content address."""
+    name = key.rsplit("/", 1)[-1]
+    digest = name.split(".", 1)[0]
+    if len(digest) == 64 and all(c in "0123456789abcdef" for c in digest):
+        return digest
+    return None
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    key: str
+    size: int
+    modified: datetime  # timezone-aware, from the server
 
 
 class ObjectStore:
@@ -118,6 +136,13 @@ class ObjectStore:
         with self._mapped(f"{bucket}/{prefix}"):
             for obj in self.client.list_objects(bucket, prefix=prefix, recursive=True):
                 yield obj.object_name
+
+    def list_objects(self, prefix: str, *, bucket: str | None = None) -> Iterator[StoredObject]:
+        """Like :meth:`list`, with each object's size and last-modified time."""
+        bucket = bucket or self.data_bucket
+        with self._mapped(f"{bucket}/{prefix}"):
+            for obj in self.client.list_objects(bucket, prefix=prefix, recursive=True):
+                yield StoredObject(obj.object_name, obj.size or 0, obj.last_modified)
 
     def presigned_url(self, key: str, *, expires_s: int = 3600, bucket: str | None = None) -> str:
         with self._mapped(key):

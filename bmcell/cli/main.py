@@ -19,6 +19,7 @@ from bmcell.cli.review import review
 from bmcell.cli.rounds import round_group
 from bmcell.cli.segmenter import register as register_segmenter
 from bmcell.cli.stack import stack
+from bmcell.cli.storage import storage
 from bmcell.cli.synth import synth
 from bmcell.cli.train import register as register_train
 from bmcell.cli.users import users
@@ -43,6 +44,7 @@ def cli() -> None:
 
 
 cli.add_command(stack)
+cli.add_command(storage)
 cli.add_command(synth)
 cli.add_command(round_group)
 cli.add_command(demo)

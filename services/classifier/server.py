@@ -129,5 +129,8 @@ def build(runtime: Runtime[ClassifierSettings]) -> Service:
         return [classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name]
 
     return Service(
-        "classifier", register, on_stop=[inference.close, triton.close, runtime.db.close]
+        "classifier",
+        register,
+        on_stop=[inference.close, triton.close, runtime.db.close],
+        dependencies=[runtime.db.ping],
     )

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from bmcell import metrics as shared_metrics
 from bmcell import report
 from bmcell.auth import Principal, authenticate, lab_ids_for_codes
-from bmcell.errors import BmcellError, NotFound, Unauthenticated
+from bmcell.errors import BmcellError, NotFound, Unauthenticated, Unavailable
 from bmcell.runtime import Runtime
 from bmcell.settings import LabelApiSettings
 from bmcell.taxonomy import DEFAULT_TAXONOMY
@@ -161,8 +161,13 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
 
     @app.exception_handler(BmcellError)
     async def bmcell_error(_request: Request, exc: BmcellError) -> JSONResponse:
+        # Postgres or storage down: 503 with a hint to retry, and the API recovers by
+        # itself once they are back (the pool reconnects; nothing needs a restart).
+        headers = {"Retry-After": "5"} if isinstance(exc, Unavailable) else None
         return JSONResponse(
-            status_code=exc.http_status, content={"error": exc.message, "field": exc.field}
+            status_code=exc.http_status,
+            content={"error": exc.message, "field": exc.field},
+            headers=headers,
         )
 
     @app.exception_handler(RequestValidationError)

@@ -167,4 +167,9 @@ def build(runtime: Runtime[RoundsSettings]) -> Service:
         stop.set()
         thread.join(timeout=30)
 
-    return Service("rounds", register, on_stop=[halt, runtime.db.close])
+    return Service(
+        "rounds",
+        register,
+        on_stop=[halt, runtime.db.close],
+        dependencies=[runtime.db.ping],
+    )

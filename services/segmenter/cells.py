@@ -59,6 +59,19 @@ def find_field(conn: Connection, lab: str, sha256: str) -> dict | None:
     ).fetchone()
 
 
+def field_objects(conn: Connection, field_id: int) -> tuple[dict, list[dict]]:
+    """A field's row and its cells' rows: what its stored objects must be."""
+    field = conn.execute(
+        "SELECT id, sha256, object_key, segmenter FROM field_images WHERE id = %s", (field_id,)
+    ).fetchone()
+    cells = conn.execute(
+        """SELECT id, index_in_field, x0, y0, x1, y1, crop_key, mask_key
+             FROM cells WHERE field_id = %s ORDER BY index_in_field""",
+        (field_id,),
+    ).fetchall()
+    return field, cells
+
+
 def upsert_specimen(conn: Connection, lab: str, specimen: str, diagnosis: str) -> tuple[int, int]:
     """(lab_id, specimen_id), creating either on first use; a later diagnosis wins."""
     lab_id = conn.execute(

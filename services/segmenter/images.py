@@ -89,3 +89,9 @@ def png_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG", compress_level=3)
     return buf.getvalue()
+
+
+def read_png(data: bytes) -> np.ndarray:
+    """A PNG that :func:`png_bytes` wrote (a stored field, crop or mask), as its array."""
+    with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
+        return np.asarray(img)

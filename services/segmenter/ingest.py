@@ -8,11 +8,20 @@ sha256)`` with ``INSERT ... ON CONFLICT DO NOTHING`` stays the last word should 
 be lost. The same bytes sent to another lab are that lab's own field, with its own
 cells: a lab never learns from an upload that another lab holds the image.
 
-Objects are shared between labs (their keys are content addresses), so writing them,
-the rows that use them and, on failure, deleting the ones this call created, happen
-under a second lock keyed by the digest alone: a failing upload to one lab never
-deletes an object that an upload of the same bytes to another lab has just found and
-used. Segmentation runs outside it, so labs wait on each other only for that write.
+Objects are shared (their keys are content addresses: the same field in two labs,
+the same crop cut from two different files of one field), so writing each object,
+the rows that use it and, on failure, deleting the ones this call created, happen
+under a lock keyed by that object's own digest (:func:`bmcell.db.object_lock_key`,
+one per field image, crop and mask, taken together in one order): a failing upload
+never deletes an object that another upload has just found and used, and ``bmcell
+storage check --repair`` takes the same locks before it deletes an orphan.
+Segmentation runs outside them, so uploads wait on each other only for that write.
+
+A duplicate is checked too: when the stored field image, a crop or a mask of the
+field is gone (object storage lost it, or someone deleted it), the upload writes it
+again from the bytes just received (crops and masks are cut again by
+:mod:`services.segmenter.restore` and must match their content address), so sending
+the file once more repairs the field.
 
 The caller is authenticated by the server; :func:`bmcell.auth.require_upload`
 decides here, from the header's lab, before a byte of the image is read, and the
@@ -25,12 +34,10 @@ the objects this call created are deleted before the error goes back.
 
 from __future__ import annotations
 
-import hashlib
 import re
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from prometheus_client import Counter, Histogram
@@ -38,12 +45,12 @@ from psycopg import Connection
 
 from bmcell import log
 from bmcell.auth import Principal, require_upload
-from bmcell.db import Database
+from bmcell.db import Database, advisory_locks, lock_key, object_lock_key
 from bmcell.errors import BmcellError, InvalidArgument
 from bmcell.settings import SegmenterSettings
-from bmcell.storage import ObjectStore, content_key, sha256_hex
+from bmcell.storage import ObjectStore, content_key, digest_of_key, sha256_hex
 from services.segmenter import cells as repo
-from services.segmenter import images, instances, unet
+from services.segmenter import images, instances, restore, unet
 from services.segmenter.models import ModelHolder
 
 _LOG = log.get(__name__)
@@ -56,6 +63,10 @@ CELLS_PER_FIELD = Histogram(
     "bmcell_segmenter_cells_per_field",
     "Cells found per newly segmented field",
     buckets=(0, 1, 2, 4, 6, 8, 10, 12, 16, 20, 30, 50, 100),
+)
+RESTORED_OBJECTS = Counter(
+    "bmcell_segmenter_restored_objects_total",
+    "Lost field images, crops and masks written again by a duplicate upload",
 )
 SEGMENTATION_SECONDS = Histogram(
     "bmcell_segmenter_segmentation_seconds",
@@ -100,28 +111,9 @@ def check_header(h: UploadHeader) -> None:
         raise InvalidArgument("must be 64 hex digits", field="sha256")
 
 
-def _objects_lock_key(digest: str) -> int:
-    """The lock around writing (and cleaning up) the objects of these bytes, any lab."""
-    return int.from_bytes(bytes.fromhex(digest[:16]), "big", signed=True)
-
-
 def _field_lock_key(lab: str, digest: str) -> int:
     """The lock that makes these bytes one field in this lab (by code)."""
-    key = hashlib.sha256(f"field\0{lab}\0{digest}".encode()).digest()[:8]
-    return int.from_bytes(key, "big", signed=True)
-
-
-@contextmanager
-def _advisory_lock(conn: Connection, key: int) -> Iterator[None]:
-    """A session-level advisory lock, committed so no transaction is left open."""
-    conn.execute("SELECT pg_advisory_lock(%s)", (key,))
-    conn.commit()
-    try:
-        yield
-    finally:
-        conn.rollback()
-        conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
-        conn.commit()
+    return lock_key("field", lab, digest)
 
 
 class Ingestor:
@@ -170,7 +162,7 @@ class Ingestor:
         # uploads never wait on each other for a second connection.
         with (
             self.db.connection() as conn,
-            _advisory_lock(conn, _field_lock_key(header.lab, digest)),
+            advisory_locks(conn, [_field_lock_key(header.lab, digest)]),
         ):
             return self._store_once(conn, header, data, digest, uploader)
 
@@ -214,13 +206,10 @@ class Ingestor:
     ) -> UploadResult:
         found = self._existing(conn, header.lab, digest)
         if found is not None:
+            self._restore_lost(conn, found.field_id, data)
             return found
         model = self.model.get()
-        field = images.decode(
-            data,
-            max_bytes=self.settings.max_upload_bytes,
-            max_pixels=self.settings.max_image_pixels,
-        )
+        field = self._decode(data)
         with self._segmenting:
             started = time.perf_counter()
             probs = unet.predict_probabilities(model.network, field.rgb)
@@ -229,8 +218,9 @@ class Ingestor:
             seconds = time.perf_counter() - started
         SEGMENTATION_SECONDS.observe(seconds)
         encoded = [(c, images.png_bytes(c.crop), images.png_bytes(c.mask)) for c in cells]
-        # Objects are shared with other labs' fields of these bytes: see the module doc.
-        with _advisory_lock(conn, _objects_lock_key(digest)):
+        # Objects are shared with other fields: see the module doc.
+        digests = [digest] + [sha256_hex(b) for _, crop, mask in encoded for b in (crop, mask)]
+        with advisory_locks(conn, map(object_lock_key, digests)):
             created: list[str] = []
             try:
                 field_key = self._put(
@@ -248,6 +238,8 @@ class Ingestor:
                         created,
                     )
                     cell_rows.append(_cell_row(cell, crop_key, mask_key))
+                if self.settings.fault_pause_before_commit_s:
+                    time.sleep(self.settings.fault_pause_before_commit_s)
                 field_id = self._insert(
                     conn, header, data, digest, field, field_key, model.name, uploader, cell_rows
                 )
@@ -273,6 +265,59 @@ class Ingestor:
         )
         return UploadResult(
             field_id, digest, False, len(cells), border, field.width, field.height, seconds
+        )
+
+    def _decode(self, data: bytes) -> images.FieldImage:
+        return images.decode(
+            data,
+            max_bytes=self.settings.max_upload_bytes,
+            max_pixels=self.settings.max_image_pixels,
+        )
+
+    def _restore_lost(self, conn: Connection, field_id: int, data: bytes) -> None:
+        """Write again what a duplicate's field lost (see the module doc)."""
+        field, cells = repo.field_objects(conn, field_id)
+        conn.commit()
+        keys = [field["object_key"], *(k for c in cells for k in (c["crop_key"], c["mask_key"]))]
+        lost = {k for k in keys if not self.store.exists(k)}
+        if not lost:
+            return
+        image = self._decode(data)
+        digests = [d for d in map(digest_of_key, lost) if d] + [field["sha256"]]
+        with advisory_locks(conn, map(object_lock_key, digests)):
+            lost = {k for k in lost if not self.store.exists(k)}  # another upload was first
+            if field["object_key"] in lost:
+                self.store.put(field["object_key"], image.png, "image/png")
+            segment = restore.segmenter_of(self.store, field["segmenter"])(
+                image.rgb, self.settings.crop_size
+            )
+
+            def segment_in_turn() -> list[instances.SegmentedCell]:
+                with self._segmenting:  # the same bound as new fields
+                    return segment()
+
+            masks = {
+                c["mask_key"]: self.store.get(c["mask_key"])
+                for c in cells
+                if c["crop_key"] in lost and c["mask_key"] not in lost
+            }
+            cut = restore.recut(
+                image.rgb,
+                cells,
+                lost,
+                crop_size=self.settings.crop_size,
+                masks=masks,
+                segment=segment_in_turn,
+            )
+            for key, png in cut.items():
+                self.store.put(key, png, "image/png")
+        still = sorted(lost - set(cut) - {field["object_key"]})
+        RESTORED_OBJECTS.inc(len(lost) - len(still))
+        _LOG.warning(
+            "duplicate upload restored lost objects",
+            field_id=field_id,
+            restored=len(lost) - len(still),
+            not_restorable=still,
         )
 
     def _put(self, key: str, data: bytes, content_type: str, created: list[str]) -> str:

@@ -130,7 +130,7 @@ def measure(cell: np.ndarray, nucleus: np.ndarray) -> Morphometrics:
     )
 
 
-def _cut(array: np.ndarray, cx: int, cy: int, size: int, fill: object) -> np.ndarray:
+def cut_window(array: np.ndarray, cx: int, cy: int, size: int, fill: object) -> np.ndarray:
     """A size x size window centred on (cx, cy); outside the field is ``fill``."""
     h, w = array.shape[:2]
     out = np.empty((size, size, *array.shape[2:]), dtype=array.dtype)
@@ -159,10 +159,10 @@ def cells_from(
         touches = xs.start == 0 or ys.start == 0 or xs.stop == w or ys.stop == h
         cy, cx = ndimage.center_of_mass(cell)
         cx, cy = int(round(xs.start + cx)), int(round(ys.start + cy))
-        inside = _cut(instances == label, cx, cy, crop_size, False)
-        crop = _cut(image, cx, cy, crop_size, 0)
+        inside = cut_window(instances == label, cx, cy, crop_size, False)
+        crop = cut_window(image, cx, cy, crop_size, 0)
         crop[~inside] = CROP_FILL
         mask = np.where(inside, MASK_CELL, 0).astype(np.uint8)
-        mask[_cut(nuclei == label, cx, cy, crop_size, False)] = MASK_NUCLEUS
+        mask[cut_window(nuclei == label, cx, cy, crop_size, False)] = MASK_NUCLEUS
         out.append(SegmentedCell(len(out), bbox, bool(touches), measure(cell, nucleus), crop, mask))
     return out

@@ -72,6 +72,18 @@ def load_latest(store: ObjectStore, name: str) -> LoadedModel | None:
     return LoadedModel(f"{name}-v{found[-1]}", network, meta)
 
 
+def load_named(store: ObjectStore, model: str) -> LoadedModel | None:
+    """The weights recorded with a field (``unet-v3``), or None when they are gone."""
+    m = re.match(r"^(.+)-v(\d+)$", model)
+    if m is None:
+        return None
+    key = _key(m.group(1), int(m.group(2)))
+    if not store.exists(key):
+        return None
+    network, meta = unet.from_bytes(store.get(key))
+    return LoadedModel(model, network, meta)
+
+
 class ModelHolder:
     """The model a service segments with; None until weights exist."""
 

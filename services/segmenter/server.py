@@ -107,4 +107,9 @@ def build(runtime: Runtime[SegmenterSettings]) -> Service:
         )
         return [segmenter_pb2.DESCRIPTOR.services_by_name["Segmenter"].full_name]
 
-    return Service("segmenter", register, on_stop=[runtime.db.close])
+    return Service(
+        "segmenter",
+        register,
+        on_stop=[runtime.db.close],
+        dependencies=[runtime.db.ping],
+    )

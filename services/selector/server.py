@@ -105,4 +105,9 @@ def build(runtime: Runtime[SelectorSettings]) -> Service:
         selector_pb2_grpc.add_SelectorServicer_to_server(SelectorServicer(runtime), server)
         return [selector_pb2.DESCRIPTOR.services_by_name["Selector"].full_name]
 
-    return Service("selector", register, on_stop=[runtime.db.close])
+    return Service(
+        "selector",
+        register,
+        on_stop=[runtime.db.close],
+        dependencies=[runtime.db.ping],
+    )

@@ -146,4 +146,9 @@ def build(runtime: Runtime[TrainerSettings]) -> Service:
         trainer_pb2_grpc.add_TrainerServicer_to_server(TrainerServicer(runtime, manager), server)
         return [trainer_pb2.DESCRIPTOR.services_by_name["Trainer"].full_name]
 
-    return Service("trainer", register, on_stop=[runtime.db.close])
+    return Service(
+        "trainer",
+        register,
+        on_stop=[runtime.db.close],
+        dependencies=[runtime.db.ping],
+    )

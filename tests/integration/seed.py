@@ -18,6 +18,8 @@ from bmcell.synth import lab_style, render_crop
 from bmcell.taxonomy import DEFAULT_TAXONOMY
 from bmcell.v1 import rounds_pb2, selector_pb2
 
+SEEDED_FIELD_KEY = "fields/seeded-placeholder.png"
+
 
 def png(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
@@ -55,6 +57,10 @@ def seed_cells(
         store.put_content_addressed("cells", c, suffix=".png", content_type="image/png")[0]
         for c in crops
     ]
+    # The rows below point at this placeholder field: with it in storage, seeded cells
+    # leave `bmcell storage check` nothing to report.
+    if not store.exists(SEEDED_FIELD_KEY):
+        store.put(SEEDED_FIELD_KEY, png(np.zeros((704, 704, 3), np.uint8)), "image/png")
     with db.transaction() as conn:
         lab_id = conn.execute(
             "INSERT INTO labs (code) VALUES (%s) ON CONFLICT (code) DO UPDATE SET code = EXCLUDED.code "
@@ -67,8 +73,8 @@ def seed_cells(
         ).fetchone()["id"]
         field_id = conn.execute(
             "INSERT INTO field_images (specimen_id, sha256, object_key, format, width, height, size_bytes) "
-            "VALUES (%s, %s, 'fields/x.png', 'PNG', 704, 704, 1) RETURNING id",
-            (spec_id, uuid.uuid4().hex + uuid.uuid4().hex),
+            "VALUES (%s, %s, %s, 'PNG', 704, 704, 1) RETURNING id",
+            (spec_id, uuid.uuid4().hex + uuid.uuid4().hex, SEEDED_FIELD_KEY),
         ).fetchone()["id"]
         ids = []
         for i, key in enumerate(keys):
