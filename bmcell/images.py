@@ -94,6 +94,8 @@ def decode_rgb(data: bytes, limits: Limits, *, field: str = "image") -> Decoded:
         img = Image.open(io.BytesIO(data), formats=[fmt])
     except Image.DecompressionBombError as exc:
         raise _too_many_pixels(None, limits, field) from exc
+    except MemoryError:  # never "a bad image": the caps above exist so this cannot happen
+        raise
     except Exception as exc:  # Pillow's parsers raise many types on hostile bytes
         raise InvalidArgument(f"corrupt {fmt} header ({type(exc).__name__})", field=field) from exc
     try:
@@ -124,7 +126,7 @@ def _pixels(img: Image.Image, fmt: str, limits: Limits, field: str) -> np.ndarra
             grey = (np.clip(wide, 0, 65535) // 257).astype(np.uint8)
             return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
         rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except InvalidArgument:
+    except (InvalidArgument, MemoryError):
         raise
     except Image.DecompressionBombError as exc:
         raise _too_many_pixels(None, limits, field) from exc
@@ -147,6 +149,8 @@ def _check_frames(img: Image.Image, fmt: str, limits: Limits, field: str) -> Non
         img.seek(limits.max_frames)
     except EOFError:
         pass  # fewer frames than the limit + 1: what was wanted
+    except MemoryError:
+        raise
     except Exception as exc:
         raise InvalidArgument(
             f"corrupt TIFF directory ({type(exc).__name__})", field=field
