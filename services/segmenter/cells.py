@@ -90,14 +90,24 @@ def upsert_specimen(conn: Connection, lab: str, specimen: str, diagnosis: str) -
 
 
 def insert_field(conn: Connection, row: dict) -> int | None:
-    """The new field's id, or None when the lab already has a field with this sha256."""
+    """The new field's id, or None when the lab already has a field with this sha256.
+
+    The upload's filename is kept as sent only when the lab opted in
+    (``labs.keep_filenames``); otherwise only its digest salted with the lab's own salt
+    is stored (migration 0008: names often carry patient identifiers).
+    """
     got = conn.execute(
         """INSERT INTO field_images
-               (lab_id, specimen_id, sha256, object_key, filename, format, width, height,
-                size_bytes, segmenter, uploaded_by)
-           VALUES (%(lab_id)s, %(specimen_id)s, %(sha256)s, %(object_key)s, %(filename)s,
-                   %(format)s, %(width)s, %(height)s, %(size_bytes)s, %(segmenter)s,
-                   %(uploaded_by)s)
+               (lab_id, specimen_id, sha256, object_key, filename, filename_sha256, format,
+                width, height, size_bytes, segmenter, uploaded_by)
+           SELECT %(lab_id)s, %(specimen_id)s, %(sha256)s, %(object_key)s,
+                  CASE WHEN l.keep_filenames THEN %(filename)s ELSE '' END,
+                  CASE WHEN %(filename)s = '' THEN ''
+                       ELSE encode(sha256(l.filename_salt || convert_to(%(filename)s, 'UTF8')),
+                                   'hex') END,
+                  %(format)s, %(width)s, %(height)s, %(size_bytes)s, %(segmenter)s,
+                  %(uploaded_by)s
+             FROM labs l WHERE l.id = %(lab_id)s
            ON CONFLICT (lab_id, sha256) DO NOTHING RETURNING id""",
         row,
     ).fetchone()
