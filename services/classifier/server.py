@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
-from bmcell import images
+from bmcell import images, paging
 from bmcell.errors import InvalidArgument
 from bmcell.grpc_server import Service
 from bmcell.runtime import Runtime
@@ -90,10 +90,13 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
             )
 
     def ListModels(self, request, context):
-        rows = self.serving.versions()
-        active = next((r["version"] for r in rows if r["state"] == "active"), 0)
+        size = paging.page_size(request.page_size, self.rt.settings.max_page_size)
+        after = paging.decode("models", request.page_token, (int,))
+        rows = self.serving.versions(limit=size + 1, after=after[0] if after else None)
         return classifier_pb2.ListModelsResponse(
-            versions=[version_pb(r) for r in rows], active_version=active
+            versions=[version_pb(r) for r in rows[:size]],
+            active_version=self.serving.active_version(),
+            next_page_token=paging.next_token("models", rows, size, lambda r: [r["version"]]),
         )
 
     def ActivateModel(self, request: classifier_pb2.ActivateModelRequest, context):

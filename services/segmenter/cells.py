@@ -7,8 +7,6 @@ from psycopg import Connection
 from bmcell.db import Database
 from bmcell.errors import InvalidArgument
 
-MAX_LIST = 100_000
-
 
 def list_cells(
     db: Database,
@@ -16,15 +14,15 @@ def list_cells(
     lab: str | None = None,
     specimen: str | None = None,
     field_id: int | None = None,
-    limit: int | None = None,
+    limit: int,
+    after_id: int | None = None,
     lab_ids: list[int] | None = None,
 ) -> list[dict]:
-    """Cells matching every filter given; ``lab_ids`` is the caller's scope (None: every
-    lab), so a lab outside it lists as empty, like one that does not exist."""
+    """Up to ``limit`` cells matching every filter given, by id, after ``after_id`` (one
+    page: :mod:`bmcell.paging`); ``lab_ids`` is the caller's scope (None: every lab), so
+    a lab outside it lists as empty, like one that does not exist."""
     if not (lab or specimen or field_id):
         raise InvalidArgument("give a lab, a specimen or a field_id", field="specimen")
-    if limit is not None and not 0 < limit <= MAX_LIST:
-        raise InvalidArgument(f"must be 1..{MAX_LIST}, got {limit}", field="limit")
     with db.connection() as conn:
         return conn.execute(
             """SELECT c.*, l.code AS lab, s.code AS specimen
@@ -33,13 +31,15 @@ def list_cells(
                   AND (%(specimen)s::text IS NULL OR s.code = %(specimen)s)
                   AND (%(field)s::bigint IS NULL OR c.field_id = %(field)s)
                   AND (%(labs)s::bigint[] IS NULL OR c.lab_id = ANY(%(labs)s))
+                  AND (%(after)s::bigint IS NULL OR c.id > %(after)s)
                 ORDER BY c.id LIMIT %(limit)s""",
             {
                 "lab": lab,
                 "specimen": specimen,
                 "field": field_id,
                 "labs": lab_ids,
-                "limit": limit or MAX_LIST,
+                "after": after_id,
+                "limit": limit,
             },
         ).fetchall()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import grpc
 
-from bmcell import streams
+from bmcell import paging, streams
 from bmcell.auth import Principal, authenticate, bearer_token
 from bmcell.errors import InvalidArgument
 from bmcell.grpc_server import Service
@@ -60,15 +60,21 @@ class SegmenterServicer(segmenter_pb2_grpc.SegmenterServicer):
 
     def ListCells(self, request: segmenter_pb2.ListCellsRequest, context: grpc.ServicerContext):
         caller = self._caller(context)
+        size = paging.page_size(request.page_size or request.limit, self.rt.settings.max_page_size)
+        after = paging.decode("cells", request.page_token, (int,))
         rows = cells_repo.list_cells(
             self.rt.db,
             lab=request.lab or None,
             specimen=request.specimen or None,
             field_id=request.field_id or None,
-            limit=request.limit or None,
+            limit=size + 1,
+            after_id=after[0] if after else None,
             lab_ids=None if caller.all_labs else caller.lab_list(),
         )
-        return segmenter_pb2.ListCellsResponse(cells=[_cell_pb(r) for r in rows])
+        return segmenter_pb2.ListCellsResponse(
+            cells=[_cell_pb(r) for r in rows[:size]],
+            next_page_token=paging.next_token("cells", rows, size, lambda r: [r["id"]]),
+        )
 
 
 def _chunk(message: segmenter_pb2.UploadRequest) -> bytes:

@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image, PngImagePlugin
 
 from bmcell import db as dbmod
+from bmcell import paging
 from bmcell.grpc_client import bearer
 from bmcell.settings import Settings, load
 from bmcell.stack import Stack
@@ -110,7 +111,22 @@ def test_upload_segments_and_stores_cells(stack: Stack, stub, store: ObjectStore
         assert np.all(crop[mask == 0] == 255)
         assert 0 <= ratio <= 1
     listed = stub.ListCells(segmenter_pb2.ListCellsRequest(specimen=specimen), timeout=10)
-    assert len(listed.cells) == r.cells
+    assert len(listed.cells) == r.cells and not listed.next_page_token
+    # Pages of two, by cell id, add up to the whole list.
+    paged = list(
+        paging.follow(
+            lambda req: stub.ListCells(req, timeout=10),
+            segmenter_pb2.ListCellsRequest(specimen=specimen, page_size=2),
+            "cells",
+        )
+    )
+    assert [c.cell_id for c in paged] == [c.cell_id for c in listed.cells]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ListCells(
+            segmenter_pb2.ListCellsRequest(specimen=specimen, page_token="junk"), timeout=10
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "page_token" in err.value.details()
 
 
 def test_same_bytes_twice_is_one_field(stack: Stack, stub) -> None:
