@@ -51,28 +51,32 @@ def test_no_generated_request_gets_a_server_error(
     assert len(operations) >= 10
     for operation in operations:
         token = tokens["admin"] if operation.method.upper() == "GET" else tokens["reviewer"]
-        cases = st.one_of(
-            operation.as_strategy(GenerationMode.POSITIVE),
-            operation.as_strategy(GenerationMode.NEGATIVE),
-        )
-
-        @settings(
-            max_examples=15,
-            deadline=None,
-            derandomize=True,
-            database=None,
-            suppress_health_check=list(HealthCheck),
-        )
-        @given(cases)
-        def call(case, token: str = token) -> None:
-            case.call_and_validate(
-                base_url=api_url,
-                headers={"Authorization": f"Bearer {token}"},
-                checks=[not_a_server_error],
-                timeout=30,
-            )
-
         try:
-            call()
+            _fuzz(operation, api_url, token)
         except Exception as exc:
             raise AssertionError(f"{operation.method.upper()} {operation.path}: {exc}") from exc
+
+
+def _fuzz(operation, base_url: str, token: str) -> None:
+    cases = st.one_of(
+        operation.as_strategy(GenerationMode.POSITIVE),
+        operation.as_strategy(GenerationMode.NEGATIVE),
+    )
+
+    @settings(
+        max_examples=30,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(cases)
+    def call(case) -> None:
+        case.call_and_validate(
+            base_url=base_url,
+            headers={"Authorization": f"Bearer {token}"},
+            checks=[not_a_server_error],
+            timeout=30,
+        )
+
+    call()
