@@ -7,6 +7,8 @@ metadata (``Bearer <token>``), checked by the labeling API's own rules
 
 from __future__ import annotations
 
+from contextlib import closing
+
 import grpc
 
 from bmcell import paging, streams
@@ -33,20 +35,23 @@ class SegmenterServicer(segmenter_pb2_grpc.SegmenterServicer):
     def Upload(self, request_iterator, context: grpc.ServicerContext):
         caller = self._caller(context)
         settings = self.rt.settings
-        # A stream idle or slower than the floor is refused rather than holding a worker.
-        messages = streams.paced(
-            request_iterator,
-            idle_timeout_s=settings.upload_idle_timeout_s,
-            min_bytes_per_s=settings.upload_min_bytes_per_s,
-            size=lambda m: len(m.chunk),
-        )
-        first = next(messages, None)
-        if first is None or first.WhichOneof("part") != "header":
-            raise InvalidArgument("the first message must carry the header", field="header")
-        h = first.header
-        header = UploadHeader(h.lab, h.specimen, h.diagnosis, h.filename, h.sha256)
-        chunks = (_chunk(m) for m in messages)
-        r = self.ingestor.upload(header, chunks, caller)
+        # A stream idle or slower than the floor is refused rather than holding a worker;
+        # closing it however the call ends stops its reader thread.
+        with closing(
+            streams.paced(
+                request_iterator,
+                idle_timeout_s=settings.upload_idle_timeout_s,
+                min_bytes_per_s=settings.upload_min_bytes_per_s,
+                size=lambda m: len(m.chunk),
+            )
+        ) as messages:
+            first = next(messages, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise InvalidArgument("the first message must carry the header", field="header")
+            h = first.header
+            header = UploadHeader(h.lab, h.specimen, h.diagnosis, h.filename, h.sha256)
+            chunks = (_chunk(m) for m in messages)
+            r = self.ingestor.upload(header, chunks, caller)
         return segmenter_pb2.UploadResponse(
             field_id=r.field_id,
             sha256=r.sha256,

@@ -54,3 +54,20 @@ def test_the_streams_own_error_reaches_the_consumer() -> None:
     assert next(stream) == b"ok"
     with pytest.raises(ValueError, match="client went away"):
         next(stream)
+
+
+def test_closing_early_stops_the_reader_thread() -> None:
+    release = threading.Event()
+    before = set(threading.enumerate())
+    stream = paced(
+        _trickle([b"a"] * 1000, 0.0, release), idle_timeout_s=5, min_bytes_per_s=0, size=len
+    )
+    assert next(stream) == b"a"
+    started = set(threading.enumerate()) - before
+    assert [t.name for t in started] == ["stream-reader"]
+    stream.close()  # the consumer gave up (a refusal): the reader must not spin for ever
+    release.set()
+    deadline = time.monotonic() + 5
+    while any(t.is_alive() for t in started) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.is_alive() for t in started)
