@@ -112,7 +112,9 @@ class Database:
         try:
             self.pool.open(wait=True, timeout=timeout_s)
         except psycopg.OperationalError as exc:  # pool timeout subclasses this
-            raise Unavailable(f"Postgres at BMCELL_DATABASE_URL is not reachable: {exc}") from exc
+            raise Unavailable(
+                "Postgres at BMCELL_DATABASE_URL is not reachable", detail=str(exc)
+            ) from exc
         return self
 
     def close(self) -> None:
@@ -132,7 +134,7 @@ class Database:
                 yield conn
         except psycopg.OperationalError as exc:
             self._down.set()
-            raise Unavailable(f"Postgres is unavailable: {exc}") from exc
+            raise Unavailable("the database is unavailable", detail=str(exc)) from exc
         self._down.clear()
 
     def ping(self) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 import psycopg
 import tritonclient.grpc as grpcclient
 
-from bmcell import grpc_client, modelrepo, scenario
+from bmcell import grpc_client, modelrepo, paging, scenario
 from bmcell.db import Database
 from bmcell.modelstore import state_dict_key
 from bmcell.review_sim import TruthIndex
@@ -230,7 +230,8 @@ def published_bootstrap(rounds_addr: str) -> rounds_pb2.Round | None:
     starts again from the same initial model instead of labelling anew."""
     with grpc_client.channel(rounds_addr, default_timeout_s=30) as ch:
         stub = rounds_pb2_grpc.RoundsStub(ch)
-        rounds = stub.ListRounds(rounds_pb2.ListRoundsRequest(experiment=BOOTSTRAP)).rounds
+        request = rounds_pb2.ListRoundsRequest(experiment=BOOTSTRAP)
+        rounds = list(paging.follow(stub.ListRounds, request, "rounds"))
     done = [r for r in rounds if r.strategy == "bootstrap" and r.state == "published"]
     return done[-1] if done else None
 

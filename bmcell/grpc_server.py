@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram, start_http_server
 
 from bmcell import log
-from bmcell.errors import BmcellError, ConfigError
+from bmcell.errors import BmcellError, ConfigError, request_id
 from bmcell.settings import ServiceSettings
 
 _LOG = log.get(__name__)
@@ -66,13 +66,29 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
             RPC_SECONDS.labels(service, method).observe(time.perf_counter() - started)
 
         def fail(context: grpc.ServicerContext, exc: Exception, started: float):
+            # What the client reads never carries a driver's or a store's own text:
+            # that goes to the log under a request id the client is given instead.
             if isinstance(exc, BmcellError):
                 code = grpc.StatusCode[exc.grpc_code]
                 detail = str(exc)
-                _LOG.info("rpc refused", method=method, code=code.name, detail=detail)
+                if exc.detail is not None:
+                    rid = request_id()
+                    detail = f"{detail} (request id {rid})"
+                    _LOG.warning(
+                        "rpc refused",
+                        method=method,
+                        code=code.name,
+                        request_id=rid,
+                        detail=exc.detail,
+                        message=str(exc),
+                    )
+                else:
+                    _LOG.info("rpc refused", method=method, code=code.name, detail=detail)
             else:
-                code, detail = grpc.StatusCode.INTERNAL, f"internal error in {method}; see logs"
-                _LOG.exception("rpc failed", method=method)
+                rid = request_id()
+                code = grpc.StatusCode.INTERNAL
+                detail = f"internal error in {method}; see the server log, request id {rid}"
+                _LOG.exception("rpc failed", method=method, request_id=rid)
             observe(code.name, started)
             context.abort(code, detail)
 
@@ -171,6 +187,16 @@ class RunningServer:
         self.server.wait_for_termination()
 
 
+def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
+    """Channel arguments of every bmcell server: message caps set, never gRPC's defaults."""
+    return [
+        ("grpc.so_reuseport", 0),
+        ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
+        ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
+        ("grpc.max_metadata_size", 16 * 1024),
+    ]
+
+
 def start_server(settings: ServiceSettings, service: Service) -> RunningServer:
     """Bind, register and start; raises ConfigError naming the port setting on a clash."""
     try:
@@ -187,11 +213,10 @@ def start_server(settings: ServiceSettings, service: Service) -> RunningServer:
             max_workers=settings.grpc_workers, thread_name_prefix=service.name
         ),
         interceptors=[ErrorAndMetricsInterceptor()],
-        options=[
-            ("grpc.so_reuseport", 0),
-            ("grpc.max_receive_message_length", 64 << 20),
-            ("grpc.max_send_message_length", 64 << 20),
-        ],
+        options=server_options(settings),
+        # Past this many calls in progress the server answers RESOURCE_EXHAUSTED at
+        # once rather than queueing without bound (BMCELL_GRPC_MAX_CONCURRENT_RPCS).
+        maximum_concurrent_rpcs=settings.grpc_max_concurrent_rpcs,
     )
     names = service.register(server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)

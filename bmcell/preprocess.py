@@ -9,12 +9,14 @@ So the decode, colour conversion, resize filter and scaling live here only, and
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image
+
+from bmcell import images
+from bmcell.errors import InvalidArgument
 
 #: Resize filter used for every crop. Fixed (not a parameter) so that training and
 #: serving cannot disagree; PIL's bilinear filter antialiases when downscaling.
@@ -29,6 +31,9 @@ LAYOUT = "CHW"
 SCALE = 1.0 / 255.0
 
 CropInput = bytes | bytearray | memoryview | np.ndarray | Image.Image
+#: Caps for crop bytes decoded here (stored crops are 282x282; a client's crops are
+#: checked against the classifier's own, smaller settings before they get here).
+CROP_LIMITS = images.Limits(max_bytes=32 * 1024 * 1024, max_pixels=16_000_000)
 
 
 def preprocessing_spec(input_size: int) -> dict[str, Any]:
@@ -59,13 +64,12 @@ def _to_image(crop: CropInput) -> Image.Image:
         return crop
     if isinstance(crop, bytes | bytearray | memoryview):
         try:
-            image = Image.open(io.BytesIO(bytes(crop)))
-            image.load()
-        except Exception as exc:  # PIL raises several types for undecodable data
+            decoded = images.decode_rgb(bytes(crop), CROP_LIMITS, field="crop")
+        except InvalidArgument as exc:
             raise ValueError(
-                f"crop bytes ({len(crop)} bytes) are not a decodable image: {exc}"
+                f"crop bytes ({len(crop)} bytes) are not a decodable image: {exc.message}"
             ) from exc
-        return image
+        return Image.fromarray(decoded.rgb)
     if isinstance(crop, np.ndarray):
         if crop.dtype != np.uint8:
             raise ValueError(

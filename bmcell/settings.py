@@ -49,13 +49,32 @@ class ServiceSettings(Settings):
     metrics_port: int = Field(ge=1, le=65535)
     grpc_workers: int = Field(8, ge=1)
     shutdown_grace_s: float = Field(10.0, ge=0)
+    grpc_max_concurrent_rpcs: int = Field(
+        100, ge=1, description="calls in progress at once; more are refused RESOURCE_EXHAUSTED"
+    )
+    grpc_max_message_bytes: int = Field(
+        64 * 1024 * 1024, ge=1024 * 1024, description="largest request or response message"
+    )
+    max_page_size: int = Field(1000, ge=1, le=100_000, description="most rows per list page")
+    # Every image decoded from a client's bytes (bmcell.images). Pillow's own
+    # process-wide guard (89 M pixels) stays as a second line, so the cap is below it.
+    max_image_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="bytes per image")
+    max_image_pixels: int = Field(
+        16_000_000, ge=10_000, le=89_000_000, description="width x height per image"
+    )
+    max_image_frames: int = Field(1, ge=1, le=64, description="pages of a multi-page TIFF")
 
 
 class SegmenterSettings(ServiceSettings):
     grpc_port: int = Field(50051, ge=1, le=65535)
     metrics_port: int = Field(9101, ge=1, le=65535)
-    max_upload_bytes: int = Field(32 * 1024 * 1024, ge=1024)
-    max_image_pixels: int = Field(16_000_000, ge=10_000)
+    max_upload_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="bytes per Upload stream")
+    upload_idle_timeout_s: float = Field(
+        30.0, gt=0, description="an Upload stream silent this long is cancelled"
+    )
+    upload_min_bytes_per_s: int = Field(
+        8192, ge=0, description="an Upload slower than this on average is cancelled; 0: no floor"
+    )
     crop_size: int = Field(282, ge=32)
     segmenter_model: str = Field(
         "unet", pattern=r"^[a-z0-9][a-z0-9_-]*$", description="weights: segmenter/<name>-vN.pt"
@@ -81,6 +100,14 @@ class ClassifierSettings(ServiceSettings):
         "", description="local model repository Triton reads; empty: Triton reads the models bucket"
     )
     batch_size: int = Field(64, ge=1)
+    # Crops are 282x282 PNGs: far smaller caps than a field image's.
+    max_image_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="bytes per crop")
+    max_image_pixels: int = Field(
+        1_000_000, ge=10_000, le=89_000_000, description="width x height per crop"
+    )
+    max_classify_cells: int = Field(10_000, ge=1, description="cell ids per Classify call")
+    max_classify_images: int = Field(256, ge=1, description="images per Classify call")
+    max_pool_cells: int = Field(1_000_000, ge=1, description="cell ids per PredictPool call")
 
 
 class SelectorSettings(ServiceSettings):
@@ -129,6 +156,9 @@ class LabelApiSettings(Settings):
         3, ge=1, le=9, description="answers needed on initial, validation and test tasks"
     )
     export_max_rows: int = Field(500_000, ge=1)
+    max_body_bytes: int = Field(
+        1024 * 1024, ge=1024, description="request body limit, enforced before authentication"
+    )
 
 
 S = TypeVar("S", bound=Settings)

@@ -151,7 +151,10 @@ class ObjectStore:
             )
 
     class _mapped:
-        """Translate the SDK's and urllib3's exceptions into bmcell errors."""
+        """Translate the SDK's and urllib3's exceptions into bmcell errors.
+
+        Keys and the store's own words go to ``detail`` (logged), not to the client.
+        """
 
         def __init__(self, what: str) -> None:
             self.what = what
@@ -165,7 +168,11 @@ class ObjectStore:
             if isinstance(exc, S3Error):
                 if exc.code in ("NoSuchKey", "NoSuchBucket", "NoSuchObject"):
                     raise NotFound(f"object {self.what} does not exist") from exc
-                raise Unavailable(f"object storage refused {self.what}: {exc.code}") from exc
+                raise Unavailable(
+                    "object storage refused the request", detail=f"{self.what}: {exc}"
+                ) from exc
             if isinstance(exc, urllib3.exceptions.HTTPError | OSError):
-                raise Unavailable(f"object storage is unreachable ({self.what}): {exc}") from exc
+                raise Unavailable(
+                    "object storage is unreachable", detail=f"{self.what}: {exc}"
+                ) from exc
             return False

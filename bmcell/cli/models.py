@@ -19,6 +19,7 @@ import grpc
 from rich.console import Console
 from rich.table import Table
 
+from bmcell import paging
 from bmcell.cli.common import address
 from bmcell.grpc_client import channel
 from bmcell.v1 import classifier_pb2, classifier_pb2_grpc
@@ -78,17 +79,29 @@ def models() -> None:
 def list_models(as_json: bool) -> None:
     """Every registered version; the active one is marked."""
     with _stub() as stub:
-        resp = _call(lambda: stub.ListModels(classifier_pb2.ListModelsRequest()))
-    rows = [_version_json(v, resp.active_version) for v in resp.versions]
+        first = _call(lambda: stub.ListModels(classifier_pb2.ListModelsRequest()))
+        versions = list(first.versions)
+        if first.next_page_token:  # more than one page: follow them all
+            versions += _call(
+                lambda: list(
+                    paging.follow(
+                        stub.ListModels,
+                        classifier_pb2.ListModelsRequest(page_token=first.next_page_token),
+                        "versions",
+                    )
+                )
+            )
+    active = first.active_version
+    rows = [_version_json(v, active) for v in versions]
     if as_json:
-        click.echo(json.dumps({"active_version": resp.active_version, "versions": rows}, indent=2))
+        click.echo(json.dumps({"active_version": active, "versions": rows}, indent=2))
         return
     table = Table(title="model versions")
     for col in ("", "version", "state", "input", "val acc", "test acc", "created", "note"):
         table.add_column(col)
-    for v in resp.versions:
+    for v in versions:
         table.add_row(
-            "*" if v.version == resp.active_version else "",
+            "*" if v.version == active else "",
             str(v.version),
             v.state,
             f"{v.input_size}x{v.input_size}",
@@ -99,7 +112,7 @@ def list_models(as_json: bool) -> None:
         )
     # piped output keeps whole rows (rich would wrap at 80 columns)
     Console(width=None if sys.stdout.isatty() else 160).print(table)
-    if not resp.versions:
+    if not versions:
         click.echo("no model versions registered")
 
 

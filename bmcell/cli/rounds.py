@@ -12,6 +12,7 @@ from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 
+from bmcell import paging
 from bmcell.cli.common import channel, rpc_errors
 from bmcell.v1 import rounds_pb2, rounds_pb2_grpc, selector_pb2
 
@@ -200,7 +201,9 @@ def history(experiment: str, fmt: str) -> None:
     """Every round of an experiment: accuracy and cumulative added labels."""
     with rpc_errors():
         rounds = list(
-            _stub().ListRounds(rounds_pb2.ListRoundsRequest(experiment=experiment)).rounds
+            paging.follow(
+                _stub().ListRounds, rounds_pb2.ListRoundsRequest(experiment=experiment), "rounds"
+            )
         )
     rows = history_rows(rounds)
     if fmt == "json":

@@ -160,7 +160,7 @@ def upload(
 @click.option("--specimen", default=None, help="Specimen code.")
 @click.option("--lab", default=None, help="Lab code.")
 @click.option("--field-id", default=0, type=int, help="Only this field's cells.")
-@click.option("--limit", default=0, type=click.IntRange(min=0), help="At most this many.")
+@click.option("--limit", default=0, type=click.IntRange(min=0), help="At most this many (0: all).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @_token_option
 def cells(
@@ -176,31 +176,40 @@ def cells(
     from google.protobuf.json_format import MessageToDict
     from rich.table import Table
 
+    from bmcell import paging
     from bmcell.grpc_client import channel
     from bmcell.v1 import segmenter_pb2, segmenter_pb2_grpc
 
     metadata = _metadata(token)
     with channel(address("BMCELL_SEGMENTER_ADDR"), default_timeout_s=60) as ch:
-        try:
-            resp = segmenter_pb2_grpc.SegmenterStub(ch).ListCells(
-                segmenter_pb2.ListCellsRequest(
-                    lab=lab or "", specimen=specimen or "", field_id=field_id, limit=limit
-                ),
-                metadata=metadata,
-            )
+        stub = segmenter_pb2_grpc.SegmenterStub(ch)
+        request = segmenter_pb2.ListCellsRequest(
+            lab=lab or "",
+            specimen=specimen or "",
+            field_id=field_id,
+            page_size=limit if 0 < limit <= 1000 else 0,  # 1000: the server's default cap
+        )
+        found = []
+        try:  # page after page, until the last or until --limit
+            for c in paging.follow(
+                lambda r: stub.ListCells(r, metadata=metadata), request, "cells"
+            ):
+                found.append(c)
+                if limit and len(found) >= limit:
+                    break
         except grpc.RpcError as exc:
             raise click.ClickException(f"{exc.code().name}: {exc.details()}") from exc
     rows = [
         MessageToDict(
             c, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
         )
-        for c in resp.cells
+        for c in found
     ]
     if as_json:
         click.echo(json.dumps(rows, indent=1))
         return
     table = Table("cell", "field", "bbox", "area", "N:C", "axis", "waist", "status")
-    for c in resp.cells:
+    for c in found:
         m, b = c.morphometrics, c.bbox
         table.add_row(
             str(c.cell_id),

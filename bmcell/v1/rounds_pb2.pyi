@@ -48,10 +48,14 @@ class GetRoundRequest(_message.Message):
     def __init__(self, round_id: _Optional[int] = ..., experiment: _Optional[str] = ...) -> None: ...
 
 class ListRoundsRequest(_message.Message):
-    __slots__ = ("experiment",)
+    __slots__ = ("experiment", "page_size", "page_token")
     EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     experiment: str
-    def __init__(self, experiment: _Optional[str] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, experiment: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class Round(_message.Message):
     __slots__ = ("round_id", "experiment", "number", "strategy", "state", "model_in", "model_out", "message", "tasks_by_state", "labels_added_by_class", "labels_added", "validation_accuracy", "test_accuracy", "training_job", "created_at", "updated_at", "promoted")
@@ -106,7 +110,9 @@ class Round(_message.Message):
     def __init__(self, round_id: _Optional[int] = ..., experiment: _Optional[str] = ..., number: _Optional[int] = ..., strategy: _Optional[str] = ..., state: _Optional[str] = ..., model_in: _Optional[int] = ..., model_out: _Optional[int] = ..., message: _Optional[str] = ..., tasks_by_state: _Optional[_Mapping[str, int]] = ..., labels_added_by_class: _Optional[_Mapping[str, int]] = ..., labels_added: _Optional[int] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., training_job: _Optional[str] = ..., created_at: _Optional[str] = ..., updated_at: _Optional[str] = ..., promoted: _Optional[bool] = ...) -> None: ...
 
 class ListRoundsResponse(_message.Message):
-    __slots__ = ("rounds",)
+    __slots__ = ("rounds", "next_page_token")
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     rounds: _containers.RepeatedCompositeFieldContainer[Round]
-    def __init__(self, rounds: _Optional[_Iterable[_Union[Round, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, rounds: _Optional[_Iterable[_Union[Round, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

@@ -50,19 +50,25 @@ class UploadResponse(_message.Message):
     def __init__(self, field_id: _Optional[int] = ..., sha256: _Optional[str] = ..., duplicate: _Optional[bool] = ..., cells: _Optional[int] = ..., border_cells: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., segmentation_seconds: _Optional[float] = ...) -> None: ...
 
 class ListCellsRequest(_message.Message):
-    __slots__ = ("lab", "specimen", "field_id", "limit")
+    __slots__ = ("lab", "specimen", "field_id", "limit", "page_size", "page_token")
     LAB_FIELD_NUMBER: _ClassVar[int]
     SPECIMEN_FIELD_NUMBER: _ClassVar[int]
     FIELD_ID_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     lab: str
     specimen: str
     field_id: int
     limit: int
-    def __init__(self, lab: _Optional[str] = ..., specimen: _Optional[str] = ..., field_id: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
+    page_size: int
+    page_token: str
+    def __init__(self, lab: _Optional[str] = ..., specimen: _Optional[str] = ..., field_id: _Optional[int] = ..., limit: _Optional[int] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListCellsResponse(_message.Message):
-    __slots__ = ("cells",)
+    __slots__ = ("cells", "next_page_token")
     CELLS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     cells: _containers.RepeatedCompositeFieldContainer[_common_pb2.Cell]
-    def __init__(self, cells: _Optional[_Iterable[_Union[_common_pb2.Cell, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, cells: _Optional[_Iterable[_Union[_common_pb2.Cell, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

@@ -15,14 +15,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bmcell import preprocess
+from bmcell import images, preprocess
 from bmcell.db import Database
 from bmcell.errors import InvalidArgument, NotFound
 from bmcell.storage import ObjectStore
 from services.classifier.serving import ModelServing
 from services.classifier.triton_client import ModelNotLoaded, Triton
-
-MAX_CELLS_PER_CALL = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -42,6 +40,9 @@ class Inference:
         triton: Triton,
         serving: ModelServing,
         batch_size: int,
+        limits: images.Limits,
+        *,
+        max_pool_cells: int = 1_000_000,
         io_threads: int = 8,
     ) -> None:
         self.db = db
@@ -49,6 +50,8 @@ class Inference:
         self.triton = triton
         self.serving = serving
         self.batch_size = batch_size
+        self.limits = limits
+        self.max_pool_cells = max_pool_cells
         self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="crops")
 
     def close(self) -> None:
@@ -62,10 +65,14 @@ class Inference:
             self.serving.ensure_loaded(version)
             return self.triton.infer(self.serving.model_name, version, batch)
 
-    def classify_images(self, images: list[bytes], version: int) -> tuple[dict, np.ndarray]:
+    def classify_images(self, crops: list[bytes], version: int) -> tuple[dict, np.ndarray]:
+        # A client's bytes: decoded by the bounded decoder before anything else sees them.
+        decoded = [
+            images.decode_rgb(c, self.limits, field=f"images[{i}]").rgb for i, c in enumerate(crops)
+        ]
         row = self.serving.resolve(version)
         try:
-            batch = preprocess.batch_from_crops(images, row["input_size"])
+            batch = preprocess.batch_from_crops(decoded, row["input_size"])
         except ValueError as exc:
             raise InvalidArgument(str(exc), field="images") from exc
         return row, self._run_batches(row["version"], batch)
@@ -85,8 +92,12 @@ class Inference:
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
     def _crop_keys(self, cell_ids: list[int]) -> dict[int, str]:
-        if len(cell_ids) > MAX_CELLS_PER_CALL:
-            raise InvalidArgument(f"at most {MAX_CELLS_PER_CALL} cells per call", field="cell_ids")
+        if len(cell_ids) > self.max_pool_cells:
+            raise InvalidArgument(
+                f"{len(cell_ids)} cells, the limit is {self.max_pool_cells} per call "
+                "(BMCELL_MAX_POOL_CELLS)",
+                field="cell_ids",
+            )
         with self.db.connection() as conn:
             rows = conn.execute(
                 "SELECT id, crop_key FROM cells WHERE id = ANY(%s)", (cell_ids,)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
+from bmcell import images, paging
 from bmcell.errors import InvalidArgument
 from bmcell.grpc_server import Service
 from bmcell.runtime import Runtime
@@ -36,6 +37,19 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
         if bool(request.cell_ids) == bool(request.images):
             raise InvalidArgument(
                 "give either cell_ids or images (not both, not neither)", field="cell_ids"
+            )
+        s = self.rt.settings
+        if len(request.cell_ids) > s.max_classify_cells:
+            raise InvalidArgument(
+                f"{len(request.cell_ids)} cell ids, the limit is {s.max_classify_cells} per call "
+                "(BMCELL_MAX_CLASSIFY_CELLS); use PredictPool for more",
+                field="cell_ids",
+            )
+        if len(request.images) > s.max_classify_images:
+            raise InvalidArgument(
+                f"{len(request.images)} images, the limit is {s.max_classify_images} per call "
+                "(BMCELL_MAX_CLASSIFY_IMAGES)",
+                field="images",
             )
         if request.images:
             row, probs = self.inference.classify_images(list(request.images), request.model_version)
@@ -76,10 +90,13 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
             )
 
     def ListModels(self, request, context):
-        rows = self.serving.versions()
-        active = next((r["version"] for r in rows if r["state"] == "active"), 0)
+        size = paging.page_size(request.page_size, self.rt.settings.max_page_size)
+        after = paging.decode("models", request.page_token, (int,))
+        rows = self.serving.versions(limit=size + 1, after=after[0] if after else None)
         return classifier_pb2.ListModelsResponse(
-            versions=[version_pb(r) for r in rows], active_version=active
+            versions=[version_pb(r) for r in rows[:size]],
+            active_version=self.serving.active_version(),
+            next_page_token=paging.next_token("models", rows, size, lambda r: [r["version"]]),
         )
 
     def ActivateModel(self, request: classifier_pb2.ActivateModelRequest, context):
@@ -114,7 +131,15 @@ def build(runtime: Runtime[ClassifierSettings]) -> Service:
     s = runtime.settings
     triton = Triton(s.triton_url, s.triton_timeout_s, s.triton_retries)
     serving = ModelServing(runtime.db, runtime.store, triton, s.model_name, s.triton_repository)
-    inference = Inference(runtime.db, runtime.store, triton, serving, s.batch_size)
+    inference = Inference(
+        runtime.db,
+        runtime.store,
+        triton,
+        serving,
+        s.batch_size,
+        images.Limits.of(s),
+        max_pool_cells=s.max_pool_cells,
+    )
     try:
         serving.restore()
         if (row := serving.active()) is not None:

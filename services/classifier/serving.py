@@ -40,12 +40,23 @@ class ModelServing:
         self._active: tuple[float, dict | None] = (0.0, None)
 
     # --- reading ---------------------------------------------------------------------
-    def versions(self) -> list[dict]:
+    def versions(self, *, limit: int | None = None, after: int | None = None) -> list[dict]:
+        """Versions in order, ``limit`` of them after ``after`` (one page) or all."""
         with self.db.connection() as conn:
             return conn.execute(
-                "SELECT * FROM model_versions WHERE model_name = %s ORDER BY version",
-                (self.model_name,),
+                """SELECT * FROM model_versions
+                    WHERE model_name = %s AND (%s::bigint IS NULL OR version > %s)
+                    ORDER BY version LIMIT %s""",
+                (self.model_name, after, after, limit),
             ).fetchall()
+
+    def active_version(self) -> int:
+        with self.db.connection() as conn:
+            row = conn.execute(
+                "SELECT version FROM model_versions WHERE model_name = %s AND state = 'active'",
+                (self.model_name,),
+            ).fetchone()
+        return row["version"] if row else 0
 
     def active(self) -> dict | None:
         at, row = self._active

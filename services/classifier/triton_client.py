@@ -42,10 +42,13 @@ class Triton:
                         raise ModelNotLoaded(str(exc)) from exc
                     if "shape" in str(exc).lower() or "INVALID_ARG" in status:
                         raise InvalidArgument(
-                            f"Triton refused the input: {exc}", field="images"
+                            "the model server refused the input's shape",
+                            field="images",
+                            detail=str(exc),
                         ) from exc
                     raise Unavailable(
-                        f"Triton at {self.url} failed {what} after {attempt + 1} attempts: {exc}"
+                        f"the model server failed {what} after {attempt + 1} attempts",
+                        detail=f"Triton at {self.url}: {exc}",
                     ) from exc
                 _LOG.warning(
                     "triton call failed, retrying", what=what, attempt=attempt, error=str(exc)

@@ -19,22 +19,30 @@ from uuid import UUID
 
 from fastapi import Depends, FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse
+from fastapi.responses import (
+    FileResponse,
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    StreamingResponse,
+)
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
+from bmcell import log, report
 from bmcell import metrics as shared_metrics
-from bmcell import report
 from bmcell.auth import Principal, authenticate, lab_ids_for_codes
-from bmcell.errors import BmcellError, NotFound, Unauthenticated, Unavailable
+from bmcell.errors import BmcellError, NotFound, Unauthenticated, Unavailable, request_id
 from bmcell.runtime import Runtime
 from bmcell.settings import LabelApiSettings
 from bmcell.taxonomy import DEFAULT_TAXONOMY
 from services.labelapi import labels, metrics, queue
+from services.labelapi.limits import BodyLimit
 
 STATIC = Path(__file__).parent / "static"
+_LOG = log.get(__name__)
 _bearer = HTTPBearer(auto_error=False, description="a token from `bmcell users token NAME`")
 
 
@@ -143,6 +151,10 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
     db = runtime.db
     taxonomy = DEFAULT_TAXONOMY
 
+    # Refuses oversized bodies before any route (and so authentication) reads them;
+    # added first, so it sits inside the request counter below and 413s are counted.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
         started = time.perf_counter()
@@ -160,14 +172,31 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
             )
 
     @app.exception_handler(BmcellError)
-    async def bmcell_error(_request: Request, exc: BmcellError) -> JSONResponse:
+    async def bmcell_error(request: Request, exc: BmcellError) -> JSONResponse:
+        content = {"error": exc.message, "field": exc.field}
+        if exc.detail is not None:  # a driver's or a store's words: the log's, not the client's
+            rid = request_id()
+            _LOG.warning(
+                "request refused",
+                path=request.url.path,
+                status=exc.http_status,
+                request_id=rid,
+                message=exc.message,
+                detail=exc.detail,
+            )
+            content["request_id"] = rid
         # Postgres or storage down: 503 with a hint to retry, and the API recovers by
         # itself once they are back (the pool reconnects; nothing needs a restart).
         headers = {"Retry-After": "5"} if isinstance(exc, Unavailable) else None
+        return JSONResponse(status_code=exc.http_status, content=content, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        rid = request_id()
+        _LOG.error("request failed", path=request.url.path, request_id=rid, exc_info=exc)
         return JSONResponse(
-            status_code=exc.http_status,
-            content={"error": exc.message, "field": exc.field},
-            headers=headers,
+            status_code=500,
+            content={"error": "internal error; see the server log", "request_id": rid},
         )
 
     @app.exception_handler(RequestValidationError)
@@ -355,27 +384,31 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
         if class_code is not None:
             labels.check_class(taxonomy, class_code, field="class")
         lab_ids = lab_ids_for_codes(db, caller, [lab]) if lab else None
-        with db.connection() as conn:
-            rows = labels.export_rows(
-                conn,
-                caller,
-                round_number=round,
-                lab_ids=lab_ids,
-                class_code=class_code,
-                limit=settings.export_max_rows,
-            )
+        caller.require("reviewer", "operator", "admin")  # refused before the stream starts
+
+        def body():
+            # One connection for the export's server-side cursor, held while it streams.
+            with db.connection() as conn:
+                rows = labels.export_rows(
+                    conn,
+                    caller,
+                    round_number=round,
+                    lab_ids=lab_ids,
+                    class_code=class_code,
+                    limit=settings.export_max_rows,
+                )
+                if format == "csv":
+                    yield from labels.csv_lines(rows)
+                else:
+                    yield from labels.json_chunks(rows)
+
         if format == "csv":
-            return Response(
-                labels.to_csv(rows),
+            return StreamingResponse(
+                body(),
                 media_type="text/csv",
                 headers={"Content-Disposition": 'attachment; filename="labels.csv"'},
             )
-        return JSONResponse(
-            {
-                "count": len(rows),
-                "labels": [{**r, "updated_at": r["updated_at"].isoformat()} for r in rows],
-            }
-        )
+        return StreamingResponse(body(), media_type="application/json")
 
     @app.get("/v1/rounds/current/progress", summary="Review progress of the current round")
     def round_progress(caller: Caller, round_id: Annotated[int | None, Query(ge=1)] = None) -> dict:

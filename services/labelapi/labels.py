@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Iterable
+import json
+from collections.abc import Iterable, Iterator
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -201,40 +202,77 @@ def export_rows(
     lab_ids: list[int] | None,
     class_code: str | None,
     limit: int,
-) -> list[dict]:
-    """Labels the caller may see, newest change last, filtered as asked."""
+) -> Iterator[dict]:
+    """Labels the caller may see, by cell id, filtered as asked.
+
+    The role is checked when this is called; the rows come from a server-side cursor
+    as they are iterated, so an export of half a million labels never sits in memory.
+    """
     principal.require("reviewer", "operator", "admin")
-    return conn.execute(
-        """SELECT l.cell_id, lab.code AS lab, s.code AS specimen, s.is_test, l.class_code,
-                  l.source, r.number AS round, l.round_added, u.name AS labelled_by,
-                  l.task_id, c.crop_key, l.updated_at
-             FROM labels l
-             JOIN cells c ON c.id = l.cell_id
-             JOIN labs lab ON lab.id = c.lab_id
-             JOIN specimens s ON s.id = c.specimen_id
-             LEFT JOIN rounds r ON r.id = l.round_id
-             LEFT JOIN users u ON u.id = l.labelled_by
-            WHERE (%(all)s OR c.lab_id = ANY(%(scope)s))
-              AND (%(labs)s::bigint[] IS NULL OR c.lab_id = ANY(%(labs)s))
-              AND (%(round)s::int IS NULL OR r.number = %(round)s)
-              AND (%(class)s::text IS NULL OR l.class_code = %(class)s)
-            ORDER BY l.cell_id
-            LIMIT %(limit)s""",
-        {
-            "all": principal.all_labs,
-            "scope": principal.lab_list(),
-            "labs": lab_ids,
-            "round": round_number,
-            "class": class_code,
-            "limit": limit,
-        },
-    ).fetchall()
+    params = {
+        "all": principal.all_labs,
+        "scope": principal.lab_list(),
+        "labs": lab_ids,
+        "round": round_number,
+        "class": class_code,
+        "limit": limit,
+    }
+    return _stream_export(conn, params)
+
+
+def _stream_export(conn: psycopg.Connection, params: dict) -> Iterator[dict]:
+    with conn.cursor(name="labels_export") as cur:
+        cur.itersize = 1000
+        cur.execute(
+            """SELECT l.cell_id, lab.code AS lab, s.code AS specimen, s.is_test, l.class_code,
+                      l.source, r.number AS round, l.round_added, u.name AS labelled_by,
+                      l.task_id, c.crop_key, l.updated_at
+                 FROM labels l
+                 JOIN cells c ON c.id = l.cell_id
+                 JOIN labs lab ON lab.id = c.lab_id
+                 JOIN specimens s ON s.id = c.specimen_id
+                 LEFT JOIN rounds r ON r.id = l.round_id
+                 LEFT JOIN users u ON u.id = l.labelled_by
+                WHERE (%(all)s OR c.lab_id = ANY(%(scope)s))
+                  AND (%(labs)s::bigint[] IS NULL OR c.lab_id = ANY(%(labs)s))
+                  AND (%(round)s::int IS NULL OR r.number = %(round)s)
+                  AND (%(class)s::text IS NULL OR l.class_code = %(class)s)
+                ORDER BY l.cell_id
+                LIMIT %(limit)s""",
+            params,
+        )
+        yield from cur
 
 
 def to_csv(rows: Iterable[dict]) -> str:
+    return "".join(csv_lines(rows))
+
+
+def csv_lines(rows: Iterable[dict]) -> Iterator[str]:
+    """The CSV export, a header line then one line per row, as the rows come."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=EXPORT_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({**row, "updated_at": row["updated_at"].isoformat()})
-    return buf.getvalue()
+        if buf.tell() > 64 * 1024:
+            yield _drain(buf)
+    yield _drain(buf)
+
+
+def json_chunks(rows: Iterable[dict]) -> Iterator[str]:
+    """``{"labels": [...], "count": N}``, written as the rows come."""
+    yield '{"labels": ['
+    count = 0
+    for row in rows:
+        prefix = "," if count else ""
+        yield prefix + json.dumps({**row, "updated_at": row["updated_at"].isoformat()})
+        count += 1
+    yield f'], "count": {count}}}'
+
+
+def _drain(buf: io.StringIO) -> str:
+    text = buf.getvalue()
+    buf.seek(0)
+    buf.truncate()
+    return text

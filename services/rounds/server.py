@@ -7,7 +7,7 @@ import threading
 import grpc
 from google.protobuf.json_format import MessageToDict, ParseDict
 
-from bmcell import grpc_client
+from bmcell import grpc_client, paging
 from bmcell.errors import InvalidArgument, Unavailable
 from bmcell.grpc_server import Service
 from bmcell.runtime import Runtime
@@ -74,9 +74,21 @@ class RoundsServicer(rounds_pb2_grpc.RoundsServicer):
         return self._round_pb(row)
 
     def ListRounds(self, request: rounds_pb2.ListRoundsRequest, context):
+        size = paging.page_size(request.page_size, self.rt.settings.max_page_size)
+        after = paging.decode("rounds", request.page_token, (str, int))
         with self.rt.db.connection() as conn:
-            rows = store.list_rounds(conn, request.experiment or None)
-        return rounds_pb2.ListRoundsResponse(rounds=[self._round_pb(r) for r in rows])
+            rows = store.list_rounds(
+                conn,
+                request.experiment or None,
+                limit=size + 1,
+                after=(after[0], after[1]) if after else None,
+            )
+        return rounds_pb2.ListRoundsResponse(
+            rounds=[self._round_pb(r) for r in rows[:size]],
+            next_page_token=paging.next_token(
+                "rounds", rows, size, lambda r: [r["experiment"], r["number"]]
+            ),
+        )
 
     def _round_pb(self, r: dict) -> rounds_pb2.Round:
         with self.rt.db.connection() as conn:

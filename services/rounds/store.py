@@ -28,11 +28,25 @@ def latest(conn: psycopg.Connection, experiment: str) -> dict:
     return row
 
 
-def list_rounds(conn: psycopg.Connection, experiment: str | None) -> list[dict]:
+def list_rounds(
+    conn: psycopg.Connection,
+    experiment: str | None,
+    *,
+    limit: int,
+    after: tuple[str, int] | None = None,
+) -> list[dict]:
+    """Up to ``limit`` rounds by (experiment, number), after ``after`` (one page)."""
     return conn.execute(
-        "SELECT * FROM rounds WHERE %(e)s::text IS NULL OR experiment = %(e)s "
-        "ORDER BY experiment, number",
-        {"e": experiment},
+        """SELECT * FROM rounds
+            WHERE (%(e)s::text IS NULL OR experiment = %(e)s)
+              AND (%(ae)s::text IS NULL OR (experiment, number) > (%(ae)s, %(an)s))
+            ORDER BY experiment, number LIMIT %(limit)s""",
+        {
+            "e": experiment,
+            "ae": after[0] if after else None,
+            "an": after[1] if after else None,
+            "limit": limit,
+        },
     ).fetchall()
 
 

@@ -7,8 +7,6 @@ from psycopg import Connection
 from bmcell.db import Database
 from bmcell.errors import InvalidArgument
 
-MAX_LIST = 100_000
-
 
 def list_cells(
     db: Database,
@@ -16,15 +14,15 @@ def list_cells(
     lab: str | None = None,
     specimen: str | None = None,
     field_id: int | None = None,
-    limit: int | None = None,
+    limit: int,
+    after_id: int | None = None,
     lab_ids: list[int] | None = None,
 ) -> list[dict]:
-    """Cells matching every filter given; ``lab_ids`` is the caller's scope (None: every
-    lab), so a lab outside it lists as empty, like one that does not exist."""
+    """Up to ``limit`` cells matching every filter given, by id, after ``after_id`` (one
+    page: :mod:`bmcell.paging`); ``lab_ids`` is the caller's scope (None: every lab), so
+    a lab outside it lists as empty, like one that does not exist."""
     if not (lab or specimen or field_id):
         raise InvalidArgument("give a lab, a specimen or a field_id", field="specimen")
-    if limit is not None and not 0 < limit <= MAX_LIST:
-        raise InvalidArgument(f"must be 1..{MAX_LIST}, got {limit}", field="limit")
     with db.connection() as conn:
         return conn.execute(
             """SELECT c.*, l.code AS lab, s.code AS specimen
@@ -33,13 +31,15 @@ def list_cells(
                   AND (%(specimen)s::text IS NULL OR s.code = %(specimen)s)
                   AND (%(field)s::bigint IS NULL OR c.field_id = %(field)s)
                   AND (%(labs)s::bigint[] IS NULL OR c.lab_id = ANY(%(labs)s))
+                  AND (%(after)s::bigint IS NULL OR c.id > %(after)s)
                 ORDER BY c.id LIMIT %(limit)s""",
             {
                 "lab": lab,
                 "specimen": specimen,
                 "field": field_id,
                 "labs": lab_ids,
-                "limit": limit or MAX_LIST,
+                "after": after_id,
+                "limit": limit,
             },
         ).fetchall()
 
@@ -90,14 +90,24 @@ def upsert_specimen(conn: Connection, lab: str, specimen: str, diagnosis: str) -
 
 
 def insert_field(conn: Connection, row: dict) -> int | None:
-    """The new field's id, or None when the lab already has a field with this sha256."""
+    """The new field's id, or None when the lab already has a field with this sha256.
+
+    The upload's filename is kept as sent only when the lab opted in
+    (``labs.keep_filenames``); otherwise only its digest salted with the lab's own salt
+    is stored (migration 0008: names often carry patient identifiers).
+    """
     got = conn.execute(
         """INSERT INTO field_images
-               (lab_id, specimen_id, sha256, object_key, filename, format, width, height,
-                size_bytes, segmenter, uploaded_by)
-           VALUES (%(lab_id)s, %(specimen_id)s, %(sha256)s, %(object_key)s, %(filename)s,
-                   %(format)s, %(width)s, %(height)s, %(size_bytes)s, %(segmenter)s,
-                   %(uploaded_by)s)
+               (lab_id, specimen_id, sha256, object_key, filename, filename_sha256, format,
+                width, height, size_bytes, segmenter, uploaded_by)
+           SELECT %(lab_id)s, %(specimen_id)s, %(sha256)s, %(object_key)s,
+                  CASE WHEN l.keep_filenames THEN %(filename)s ELSE '' END,
+                  CASE WHEN %(filename)s = '' THEN ''
+                       ELSE encode(sha256(l.filename_salt || convert_to(%(filename)s, 'UTF8')),
+                                   'hex') END,
+                  %(format)s, %(width)s, %(height)s, %(size_bytes)s, %(segmenter)s,
+                  %(uploaded_by)s
+             FROM labs l WHERE l.id = %(lab_id)s
            ON CONFLICT (lab_id, sha256) DO NOTHING RETURNING id""",
         row,
     ).fetchone()

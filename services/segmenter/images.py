@@ -1,10 +1,9 @@
 """Uploaded bytes -> a checked RGB field, and the metadata-free PNG that is stored.
 
-Checks run cheapest first, each refusal naming the problem: size, then the format
-from the file's magic bytes (PNG, JPEG, TIFF only), then the pixel dimensions from
-the header *before* any pixel is decoded (so a decompression bomb is refused
-without being inflated), then the full decode (truncated or corrupt files fail
-here). PIL's own bomb guard is set from the same limit as a second line.
+The checks and their limits are the shared decoder's (:mod:`bmcell.images`); here the
+uploaded bytes are the ``chunk`` field and their cap is the stream's,
+``BMCELL_MAX_UPLOAD_BYTES``. What is stored is the pixels re-encoded as PNG, so no
+metadata of the upload (EXIF, text chunks, ICC profile) is kept.
 """
 
 from __future__ import annotations
@@ -15,14 +14,10 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from bmcell.errors import InvalidArgument
+from bmcell import images
+from bmcell.images import png_bytes
 
-_MAGIC = {
-    b"\x89PNG\r\n\x1a\n": "PNG",
-    b"\xff\xd8\xff": "JPEG",
-    b"II*\x00": "TIFF",
-    b"MM\x00*": "TIFF",
-}
+__all__ = ["FieldImage", "decode", "png_bytes", "read_png"]
 
 
 @dataclass(frozen=True)
@@ -40,55 +35,10 @@ class FieldImage:
         return int(self.rgb.shape[0])
 
 
-def set_pixel_limit(max_pixels: int) -> None:
-    """PIL refuses images above this many pixels (process-wide, set at start)."""
-    Image.MAX_IMAGE_PIXELS = max_pixels
-
-
-def sniff(data: bytes) -> str:
-    for magic, fmt in _MAGIC.items():
-        if data.startswith(magic):
-            return fmt
-    raise InvalidArgument(
-        "unsupported format: only PNG, JPEG and TIFF field images are accepted",
-        field="chunk",
-    )
-
-
-def decode(data: bytes, *, max_bytes: int, max_pixels: int) -> FieldImage:
-    if not data:
-        raise InvalidArgument("empty upload: no bytes after the header", field="chunk")
-    if len(data) > max_bytes:
-        raise InvalidArgument(
-            f"too large: {len(data)} bytes, the limit is {max_bytes}", field="chunk"
-        )
-    fmt = sniff(data)
-    try:
-        img = Image.open(io.BytesIO(data), formats=[fmt])
-    except Image.DecompressionBombError as exc:
-        raise InvalidArgument(
-            f"pixel dimensions are beyond the limit of {max_pixels} pixels: {exc}", field="chunk"
-        ) from exc
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise InvalidArgument(f"corrupt {fmt} header: {exc}", field="chunk") from exc
-    width, height = img.size
-    if width < 1 or height < 1 or width * height > max_pixels:
-        raise InvalidArgument(
-            f"pixel dimensions {width}x{height} are beyond the limit of {max_pixels} pixels",
-            field="chunk",
-        )
-    try:
-        img.load()
-        rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise InvalidArgument(f"truncated or corrupt {fmt} image: {exc}", field="chunk") from exc
-    return FieldImage(rgb, fmt, png_bytes(rgb))
-
-
-def png_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=3)
-    return buf.getvalue()
+def decode(data: bytes, *, max_bytes: int, max_pixels: int, max_frames: int = 1) -> FieldImage:
+    limits = images.Limits(max_bytes, max_pixels, max_frames, "BMCELL_MAX_UPLOAD_BYTES")
+    decoded = images.decode_rgb(data, limits, field="chunk")
+    return FieldImage(decoded.rgb, decoded.format, png_bytes(decoded.rgb))
 
 
 def read_png(data: bytes) -> np.ndarray:

@@ -129,7 +129,6 @@ class Ingestor:
         self.settings = settings
         self.model = model
         self._segmenting = threading.BoundedSemaphore(settings.segment_concurrency)
-        images.set_pixel_limit(settings.max_image_pixels)
 
     def upload(
         self, header: UploadHeader, chunks: Iterable[bytes], uploader: Principal
@@ -270,8 +269,9 @@ class Ingestor:
     def _decode(self, data: bytes) -> images.FieldImage:
         return images.decode(
             data,
-            max_bytes=self.settings.max_upload_bytes,
+            max_bytes=min(self.settings.max_upload_bytes, self.settings.max_image_bytes),
             max_pixels=self.settings.max_image_pixels,
+            max_frames=self.settings.max_image_frames,
         )
 
     def _restore_lost(self, conn: Connection, field_id: int, data: bytes) -> None:

@@ -7,8 +7,11 @@ metadata (``Bearer <token>``), checked by the labeling API's own rules
 
 from __future__ import annotations
 
+from contextlib import closing
+
 import grpc
 
+from bmcell import paging, streams
 from bmcell.auth import Principal, authenticate, bearer_token
 from bmcell.errors import InvalidArgument
 from bmcell.grpc_server import Service
@@ -31,13 +34,24 @@ class SegmenterServicer(segmenter_pb2_grpc.SegmenterServicer):
 
     def Upload(self, request_iterator, context: grpc.ServicerContext):
         caller = self._caller(context)
-        first = next(request_iterator, None)
-        if first is None or first.WhichOneof("part") != "header":
-            raise InvalidArgument("the first message must carry the header", field="header")
-        h = first.header
-        header = UploadHeader(h.lab, h.specimen, h.diagnosis, h.filename, h.sha256)
-        chunks = (_chunk(m) for m in request_iterator)
-        r = self.ingestor.upload(header, chunks, caller)
+        settings = self.rt.settings
+        # A stream idle or slower than the floor is refused rather than holding a worker;
+        # closing it however the call ends stops its reader thread.
+        with closing(
+            streams.paced(
+                request_iterator,
+                idle_timeout_s=settings.upload_idle_timeout_s,
+                min_bytes_per_s=settings.upload_min_bytes_per_s,
+                size=lambda m: len(m.chunk),
+            )
+        ) as messages:
+            first = next(messages, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise InvalidArgument("the first message must carry the header", field="header")
+            h = first.header
+            header = UploadHeader(h.lab, h.specimen, h.diagnosis, h.filename, h.sha256)
+            chunks = (_chunk(m) for m in messages)
+            r = self.ingestor.upload(header, chunks, caller)
         return segmenter_pb2.UploadResponse(
             field_id=r.field_id,
             sha256=r.sha256,
@@ -51,15 +65,21 @@ class SegmenterServicer(segmenter_pb2_grpc.SegmenterServicer):
 
     def ListCells(self, request: segmenter_pb2.ListCellsRequest, context: grpc.ServicerContext):
         caller = self._caller(context)
+        size = paging.page_size(request.page_size or request.limit, self.rt.settings.max_page_size)
+        after = paging.decode("cells", request.page_token, (int,))
         rows = cells_repo.list_cells(
             self.rt.db,
             lab=request.lab or None,
             specimen=request.specimen or None,
             field_id=request.field_id or None,
-            limit=request.limit or None,
+            limit=size + 1,
+            after_id=after[0] if after else None,
             lab_ids=None if caller.all_labs else caller.lab_list(),
         )
-        return segmenter_pb2.ListCellsResponse(cells=[_cell_pb(r) for r in rows])
+        return segmenter_pb2.ListCellsResponse(
+            cells=[_cell_pb(r) for r in rows[:size]],
+            next_page_token=paging.next_token("cells", rows, size, lambda r: [r["id"]]),
+        )
 
 
 def _chunk(message: segmenter_pb2.UploadRequest) -> bytes:

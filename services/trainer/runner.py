@@ -69,7 +69,9 @@ def ensure_ray(address: str) -> None:
         try:
             ray.init(address=address, logging_level="WARNING", log_to_driver=False)
         except Exception as exc:  # ConnectionError and Ray's own types
-            raise Unavailable(f"Ray at BMCELL_RAY_ADDRESS={address} is unreachable: {exc}") from exc
+            raise Unavailable(
+                "the Ray cluster at BMCELL_RAY_ADDRESS is unreachable", detail=f"{address}: {exc}"
+            ) from exc
 
 
 def loop_config(job_id: str, plan: Plan, settings: TrainerSettings) -> LoopConfig:

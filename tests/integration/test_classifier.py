@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import threading
 import time
 
@@ -9,6 +10,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from bmcell import modelstore, preprocess
 from bmcell import selection as rules
@@ -92,6 +94,46 @@ def test_bad_input_is_invalid_argument(classifier, v1) -> None:
     with pytest.raises(grpc.RpcError) as err:
         classifier.Classify(classifier_pb2.ClassifyRequest(cell_ids=[10**12]), timeout=30)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def _encoded(image: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("request_", "named"),
+    [
+        (lambda: {"cell_ids": list(range(1, 10_002))}, "BMCELL_MAX_CLASSIFY_CELLS"),
+        (lambda: {"images": [b"x"] * 257}, "BMCELL_MAX_CLASSIFY_IMAGES"),
+        # 1100 x 1100 = 1.21 M pixels, over the classifier's 1 M per crop; ~10 KB as PNG.
+        (
+            lambda: {"images": [_encoded(Image.new("RGB", (1100, 1100)), "PNG")]},
+            "images[0]: pixel dimensions 1100x1100 are beyond the limit of 1000000 pixels "
+            "(BMCELL_MAX_IMAGE_PIXELS)",
+        ),
+        (
+            lambda: {
+                "images": [
+                    synth_crops(1, seed=2)[0][0],
+                    _encoded(
+                        Image.new("RGB", (64, 64)),
+                        "TIFF",
+                        save_all=True,
+                        append_images=[Image.new("RGB", (64, 64))],
+                    ),
+                ]
+            },
+            "images[1]: more than 1 frame(s)",
+        ),
+    ],
+)
+def test_classify_caps_name_the_limit_and_its_setting(classifier, v1, request_, named) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        classifier.Classify(classifier_pb2.ClassifyRequest(**request_()), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert named in err.value.details()
 
 
 def test_predict_pool_writes_once(rt, classifier, v1) -> None:
@@ -235,3 +277,15 @@ def test_activation_under_load_fails_no_call(rt, classifier, v1) -> None:
     assert rolled.version == v1[0] and rolled.state == "active"
     listed = classifier.ListModels(classifier_pb2.ListModelsRequest(), timeout=30)
     assert listed.active_version == v1[0]
+    # One version per page: the same versions in the same order, active on every page.
+    paged, token = [], ""
+    while True:
+        page = classifier.ListModels(
+            classifier_pb2.ListModelsRequest(page_size=1, page_token=token), timeout=30
+        )
+        assert len(page.versions) <= 1 and page.active_version == v1[0]
+        paged += [v.version for v in page.versions]
+        token = page.next_page_token
+        if not token:
+            break
+    assert paged == [v.version for v in listed.versions] and len(paged) >= 2

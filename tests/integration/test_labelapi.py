@@ -604,3 +604,36 @@ def test_reviewer_page_and_openapi_are_served(api_url: str) -> None:
     assert httpx.get(f"{api_url}/static/app.js").status_code == 200
     paths = httpx.get(f"{api_url}/openapi.json").json()["paths"]
     assert {"/v1/tasks/next", "/v1/tasks/{task_id}/submit", "/v1/labels/export"} <= set(paths)
+
+
+def test_bodies_over_the_limit_are_refused_before_authentication(api_url: str) -> None:
+    limit = 1024 * 1024  # BMCELL_MAX_BODY_BYTES' default
+    big = b'{"kind": "initial", "cell_ids": [' + b"1," * (limit // 2) + b"1]}"
+    # No token at all: the size is refused first, so authentication never read the body.
+    resp = httpx.post(
+        f"{api_url}/v1/tasks", content=big, headers={"Content-Type": "application/json"}
+    )
+    assert resp.status_code == 413, resp.text
+    assert "BMCELL_MAX_BODY_BYTES" in resp.json()["error"]
+
+    def chunked():  # no Content-Length: counted as it streams
+        for _ in range(limit // 65536 + 2):
+            yield b" " * 65536
+
+    try:
+        resp = httpx.post(
+            f"{api_url}/v1/tasks", content=chunked(), headers={"Content-Type": "application/json"}
+        )
+    except (httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadError):
+        pass  # the server answered 413 and closed while the client was still sending
+    else:
+        assert resp.status_code == 413 and "BMCELL_MAX_BODY_BYTES" in resp.json()["error"]
+    # A small body without a token is the usual 401.
+    small = httpx.post(f"{api_url}/v1/tasks", json={"kind": "initial", "cell_ids": [1]})
+    assert small.status_code == 401
+
+
+def test_exports_stream(reviewer_lab: dict, api_url: str) -> None:
+    with client(api_url, reviewer_lab["token"]) as c, c.stream("GET", "/v1/labels/export") as r:
+        assert r.status_code == 200 and r.headers.get("transfer-encoding") == "chunked"
+        assert next(r.iter_lines()).startswith("cell_id,")

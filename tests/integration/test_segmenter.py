@@ -20,6 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image, PngImagePlugin
 
 from bmcell import db as dbmod
+from bmcell import paging
 from bmcell.grpc_client import bearer
 from bmcell.settings import Settings, load
 from bmcell.stack import Stack
@@ -110,7 +111,22 @@ def test_upload_segments_and_stores_cells(stack: Stack, stub, store: ObjectStore
         assert np.all(crop[mask == 0] == 255)
         assert 0 <= ratio <= 1
     listed = stub.ListCells(segmenter_pb2.ListCellsRequest(specimen=specimen), timeout=10)
-    assert len(listed.cells) == r.cells
+    assert len(listed.cells) == r.cells and not listed.next_page_token
+    # Pages of two, by cell id, add up to the whole list.
+    paged = list(
+        paging.follow(
+            lambda req: stub.ListCells(req, timeout=10),
+            segmenter_pb2.ListCellsRequest(specimen=specimen, page_size=2),
+            "cells",
+        )
+    )
+    assert [c.cell_id for c in paged] == [c.cell_id for c in listed.cells]
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ListCells(
+            segmenter_pb2.ListCellsRequest(specimen=specimen, page_token="junk"), timeout=10
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "page_token" in err.value.details()
 
 
 def test_same_bytes_twice_is_one_field(stack: Stack, stub) -> None:
@@ -410,5 +426,99 @@ def test_without_weights_serves_but_refuses_uploads(stack: Stack, operator_token
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "bmcell segmenter train" in err.value.details()
     finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _named(data: bytes, lab: str, filename: str):
+    yield segmenter_pb2.UploadRequest(
+        header=segmenter_pb2.UploadHeader(lab=lab, specimen=_specimen(), filename=filename)
+    )
+    yield segmenter_pb2.UploadRequest(chunk=data)
+
+
+def test_filenames_are_digested_unless_the_lab_keeps_them(stack: Stack, stub) -> None:
+    lab = f"lab-names-{uuid.uuid4().hex[:6]}"
+    name = "MRN-0012345_DOE_JANE_1970-01-01.png"
+    first = stub.Upload(_named(_field_png(40), lab, name), timeout=120)
+    [(stored, digest)] = _sql(
+        stack, "SELECT filename, filename_sha256 FROM field_images WHERE id = %s", first.field_id
+    )
+    assert stored == "" and len(digest) == 64 and name.encode().hex() not in digest
+    [(salt,)] = _sql(stack, "SELECT filename_salt FROM labs WHERE code = %s", lab)
+    import hashlib
+
+    assert digest == hashlib.sha256(bytes(salt) + name.encode()).hexdigest()
+    # The same name again digests the same (a repeated upload stays recognisable) ...
+    again = stub.Upload(_named(_field_png(41), lab, name), timeout=120)
+    assert _sql(
+        stack, "SELECT filename_sha256 FROM field_images WHERE id = %s", again.field_id
+    ) == [(digest,)]
+    # ... and a lab that opts in keeps the names its clients give.
+    _sql(stack, "UPDATE labs SET keep_filenames = true WHERE code = %s RETURNING id", lab)
+    kept = stub.Upload(_named(_field_png(42), lab, "slide-7-field-3.png"), timeout=120)
+    assert _sql(stack, "SELECT filename FROM field_images WHERE id = %s", kept.field_id) == [
+        ("slide-7-field-3.png",)
+    ]
+
+
+def _stalled(released):
+    yield segmenter_pb2.UploadRequest(
+        header=segmenter_pb2.UploadHeader(lab="lab-seg", specimen=_specimen())
+    )
+    yield segmenter_pb2.UploadRequest(chunk=b"\x89PNG\r\n\x1a\n")
+    released.wait(60)  # then nothing more: the client is stalled
+
+
+def test_stalled_uploads_are_cut_off_and_concurrency_is_capped(
+    stack: Stack, operator_token: str
+) -> None:
+    """A segmenter with tight limits: a stalled stream is cancelled naming its setting,
+    and calls beyond BMCELL_GRPC_MAX_CONCURRENT_RPCS are refused at once."""
+    import threading
+
+    port, metrics = free_port(), free_port()
+    env = {
+        **os.environ,
+        **stack.env(),
+        "BMCELL_GRPC_PORT": str(port),
+        "BMCELL_METRICS_PORT": str(metrics),
+        "BMCELL_UPLOAD_IDLE_TIMEOUT_S": "4",
+        "BMCELL_GRPC_MAX_CONCURRENT_RPCS": "2",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "services.segmenter"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    released = threading.Event()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            grpc.channel_ready_future(ch).result(timeout=90)
+            seg = segmenter_pb2_grpc.SegmenterStub(ch)
+            auth = bearer(operator_token)
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                seg.Upload(_stalled(released), metadata=auth, timeout=60)
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "BMCELL_UPLOAD_IDLE_TIMEOUT_S" in err.value.details()
+            assert time.monotonic() - started < 30  # the server's 4 s, not the client's 60 s
+            # Two stalled uploads hold both slots; a third call is refused, not queued.
+            held = [
+                seg.Upload.future(_stalled(released), metadata=auth, timeout=60) for _ in range(2)
+            ]
+            time.sleep(1.5)
+            with pytest.raises(grpc.RpcError) as err:
+                seg.ListCells(
+                    segmenter_pb2.ListCellsRequest(lab="lab-seg"), metadata=auth, timeout=10
+                )
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            for f in held:
+                with pytest.raises(grpc.RpcError):
+                    f.result(timeout=60)
+    finally:
+        released.set()
         proc.terminate()
         proc.wait(timeout=30)
