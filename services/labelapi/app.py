@@ -11,7 +11,9 @@ be reachable from a reviewer's browser.
 from __future__ import annotations
 
 import mimetypes
+import re
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
@@ -25,8 +27,8 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
+from bmcell import audit, report
 from bmcell import metrics as shared_metrics
-from bmcell import report
 from bmcell.auth import Principal, authenticate, lab_ids_for_codes
 from bmcell.errors import BmcellError, NotFound, Unauthenticated, Unavailable
 from bmcell.runtime import Runtime
@@ -35,6 +37,7 @@ from bmcell.taxonomy import DEFAULT_TAXONOMY
 from services.labelapi import labels, metrics, queue
 
 STATIC = Path(__file__).parent / "static"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _bearer = HTTPBearer(auto_error=False, description="a token from `bmcell users token NAME`")
 
 
@@ -158,6 +161,16 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
             shared_metrics.HTTP_REQUEST_SECONDS.labels(template, request.method).observe(
                 time.perf_counter() - started
             )
+
+    @app.middleware("http")
+    async def request_id(request: Request, call_next):
+        """Audit rows of a request carry its id: the client's X-Request-ID, or a new one."""
+        given = request.headers.get("x-request-id", "")
+        rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        with audit.request_scope(rid):
+            response = await call_next(request)
+        response.headers["X-Request-ID"] = rid
+        return response
 
     @app.exception_handler(BmcellError)
     async def bmcell_error(_request: Request, exc: BmcellError) -> JSONResponse:
@@ -355,7 +368,7 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
         if class_code is not None:
             labels.check_class(taxonomy, class_code, field="class")
         lab_ids = lab_ids_for_codes(db, caller, [lab]) if lab else None
-        with db.connection() as conn:
+        with db.transaction() as conn:
             rows = labels.export_rows(
                 conn,
                 caller,

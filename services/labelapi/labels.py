@@ -13,8 +13,8 @@ import io
 from collections.abc import Iterable
 
 import psycopg
-from psycopg.types.json import Jsonb
 
+from bmcell import audit
 from bmcell.auth import Principal
 from bmcell.errors import InvalidArgument, NotFound
 from bmcell.taxonomy import Taxonomy
@@ -53,30 +53,6 @@ def _label_row(conn: psycopg.Connection, cell_id: int, *, lock: bool) -> dict | 
     return dict(row) if row else None
 
 
-def audit(
-    conn: psycopg.Connection,
-    *,
-    actor_id: int | None,
-    action: str,
-    entity: str,
-    entity_id: object,
-    before: dict | None,
-    after: dict | None,
-) -> None:
-    conn.execute(
-        """INSERT INTO audit_log (actor_id, action, entity, entity_id, before, after)
-           VALUES (%s, %s, %s, %s, %s, %s)""",
-        (
-            actor_id,
-            action,
-            entity,
-            str(entity_id),
-            None if before is None else Jsonb(before),
-            None if after is None else Jsonb(after),
-        ),
-    )
-
-
 def set_label(
     conn: psycopg.Connection,
     *,
@@ -85,7 +61,7 @@ def set_label(
     source: str,
     round_id: int | None,
     round_added: int,
-    actor_id: int,
+    reviewer: Principal,
     task_id: int | None,
 ) -> dict:
     """Upsert a cell's label from a finished review task; the cell becomes 'labelled'."""
@@ -95,7 +71,7 @@ def set_label(
         "source": source,
         "round_id": round_id,
         "round_added": round_added,
-        "labelled_by": actor_id,
+        "labelled_by": reviewer.user_id,
         "task_id": task_id,
     }
     conn.execute(
@@ -111,30 +87,32 @@ def set_label(
         {"cell": cell_id, **after},
     )
     conn.execute("UPDATE cells SET status = 'labelled' WHERE id = %s", (cell_id,))
-    audit(
+    audit.record(
         conn,
-        actor_id=actor_id,
-        action="label.review" if before is None else "label.relabel",
-        entity="cell",
-        entity_id=cell_id,
+        "label.review" if before is None else "label.relabel",
+        "cell",
+        cell_id,
+        actor=reviewer,
         before=before,
         after=after,
     )
     return after
 
 
-def mark_difficult(conn: psycopg.Connection, *, cell_id: int, actor_id: int, task_id: int) -> None:
+def mark_difficult(
+    conn: psycopg.Connection, *, cell_id: int, reviewer: Principal, task_id: int
+) -> None:
     """The reviewers said "too difficult": no label, never sampled again."""
     before = conn.execute(
         "SELECT status FROM cells WHERE id = %s FOR UPDATE", (cell_id,)
     ).fetchone()
     conn.execute("UPDATE cells SET status = 'difficult' WHERE id = %s", (cell_id,))
-    audit(
+    audit.record(
         conn,
-        actor_id=actor_id,
-        action="cell.difficult",
-        entity="cell",
-        entity_id=cell_id,
+        "cell.difficult",
+        "cell",
+        cell_id,
+        actor=reviewer,
         before={"status": before["status"]} if before else None,
         after={"status": "difficult", "task_id": task_id},
     )
@@ -172,12 +150,12 @@ def correct_label(
         (class_code, principal.user_id, cell_id),
     ).fetchone()
     after = dict(row)
-    audit(
+    audit.record(
         conn,
-        actor_id=principal.user_id,
-        action="label.correct",
-        entity="cell",
-        entity_id=cell_id,
+        "label.correct",
+        "cell",
+        cell_id,
+        actor=principal,
         before=before,
         after={**after, "note": note} if note else after,
     )
@@ -186,9 +164,8 @@ def correct_label(
 
 def label_history(conn: psycopg.Connection, cell_id: int) -> list[dict]:
     return conn.execute(
-        """SELECT a.at, u.name AS actor, a.action, a.before, a.after
-             FROM audit_log a LEFT JOIN users u ON u.id = a.actor_id
-            WHERE a.entity = 'cell' AND a.entity_id = %s ORDER BY a.id""",
+        """SELECT at, actor_name AS actor, action, before, after
+             FROM audit_log WHERE entity = 'cell' AND entity_id = %s ORDER BY id""",
         (str(cell_id),),
     ).fetchall()
 
@@ -202,9 +179,10 @@ def export_rows(
     class_code: str | None,
     limit: int,
 ) -> list[dict]:
-    """Labels the caller may see, newest change last, filtered as asked."""
+    """Labels the caller may see, newest change last, filtered as asked; the export
+    itself is audited (labels leave the system)."""
     principal.require("reviewer", "operator", "admin")
-    return conn.execute(
+    rows = conn.execute(
         """SELECT l.cell_id, lab.code AS lab, s.code AS specimen, s.is_test, l.class_code,
                   l.source, r.number AS round, l.round_added, u.name AS labelled_by,
                   l.task_id, c.crop_key, l.updated_at
@@ -229,6 +207,15 @@ def export_rows(
             "limit": limit,
         },
     ).fetchall()
+    audit.record(
+        conn,
+        "labels.export",
+        "labels",
+        "all" if lab_ids is None else ",".join(map(str, lab_ids)),
+        {"round": round_number, "lab_ids": lab_ids, "class": class_code, "rows": len(rows)},
+        actor=principal,
+    )
+    return rows
 
 
 def to_csv(rows: Iterable[dict]) -> str:
