@@ -17,13 +17,18 @@ from bmcell.cli.common import in_database
 from bmcell.errors import InvalidArgument
 
 
-def _parsed(parse, value: str | None, option: str):
-    if value is None:
-        return None
-    try:
-        return parse(value)
-    except InvalidArgument as exc:
-        raise click.BadParameter(exc.message, param_hint=option) from None
+def _parsed(parse):
+    """A click callback running ``parse``; its InvalidArgument becomes a usage error."""
+
+    def callback(_ctx: click.Context, _param: click.Parameter, value: str | None):
+        if value is None:
+            return None
+        try:
+            return parse(value)
+        except InvalidArgument as exc:
+            raise click.BadParameter(exc.message) from None
+
+    return callback
 
 
 def _line(row: dict) -> str:
@@ -45,24 +50,35 @@ def _json(row: dict) -> dict:
 
 
 @click.command("audit")
-@click.option("--entity", help="ENTITY:ID (cell:123, round:4, user:ana) or a bare ENTITY.")
+@click.option(
+    "--entity",
+    callback=_parsed(repo.parse_entity),
+    help="ENTITY:ID (cell:123, round:4, user:ana) or a bare ENTITY.",
+)
 @click.option("--actor", help="Who acted, as recorded: a user name or service:<name>.")
-@click.option("--since", help="From this time on, ISO 8601 (UTC without an offset).")
+@click.option(
+    "--since",
+    callback=_parsed(repo.parse_since),
+    help="From this time on, ISO 8601 (UTC without an offset).",
+)
 @click.option("--limit", default=100, show_default=True, type=click.IntRange(1, repo.MAX_LIMIT))
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
 def audit_command(
-    entity: str | None, actor: str | None, since: str | None, limit: int, as_json: bool
+    entity: tuple[str, str | None] | None,
+    actor: str | None,
+    since: datetime | None,
+    limit: int,
+    as_json: bool,
 ) -> None:
     """Who changed what and when: the append-only audit trail, newest first."""
-    entity_name, entity_id = _parsed(repo.parse_entity, entity, "--entity") or (None, None)
-    since_at = _parsed(repo.parse_since, since, "--since")
+    entity_name, entity_id = entity or (None, None)
     rows = in_database(
         lambda conn: repo.search(
             conn,
             entity=entity_name,
             entity_id=entity_id,
             actor=actor,
-            since=since_at,
+            since=since,
             limit=limit,
         ),
         name="bmcell-audit",
