@@ -48,7 +48,8 @@ def test_malformed_since_names_the_field(text: str) -> None:
     assert err.value.field == "since" and "ISO 8601" in err.value.message
 
 
-def test_actor_is_the_caller_else_the_process() -> None:
+def test_actor_is_the_caller_else_the_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(audit, "_process", audit._process)  # restored after the test
     audit.set_process_identity("rounds")
     assert audit.acting() == audit.Actor("process", "service:rounds")
     person = Principal(7, "ana", "reviewer", frozenset({1}))
