@@ -26,6 +26,7 @@ from click.testing import CliRunner
 from psycopg.rows import dict_row
 
 from bmcell import audit, modelstore, users
+from bmcell import db as dbmod
 from bmcell.auth import Principal, acting_as, authenticate
 from bmcell.cli.main import cli
 from bmcell.db import Database
@@ -48,6 +49,7 @@ from bmcell.v1 import (
 from services.rounds import store as rounds_store
 from services.trainer import jobs
 from tests.integration.seed import seed_cells, synth_crops
+from tests.integration.test_foundation import _fresh_database
 from tests.integration.test_segmenter_auth import _fresh_png, _requests
 
 pytestmark = pytest.mark.integration
@@ -129,6 +131,60 @@ def test_update_delete_truncate_are_refused_by_the_database(stack_env: dict[str,
         f"test:{TAG}",
         {"n": 1},
     )
+
+
+def test_migration_keeps_old_rows_readable_and_revokes_changes_from_other_roles(
+    stack_env: dict[str, str],
+) -> None:
+    url = _fresh_database(stack_env)
+    role = f"audit_services_{TAG}"
+    earlier = [m for m in dbmod.migrations() if m.version < "0007"]
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE schema_migrations (version text PRIMARY KEY, name text NOT NULL, "
+            "checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        for m in earlier:
+            conn.execute(m.sql)
+            conn.execute(
+                "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                (m.version, m.name, m.checksum),
+            )
+        ana = conn.execute(
+            "INSERT INTO users (name, role) VALUES ('ana', 'reviewer') RETURNING id"
+        ).fetchone()[0]
+        conn.execute(
+            "INSERT INTO audit_log (actor_id, action, entity, entity_id) VALUES "
+            "(%s, 'label.review', 'cell', '1'), (NULL, 'assign_split', 'label', '1')",
+            (ana,),
+        )
+        conn.execute(f"CREATE ROLE {role}")
+        conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON audit_log TO {role}")
+    try:
+        assert dbmod.migrate(url) == [m.version for m in dbmod.migrations() if m not in earlier]
+        with psycopg.connect(url, autocommit=True) as conn:
+            old = conn.execute(
+                "SELECT actor_kind, actor_name, actor_role FROM audit_log ORDER BY id"
+            ).fetchall()
+            may = {
+                p: conn.execute(
+                    "SELECT has_table_privilege(%s, 'audit_log', %s)", (role, p)
+                ).fetchone()[0]
+                for p in ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE")
+            }
+        assert old == [("person", "ana", "reviewer"), ("process", "unrecorded", None)]
+        assert may == {
+            "SELECT": True,
+            "INSERT": True,
+            "UPDATE": False,
+            "DELETE": False,
+            "TRUNCATE": False,
+        }
+    finally:
+        admin = url.rsplit("/", 1)[0] + "/postgres"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {url.rsplit('/', 1)[1]}")
+            conn.execute(f"DROP ROLE {role}")
 
 
 # --- people and tokens (the CLI, direct database access) -----------------------------
