@@ -12,8 +12,8 @@ from typing import Generic, TypeVar
 
 import structlog
 
+from bmcell import audit, log
 from bmcell import db as dbmod
-from bmcell import log
 from bmcell.errors import BmcellError, ConfigError
 from bmcell.settings import Settings, load
 from bmcell.storage import ObjectStore
@@ -40,6 +40,7 @@ def settings_or_exit(name: str, cls: type[S]) -> S:
 def boot(name: str, cls: type[S]) -> Runtime[S]:
     settings = settings_or_exit(name, cls)
     logger = log.configure(name, settings.log_level, settings.log_format)
+    audit.set_process_identity(name)
     try:
         dbmod.migrate(settings.database_url)
         store = ObjectStore(settings).ensure_buckets()

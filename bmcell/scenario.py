@@ -22,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from bmcell import grpc_client, users
+from bmcell import audit, grpc_client, users
 from bmcell.db import Database
 from bmcell.errors import Conflict
 from bmcell.review_sim import ReviewStats, TruthIndex, simulate_reviews
@@ -142,10 +142,8 @@ def mark_test_specimens(db: Database, manifest: Manifest, per_lab: int, say: Say
                 "AND lab_id = (SELECT id FROM labs WHERE code = %s)",
                 (spec, lab),
             )
-            conn.execute(
-                "INSERT INTO audit_log (action, entity, entity_id, after) "
-                "VALUES ('mark_test', 'specimen', %s, '{\"is_test\": true}')",
-                (f"{lab}/{spec}",),
+            audit.record(
+                conn, "specimen.mark_test", "specimen", f"{lab}/{spec}", after={"is_test": True}
             )
     say(f"test specimens (never used for training): {', '.join(s for _, s in chosen)}")
     return [s for _, s in chosen]

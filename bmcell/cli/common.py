@@ -1,16 +1,24 @@
-"""What every command that talks to a service needs: its address and error reporting."""
+"""What commands share: a service's address, error reporting, and a Postgres transaction
+for the commands that talk to the database directly (``users``, ``audit``)."""
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 import click
 import grpc
+import psycopg
 
+from bmcell import db as dbmod
 from bmcell import grpc_client
+from bmcell.errors import BmcellError
+from bmcell.settings import Settings, load
+
+T = TypeVar("T")
 
 
 def address(variable: str) -> str:
@@ -31,4 +39,27 @@ def rpc_errors() -> Iterator[None]:
         yield
     except grpc.RpcError as exc:
         click.echo(f"error: {exc.code().name}: {exc.details()}", err=True)
+        sys.exit(1)
+
+
+@contextmanager
+def _transaction(name: str) -> Iterator[psycopg.Connection]:
+    settings = load(Settings)
+    dbmod.migrate(settings.database_url)
+    database = dbmod.Database(settings, name=name).open()
+    try:
+        with database.transaction() as conn:
+            yield conn
+    finally:
+        database.close()
+
+
+def in_database(fn: Callable[[psycopg.Connection], T], name: str = "bmcell-cli") -> T:
+    """Run ``fn`` in one transaction on BMCELL_DATABASE_URL (schema brought up to date
+    first); a refused call prints one line and exits 1."""
+    try:
+        with _transaction(name) as conn:
+            return fn(conn)
+    except BmcellError as exc:
+        click.echo(f"error: {exc}", err=True)
         sys.exit(1)

@@ -11,6 +11,8 @@ import os
 
 import click
 
+from bmcell import audit
+from bmcell.cli.audit import audit_command
 from bmcell.cli.demo import demo
 from bmcell.cli.experiment import experiment
 from bmcell.cli.models import classify, models
@@ -41,6 +43,7 @@ def load_stack_env() -> None:
 def cli() -> None:
     """bmcell: grow a labelled bone marrow cell library and its classifier together."""
     load_stack_env()
+    audit.set_process_identity(audit.cli_identity())
 
 
 cli.add_command(stack)
@@ -51,6 +54,7 @@ cli.add_command(demo)
 cli.add_command(experiment)
 register_segmenter(cli)
 cli.add_command(users)
+cli.add_command(audit_command)
 cli.add_command(review)
 cli.add_command(report)
 cli.add_command(models)

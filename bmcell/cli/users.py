@@ -1,4 +1,5 @@
-"""``bmcell users add | token | revoke | list``: people and their API tokens.
+"""``bmcell users add | set | disable | enable | token | revoke | list``: people and
+their API tokens. Every change is audited (``bmcell audit --entity user:NAME``).
 
 Talks to Postgres directly (BMCELL_DATABASE_URL; the embedded stack's env file
 supplies it after ``bmcell stack up``). A token is printed once, on stdout alone, so
@@ -8,41 +9,21 @@ supplies it after ``bmcell stack up``). A token is printed once, on stdout alone
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import TypeVar
 
 import click
 import psycopg
 
-from bmcell import db as dbmod
 from bmcell import users as repo
 from bmcell.auth import ROLES
-from bmcell.errors import BmcellError
-from bmcell.settings import Settings, load
+from bmcell.cli.common import in_database
 
 T = TypeVar("T")
 
 
-@contextmanager
-def _transaction() -> Iterator[psycopg.Connection]:
-    settings = load(Settings)
-    dbmod.migrate(settings.database_url)
-    database = dbmod.Database(settings, name="bmcell-users").open()
-    try:
-        with database.transaction() as conn:
-            yield conn
-    finally:
-        database.close()
-
-
 def _run(fn: Callable[[psycopg.Connection], T]) -> T:
-    try:
-        with _transaction() as conn:
-            return fn(conn)
-    except BmcellError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+    return in_database(fn, name="bmcell-users")
 
 
 @click.group()
@@ -65,6 +46,34 @@ def add(name: str, role: str, labs: tuple[str, ...]) -> None:
     click.echo(
         f"user {name!r} added as {role}" + (f" for {', '.join(labs)}" if labs else ""), err=True
     )
+
+
+@users.command("set")
+@click.argument("name")
+@click.option("--role", type=click.Choice(ROLES), help="The person's new role.")
+@click.option("--lab", "labs", multiple=True, help="Lab code (repeat); replaces the old list.")
+def set_(name: str, role: str | None, labs: tuple[str, ...]) -> None:
+    """Change a user's role or labs."""
+    after = _run(lambda conn: repo.change_user(conn, name, role=role, lab_codes=list(labs) or None))
+    click.echo(
+        f"user {name!r} is {after['role']} for {', '.join(after['labs']) or 'every lab'}", err=True
+    )
+
+
+@users.command()
+@click.argument("name")
+def disable(name: str) -> None:
+    """Disable a user: every token of theirs stops working at once."""
+    changed = _run(lambda conn: repo.set_disabled(conn, name, True))
+    click.echo(f"user {name!r} {'disabled' if changed else 'was already disabled'}", err=True)
+
+
+@users.command()
+@click.argument("name")
+def enable(name: str) -> None:
+    """Enable a disabled user again (their unexpired, unrevoked tokens work again)."""
+    changed = _run(lambda conn: repo.set_disabled(conn, name, False))
+    click.echo(f"user {name!r} {'enabled' if changed else 'was not disabled'}", err=True)
 
 
 @users.command()

@@ -4,6 +4,7 @@ Postgres says which version is active; Triton holds every version the repository
 has (``version_policy: all``), so switching is a row update after the new version is
 ready, and requests already in flight on the old version complete on it. Clients
 always name a version, so no request lands on a version that is not loaded yet.
+Activation and rollback are audited with the caller of the call in progress.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from bmcell import log, modelrepo, modelstore
+from bmcell import audit, log, modelrepo, modelstore
 from bmcell.db import Database
 from bmcell.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from bmcell.storage import ObjectStore
@@ -113,7 +114,7 @@ class ModelServing:
         if row is not None:
             self.ensure_loaded(row["version"])
 
-    def activate(self, version: int, actor_id: int | None = None) -> dict:
+    def activate(self, version: int, *, action: str = "model.activate") -> dict:
         row = self.resolve(version)
         if row["state"] == "rejected":
             raise FailedPrecondition(
@@ -135,15 +136,13 @@ class ModelServing:
                 "WHERE model_name = %s AND version = %s RETURNING *",
                 (self.model_name, version),
             ).fetchone()
-            conn.execute(
-                "INSERT INTO audit_log (actor_id, action, entity, entity_id, before, after) "
-                "VALUES (%s, 'activate', 'model_version', %s, %s, %s)",
-                (
-                    actor_id,
-                    f"{self.model_name}/{version}",
-                    None if before is None else f'{{"active": {before["version"]}}}',
-                    f'{{"active": {version}}}',
-                ),
+            audit.record(
+                conn,
+                action,
+                "model_version",
+                f"{self.model_name}/{version}",
+                before=None if before is None else {"active": before["version"]},
+                after={"active": version},
             )
         self._active = (0.0, None)
         _LOG.info(
@@ -154,7 +153,7 @@ class ModelServing:
         )
         return row
 
-    def rollback(self, actor_id: int | None = None) -> dict:
+    def rollback(self) -> dict:
         """Activate the version that was active before the current one."""
         with self.db.connection() as conn:
             previous = conn.execute(
@@ -167,4 +166,4 @@ class ModelServing:
             raise FailedPrecondition(
                 f"{self.model_name} has no earlier active version to roll back to"
             )
-        return self.activate(previous["version"], actor_id)
+        return self.activate(previous["version"], action="model.rollback")

@@ -11,7 +11,9 @@ be reachable from a reviewer's browser.
 from __future__ import annotations
 
 import mimetypes
+import re
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
@@ -31,7 +33,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
-from bmcell import log, report
+from bmcell import audit, log, report
 from bmcell import metrics as shared_metrics
 from bmcell.auth import Principal, authenticate, lab_ids_for_codes
 from bmcell.errors import BmcellError, NotFound, Unauthenticated, Unavailable, request_id
@@ -43,6 +45,7 @@ from services.labelapi.limits import BodyLimit
 
 STATIC = Path(__file__).parent / "static"
 _LOG = log.get(__name__)
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _bearer = HTTPBearer(auto_error=False, description="a token from `bmcell users token NAME`")
 
 
@@ -171,11 +174,21 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
                 time.perf_counter() - started
             )
 
+    @app.middleware("http")
+    async def tag_request_id(request: Request, call_next):
+        """Audit rows of a request carry its id: the client's X-Request-ID, or a new one."""
+        given = request.headers.get("x-request-id", "")
+        rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        with audit.request_scope(rid):
+            response = await call_next(request)
+        response.headers["X-Request-ID"] = rid
+        return response
+
     @app.exception_handler(BmcellError)
     async def bmcell_error(request: Request, exc: BmcellError) -> JSONResponse:
         content = {"error": exc.message, "field": exc.field}
         if exc.detail is not None:  # a driver's or a store's words: the log's, not the client's
-            rid = request_id()
+            rid = audit.current_request_id() or request_id()
             _LOG.warning(
                 "request refused",
                 path=request.url.path,
@@ -192,7 +205,7 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
-        rid = request_id()
+        rid = audit.current_request_id() or request_id()
         _LOG.error("request failed", path=request.url.path, request_id=rid, exc_info=exc)
         return JSONResponse(
             status_code=500,
@@ -385,6 +398,10 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
             labels.check_class(taxonomy, class_code, field="class")
         lab_ids = lab_ids_for_codes(db, caller, [lab]) if lab else None
         caller.require("reviewer", "operator", "admin")  # refused before the stream starts
+        with db.transaction() as conn:  # labels leave the system: audited before they do
+            labels.record_export(
+                conn, caller, round_number=round, lab_ids=lab_ids, class_code=class_code
+            )
 
         def body():
             # One connection for the export's server-side cursor, held while it streams.

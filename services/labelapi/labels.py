@@ -14,8 +14,8 @@ import json
 from collections.abc import Iterable, Iterator
 
 import psycopg
-from psycopg.types.json import Jsonb
 
+from bmcell import audit
 from bmcell.auth import Principal
 from bmcell.errors import InvalidArgument, NotFound
 from bmcell.taxonomy import Taxonomy
@@ -54,30 +54,6 @@ def _label_row(conn: psycopg.Connection, cell_id: int, *, lock: bool) -> dict | 
     return dict(row) if row else None
 
 
-def audit(
-    conn: psycopg.Connection,
-    *,
-    actor_id: int | None,
-    action: str,
-    entity: str,
-    entity_id: object,
-    before: dict | None,
-    after: dict | None,
-) -> None:
-    conn.execute(
-        """INSERT INTO audit_log (actor_id, action, entity, entity_id, before, after)
-           VALUES (%s, %s, %s, %s, %s, %s)""",
-        (
-            actor_id,
-            action,
-            entity,
-            str(entity_id),
-            None if before is None else Jsonb(before),
-            None if after is None else Jsonb(after),
-        ),
-    )
-
-
 def set_label(
     conn: psycopg.Connection,
     *,
@@ -86,7 +62,7 @@ def set_label(
     source: str,
     round_id: int | None,
     round_added: int,
-    actor_id: int,
+    reviewer: Principal,
     task_id: int | None,
 ) -> dict:
     """Upsert a cell's label from a finished review task; the cell becomes 'labelled'."""
@@ -96,7 +72,7 @@ def set_label(
         "source": source,
         "round_id": round_id,
         "round_added": round_added,
-        "labelled_by": actor_id,
+        "labelled_by": reviewer.user_id,
         "task_id": task_id,
     }
     conn.execute(
@@ -112,30 +88,32 @@ def set_label(
         {"cell": cell_id, **after},
     )
     conn.execute("UPDATE cells SET status = 'labelled' WHERE id = %s", (cell_id,))
-    audit(
+    audit.record(
         conn,
-        actor_id=actor_id,
-        action="label.review" if before is None else "label.relabel",
-        entity="cell",
-        entity_id=cell_id,
+        "label.review" if before is None else "label.relabel",
+        "cell",
+        cell_id,
+        actor=reviewer,
         before=before,
         after=after,
     )
     return after
 
 
-def mark_difficult(conn: psycopg.Connection, *, cell_id: int, actor_id: int, task_id: int) -> None:
+def mark_difficult(
+    conn: psycopg.Connection, *, cell_id: int, reviewer: Principal, task_id: int
+) -> None:
     """The reviewers said "too difficult": no label, never sampled again."""
     before = conn.execute(
         "SELECT status FROM cells WHERE id = %s FOR UPDATE", (cell_id,)
     ).fetchone()
     conn.execute("UPDATE cells SET status = 'difficult' WHERE id = %s", (cell_id,))
-    audit(
+    audit.record(
         conn,
-        actor_id=actor_id,
-        action="cell.difficult",
-        entity="cell",
-        entity_id=cell_id,
+        "cell.difficult",
+        "cell",
+        cell_id,
+        actor=reviewer,
         before={"status": before["status"]} if before else None,
         after={"status": "difficult", "task_id": task_id},
     )
@@ -173,12 +151,12 @@ def correct_label(
         (class_code, principal.user_id, cell_id),
     ).fetchone()
     after = dict(row)
-    audit(
+    audit.record(
         conn,
-        actor_id=principal.user_id,
-        action="label.correct",
-        entity="cell",
-        entity_id=cell_id,
+        "label.correct",
+        "cell",
+        cell_id,
+        actor=principal,
         before=before,
         after={**after, "note": note} if note else after,
     )
@@ -187,9 +165,8 @@ def correct_label(
 
 def label_history(conn: psycopg.Connection, cell_id: int) -> list[dict]:
     return conn.execute(
-        """SELECT a.at, u.name AS actor, a.action, a.before, a.after
-             FROM audit_log a LEFT JOIN users u ON u.id = a.actor_id
-            WHERE a.entity = 'cell' AND a.entity_id = %s ORDER BY a.id""",
+        """SELECT at, actor_name AS actor, action, before, after
+             FROM audit_log WHERE entity = 'cell' AND entity_id = %s ORDER BY id""",
         (str(cell_id),),
     ).fetchall()
 
@@ -242,6 +219,25 @@ def _stream_export(conn: psycopg.Connection, params: dict) -> Iterator[dict]:
             params,
         )
         yield from cur
+
+
+def record_export(
+    conn: psycopg.Connection,
+    principal: Principal,
+    *,
+    round_number: int | None,
+    lab_ids: list[int] | None,
+    class_code: str | None,
+) -> None:
+    """Audit an export as it starts (labels leave the system): who, and which filter."""
+    audit.record(
+        conn,
+        "labels.export",
+        "labels",
+        "all" if lab_ids is None else ",".join(map(str, lab_ids)),
+        {"round": round_number, "lab_ids": lab_ids, "class": class_code},
+        actor=principal,
+    )
 
 
 def to_csv(rows: Iterable[dict]) -> str:

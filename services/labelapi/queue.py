@@ -22,6 +22,7 @@ from uuid import UUID
 
 import psycopg
 
+from bmcell import audit
 from bmcell.auth import Principal
 from bmcell.errors import Conflict, InvalidArgument, NotFound
 from bmcell.taxonomy import Taxonomy
@@ -249,6 +250,14 @@ def submit(
            RETURNING seconds""",
         (task_id, principal.user_id, lease_token, answer, chosen, task["leased_at"]),
     ).fetchone()
+    audit.record(
+        conn,
+        "review.answer",
+        "review_task",
+        task_id,
+        {"answer": answer, "class_code": chosen, "cell_id": task["cell_id"]},
+        actor=principal,
+    )
     reviews = conn.execute(
         "SELECT reviewer_id, answer, class_code FROM reviews WHERE task_id = %s ORDER BY id",
         (task_id,),
@@ -285,14 +294,12 @@ def submit(
             source=source,
             round_id=task["round_id"],
             round_added=round_added,
-            actor_id=principal.user_id,
+            reviewer=principal,
             task_id=task_id,
         )
         return Outcome(status=status, class_code=detail["class_code"], **base)
     if status == "difficult":
-        labels.mark_difficult(
-            conn, cell_id=task["cell_id"], actor_id=principal.user_id, task_id=task_id
-        )
+        labels.mark_difficult(conn, cell_id=task["cell_id"], reviewer=principal, task_id=task_id)
         return Outcome(status=status, **base)
     classes = sorted((c for c in detail if c != "difficult"), key=lambda c: -detail[c])
     adjudication = conn.execute(
@@ -389,6 +396,15 @@ def create_bootstrap_tasks(
         (cell_ids, round_id, kind, required_reviews),
     ).fetchall()
     made = {r["cell_id"] for r in created}
+    if created:
+        audit.record(
+            conn,
+            "review_tasks.create",
+            "round",
+            round_id or "none",
+            {"kind": kind, "tasks": len(created), "required_reviews": required_reviews},
+            actor=principal,
+        )
     return {
         "created": [r["id"] for r in created],
         "skipped_cells": sorted(set(cell_ids) - made),

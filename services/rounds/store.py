@@ -7,6 +7,7 @@ import json
 import numpy as np
 import psycopg
 
+from bmcell import audit
 from bmcell.errors import FailedPrecondition, NotFound
 
 LIVE_STATES = ("created", "predicting", "selecting", "reviewing", "training", "evaluating")
@@ -85,11 +86,22 @@ def create(conn: psycopg.Connection, experiment: str, strategy: str, params: dic
             "bmcell round start --strategy bootstrap"
         )
     number = 0 if last_number is None else last_number + 1
-    return conn.execute(
+    row = conn.execute(
         "INSERT INTO rounds (experiment, number, strategy, params, driven) "
         "VALUES (%s, %s, %s, %s, true) RETURNING *",
         (experiment, number, strategy, json.dumps(params)),
     ).fetchone()
+    # Starting again after a failed round is the retry of that round.
+    retry_of = prev["id"] if prev is not None and prev["state"] == "failed" else None
+    audit.record(
+        conn,
+        "round.start" if retry_of is None else "round.retry",
+        "round",
+        row["id"],
+        {"experiment": experiment, "number": number, "strategy": strategy, "params": params}
+        | ({} if retry_of is None else {"retry_of": retry_of}),
+    )
+    return row
 
 
 def set_state(
@@ -191,16 +203,18 @@ def bootstrap_labels(conn: psycopg.Connection, round_id: int) -> list[dict]:
 
 def move_to_validation(conn: psycopg.Connection, cell_ids: list[int]) -> None:
     """The fixed validation split: chosen once from the bootstrap's labels, audited."""
-    conn.execute(
-        "INSERT INTO audit_log (action, entity, entity_id, before, after) "
-        "SELECT 'assign_split', 'label', cell_id::text, '{\"source\": \"initial\"}', "
-        "'{\"source\": \"validation\"}' FROM labels WHERE cell_id = ANY(%s) AND source = 'initial'",
-        (cell_ids,),
-    )
-    conn.execute(
+    moved = conn.execute(
         "UPDATE labels SET source = 'validation', updated_at = now() "
-        "WHERE cell_id = ANY(%s) AND source = 'initial'",
+        "WHERE cell_id = ANY(%s) AND source = 'initial' RETURNING cell_id",
         (cell_ids,),
+    ).fetchall()
+    audit.record_each(
+        conn,
+        "label.split",
+        "cell",
+        [r["cell_id"] for r in moved],
+        before={"source": "initial"},
+        after={"source": "validation"},
     )
 
 

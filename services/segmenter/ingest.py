@@ -25,7 +25,8 @@ the file once more repairs the field.
 
 The caller is authenticated by the server; :func:`bmcell.auth.require_upload`
 decides here, from the header's lab, before a byte of the image is read, and the
-field records who uploaded it (``field_images.uploaded_by``).
+field records who uploaded it (``field_images.uploaded_by``, and the ``field.upload``
+audit row written with the rows).
 
 Failure leaves nothing behind: objects are written first under content keys, every
 row (lab, specimen, field, cells) in one transaction after; if anything fails,
@@ -43,7 +44,7 @@ from dataclasses import dataclass
 from prometheus_client import Counter, Histogram
 from psycopg import Connection
 
-from bmcell import log
+from bmcell import audit, log
 from bmcell.auth import Principal, require_upload
 from bmcell.db import Database, advisory_locks, lock_key, object_lock_key
 from bmcell.errors import BmcellError, InvalidArgument
@@ -370,6 +371,16 @@ class Ingestor:
             for row in cell_rows:
                 row.update(field_id=field_id, specimen_id=specimen_id, lab_id=lab_id)
             repo.insert_cells(conn, cell_rows)
+            # No filename: it often carries patient identifiers.
+            audit.record(
+                conn,
+                "field.upload",
+                "field",
+                field_id,
+                {"lab": header.lab, "specimen": header.specimen, "sha256": digest}
+                | {"bytes": len(data), "cells": len(cell_rows), "segmenter": segmenter},
+                actor=uploader,
+            )
         return field_id
 
 

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from bmcell import audit
 from bmcell import selection as rules
 from bmcell.db import Database
 from bmcell.errors import InvalidArgument
@@ -128,6 +129,14 @@ class CandidateSelector:
             if inserted:
                 store.insert_tasks(conn, req.round_id, tasks)
                 store.insert_pseudo_labels(conn, round_row, pseudo)
+                audit.record(
+                    conn,
+                    "selection.create",
+                    "round",
+                    req.round_id,
+                    {k: record[k] for k in ("strategy", "seed", "sample_size", "model_version")}
+                    | {"tasks": len(tasks), "pseudo_labels": len(pseudo)},
+                )
             saved = store.get_selection(conn, req.round_id)
         return Outcome(saved, existing=not inserted)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import psycopg
 
+from bmcell import audit
 from bmcell.db import Database
 from bmcell.errors import FailedPrecondition, NotFound
 from bmcell.trainset import LabelledCell
@@ -46,16 +47,32 @@ def create(db: Database, round_id: int | None, config: dict[str, Any], epochs: i
     """Insert a queued job; for a round that already has a live one, return that one."""
     try:
         with db.transaction() as conn:
-            return conn.execute(
+            row = conn.execute(
                 """INSERT INTO training_jobs (id, round_id, config, epochs)
                    VALUES (%s, %s, %s, %s) RETURNING *""",
                 (new_job_id(), round_id, json.dumps(config), epochs),
             ).fetchone()
+            audit.record(
+                conn,
+                "training.start",
+                "training_job",
+                row["id"],
+                _audited_plan(config),
+            )
+            return row
     except psycopg.errors.UniqueViolation:
         existing = live_for_round(db, round_id) if round_id is not None else None
         if existing is None:  # it ended between the insert and this read: try once more
             return create(db, round_id, config, epochs)
         return existing
+
+
+def _audited_plan(config: dict[str, Any]) -> dict[str, Any]:
+    """What the audit keeps of a plan: its settings (the promotion gate among them) and
+    the sizes of its cell lists, not the lists."""
+    sizes = {f"{name}_cells": len(config.get(name, ())) for name in ("train", "validation", "test")}
+    scalars = {k: v for k, v in config.items() if isinstance(v, int | float | str | None)}
+    return scalars | sizes
 
 
 def live_jobs(db: Database) -> list[dict]:
@@ -86,6 +103,10 @@ def cancel(db: Database, job_id: str) -> dict:
                 WHERE id = %s AND state = ANY(%s) RETURNING *""",
             (job_id, list(LIVE)),
         ).fetchone()
+        if row is not None:
+            audit.record(
+                conn, "training.cancel", "training_job", job_id, {"round_id": row["round_id"]}
+            )
     return row or get(db, job_id)
 
 

@@ -221,6 +221,10 @@ def test_selection_matches_the_pure_rules(rt, stack: Stack, v1) -> None:
                 "SELECT status FROM cells WHERE id = ANY(%s)", ([t["cell_id"] for t in tasks],)
             )
         }
+        audited = conn.execute(
+            "SELECT action, detail FROM audit_log WHERE entity = 'round' AND entity_id = %s",
+            (str(round_id),),
+        ).fetchall()
     want = rules.select("cst+al", P, rules.SelectionParams(0.9, 0.2), 11)
     assert want.cst.size and want.al.size, "the test model should give both kinds"
     got_cst = {t["cell_id"] for t in tasks if t["kind"] == "cst"}
@@ -235,6 +239,10 @@ def test_selection_matches_the_pure_rules(rt, stack: Stack, v1) -> None:
         if t["kind"] == "cst":
             assert t["suggested_class"] == t["top_classes"][0]
     assert statuses == {"pending"}
+    # One selection, audited once: the repeated call and the refused one wrote nothing.
+    assert [(a["action"], a["detail"]["tasks"]) for a in audited] == [
+        ("selection.create", len(tasks))
+    ]
 
 
 def test_activation_under_load_fails_no_call(rt, classifier, v1) -> None:
