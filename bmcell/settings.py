@@ -39,6 +39,9 @@ class Settings(BaseSettings):
         30.0, gt=0, description="deadline for calls to other services"
     )
     model_name: str = Field("bmcell-cell", description="the cell classifier's name in Triton")
+    env: Literal["production", "development"] = Field(
+        "production", description="development (the embedded stack) opens gRPC reflection"
+    )
 
 
 class ServiceSettings(Settings):
@@ -49,6 +52,9 @@ class ServiceSettings(Settings):
     metrics_port: int = Field(ge=1, le=65535)
     grpc_workers: int = Field(8, ge=1)
     shutdown_grace_s: float = Field(10.0, ge=0)
+    service_token: SecretStr | None = Field(
+        None, description="this service's account token, sent on its calls to other services"
+    )
 
 
 class SegmenterSettings(ServiceSettings):

@@ -11,7 +11,7 @@ from datetime import datetime
 
 import psycopg
 
-from bmcell.auth import ALL_LAB_ROLES, PREFIX_LEN, ROLES, TOKEN_SCHEME, new_token
+from bmcell.auth import ALL_LAB_ROLES, PREFIX_LEN, ROLES, TOKEN_SCHEME, new_token, token_hash
 from bmcell.errors import Conflict, InvalidArgument, NotFound
 
 
@@ -68,6 +68,26 @@ def issue_token(conn: psycopg.Connection, name: str, expires_days: float | None)
         (user_id, digest, prefix, None if expires_days is None else expires_days * 86400),
     ).fetchone()
     return IssuedToken(token, prefix, row["expires_at"])
+
+
+def ensure_account(conn: psycopg.Connection, name: str, role: str, token: str) -> None:
+    """A user of ``role`` (labs: all) whose ``token`` works: what ``bmcell stack up``
+    does for each service account and its developer's operator, again on every start.
+    A token an admin revoked stays revoked: a new one comes from a new secret."""
+    if role not in ALL_LAB_ROLES:
+        raise InvalidArgument(f"role {role!r} needs labs; accounts are for {ALL_LAB_ROLES}")
+    conn.execute(
+        "INSERT INTO users (name, role) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING",
+        (name, role),
+    )
+    user = conn.execute("SELECT id, role FROM users WHERE name = %s", (name,)).fetchone()
+    if user["role"] != role:
+        raise Conflict(f"user {name!r} exists with role {user['role']!r}, not {role!r}")
+    conn.execute(
+        """INSERT INTO api_tokens (user_id, token_hash, prefix) VALUES (%s, %s, %s)
+           ON CONFLICT (token_hash) DO NOTHING""",
+        (user["id"], token_hash(token), token[:PREFIX_LEN]),
+    )
 
 
 def revoke(conn: psycopg.Connection, *, name: str | None, token_prefix: str | None) -> int:

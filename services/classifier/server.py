@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
+from bmcell.auth import caller
 from bmcell.errors import InvalidArgument
 from bmcell.grpc_server import Service
 from bmcell.runtime import Runtime
@@ -41,7 +42,7 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
             row, probs = self.inference.classify_images(list(request.images), request.model_version)
         else:
             row, probs = self.inference.classify_cells(
-                list(request.cell_ids), request.model_version
+                list(request.cell_ids), request.model_version, caller().sees_lab
             )
         BATCH_SIZE.observe(len(probs))
         CELLS_CLASSIFIED.labels("Classify").inc(len(probs))
@@ -131,6 +132,7 @@ def build(runtime: Runtime[ClassifierSettings]) -> Service:
     return Service(
         "classifier",
         register,
+        runtime.db,
         on_stop=[inference.close, triton.close, runtime.db.close],
         dependencies=[runtime.db.ping],
     )

@@ -1,15 +1,16 @@
 """gRPC surface of the segmenter: field image upload and cell listing.
 
 Both calls carry a token from ``bmcell users token NAME`` in the ``authorization``
-metadata (``Bearer <token>``), checked by the labeling API's own rules
-(:mod:`bmcell.auth`) before any message of the stream is read.
+metadata (``Bearer <token>``), checked by the shared interceptor (bmcell.grpc_auth,
+bmcell.policy) before any message of the stream is read; the lab checks here read
+the caller it set.
 """
 
 from __future__ import annotations
 
 import grpc
 
-from bmcell.auth import Principal, authenticate, bearer_token
+from bmcell.auth import caller
 from bmcell.errors import InvalidArgument
 from bmcell.grpc_server import Service
 from bmcell.runtime import Runtime
@@ -25,19 +26,14 @@ class SegmenterServicer(segmenter_pb2_grpc.SegmenterServicer):
         self.rt = runtime
         self.ingestor = ingestor
 
-    def _caller(self, context: grpc.ServicerContext) -> Principal:
-        metadata = dict(context.invocation_metadata())
-        return authenticate(self.rt.db, bearer_token(metadata.get("authorization")))
-
     def Upload(self, request_iterator, context: grpc.ServicerContext):
-        caller = self._caller(context)
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "header":
             raise InvalidArgument("the first message must carry the header", field="header")
         h = first.header
         header = UploadHeader(h.lab, h.specimen, h.diagnosis, h.filename, h.sha256)
         chunks = (_chunk(m) for m in request_iterator)
-        r = self.ingestor.upload(header, chunks, caller)
+        r = self.ingestor.upload(header, chunks, caller())
         return segmenter_pb2.UploadResponse(
             field_id=r.field_id,
             sha256=r.sha256,
@@ -50,14 +46,14 @@ class SegmenterServicer(segmenter_pb2_grpc.SegmenterServicer):
         )
 
     def ListCells(self, request: segmenter_pb2.ListCellsRequest, context: grpc.ServicerContext):
-        caller = self._caller(context)
+        principal = caller()
         rows = cells_repo.list_cells(
             self.rt.db,
             lab=request.lab or None,
             specimen=request.specimen or None,
             field_id=request.field_id or None,
             limit=request.limit or None,
-            lab_ids=None if caller.all_labs else caller.lab_list(),
+            lab_ids=None if principal.all_labs else principal.lab_list(),
         )
         return segmenter_pb2.ListCellsResponse(cells=[_cell_pb(r) for r in rows])
 
@@ -110,6 +106,7 @@ def build(runtime: Runtime[SegmenterSettings]) -> Service:
     return Service(
         "segmenter",
         register,
+        runtime.db,
         on_stop=[runtime.db.close],
         dependencies=[runtime.db.ping],
     )
