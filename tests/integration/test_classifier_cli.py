@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import grpc
 import pytest
 
 from bmcell import modelstore

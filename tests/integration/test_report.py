@@ -8,7 +8,6 @@ import subprocess
 import sys
 import uuid
 
-import grpc
 import httpx
 import pytest
 

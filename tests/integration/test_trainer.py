@@ -144,7 +144,9 @@ def assert_resumed_after(db: Database, job_id: str, epochs: int, interrupted_at:
 # --- tests -------------------------------------------------------------------------------
 
 
-def test_round_training_publishes_and_is_idempotent(rt, trainer, stack: Stack) -> None:
+def test_round_training_publishes_and_is_idempotent(
+    rt, trainer, stack: Stack, operator_channel
+) -> None:
     settings, db, store = rt
     with db.transaction() as conn:
         # Round 1 of a study starts without a served model (lr 0.01, no gate to pass).
