@@ -73,9 +73,10 @@ class Inference:
     def classify_cells(
         self, cell_ids: list[int], version: int, sees_lab: Callable[[int], bool]
     ) -> tuple[dict, np.ndarray]:
-        """Cells of labs the caller does not see are reported missing, like unknown ids."""
-        row = self.serving.resolve(version)
+        """Cells of labs the caller does not see are reported missing, like unknown ids
+        (checked first, so the answer says nothing about models either)."""
         keys = self._crop_keys(cell_ids, sees_lab)
+        row = self.serving.resolve(version)
         crops = list(self.pool.map(self.store.get, [keys[c] for c in cell_ids]))
         batch = preprocess.batch_from_crops(crops, row["input_size"])
         return row, self._run_batches(row["version"], batch)
