@@ -64,7 +64,7 @@ GRPC: dict[str, Rule] = {
     "/bmcell.v1.Classifier/ActivateModel": Rule(OPERATE_OR_SERVICE, "none"),
     "/bmcell.v1.Classifier/RollbackModel": Rule(OPERATE, "none"),
     "/bmcell.v1.Selector/SelectCandidates": Rule(OPERATE_OR_SERVICE, "all_labs"),
-    "/bmcell.v1.Selector/GetSelection": Rule(OPERATE_OR_SERVICE, "all_labs"),
+    "/bmcell.v1.Selector/GetSelection": Rule(OPERATE, "all_labs"),
     "/bmcell.v1.Trainer/StartTraining": Rule(OPERATE_OR_SERVICE, "all_labs"),
     "/bmcell.v1.Trainer/GetJob": Rule(OPERATE_OR_SERVICE, "none"),
     "/bmcell.v1.Trainer/WatchJob": Rule(OPERATE, "none"),

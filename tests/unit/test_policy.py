@@ -45,7 +45,6 @@ def test_services_make_only_the_calls_between_services() -> None:
     assert by_service == [
         "/bmcell.v1.Classifier/ActivateModel",
         "/bmcell.v1.Classifier/PredictPool",
-        "/bmcell.v1.Selector/GetSelection",
         "/bmcell.v1.Selector/SelectCandidates",
         "/bmcell.v1.Trainer/GetJob",
         "/bmcell.v1.Trainer/StartTraining",
@@ -55,6 +54,22 @@ def test_services_make_only_the_calls_between_services() -> None:
         for call, rule in policy.HTTP.items()
         if call.startswith(("POST", "PUT"))
     )
+
+
+def test_what_the_issue_names_is_for_operators_only() -> None:
+    """Activating or rolling back the clinical model, training, cancelling, starting
+    rounds: operators and admins (and the one service that must), nobody else."""
+    for method in (
+        "Classifier/ActivateModel",
+        "Classifier/RollbackModel",
+        "Trainer/StartTraining",
+        "Trainer/CancelJob",
+        "Rounds/StartRound",
+        "Selector/SelectCandidates",
+        "Classifier/PredictPool",
+    ):
+        assert policy.GRPC[f"/bmcell.v1.{method}"].roles <= policy.OPERATE_OR_SERVICE, method
+    assert policy.GRPC["/bmcell.v1.Segmenter/Upload"].roles == {"uploader", "operator", "admin"}
 
 
 def test_health_is_open_and_reflection_only_in_development() -> None:
