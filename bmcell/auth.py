@@ -4,11 +4,14 @@ A token is ``bmc_`` plus 43 URL-safe characters of randomness. Only its sha256 i
 stored (``api_tokens.token_hash``), with its first characters (``prefix``) so an
 operator can name it when revoking. :func:`authenticate` is the one place a token
 becomes a :class:`Principal`, for the labeling API (HTTP ``Authorization`` header)
-and the segmenter (gRPC ``authorization`` metadata, read by :func:`bearer_token`)
+and every gRPC service (``authorization`` metadata, read by :func:`bearer_token`)
 alike.
 
+Which roles may make which call is :mod:`bmcell.policy`'s table, enforced by the gRPC
+interceptor (:mod:`bmcell.grpc_auth`) and the labeling API's dependency alike.
+
 Scope: uploaders and reviewers see the labs listed for them in ``user_labs``;
-operators and admins see every lab. An object outside the caller's scope is reported
+operators, admins and service accounts see every lab. An object outside the caller's scope is reported
 as missing (404), never as forbidden, so its existence does not leak. Writing is the
 exception: :func:`require_upload` names the lab it refuses, since the caller chose it.
 """
@@ -27,9 +30,10 @@ from bmcell.errors import NotFound, PermissionDenied, Unauthenticated
 
 TOKEN_SCHEME = "bmc_"
 PREFIX_LEN = len(TOKEN_SCHEME) + 8
-ROLES = ("uploader", "reviewer", "operator", "admin")
-ALL_LAB_ROLES = frozenset({"operator", "admin"})
-UPLOAD_ROLES = ("uploader", "operator", "admin")
+ROLES = ("uploader", "reviewer", "operator", "admin", "service")
+# Roles that see every lab. ``service`` is a service account: the calls it may make
+# (bmcell.policy) are few, but those reach every lab's cells (pool prediction, selection).
+ALL_LAB_ROLES = frozenset({"operator", "admin", "service"})
 
 
 def new_token() -> tuple[str, str, bytes]:
@@ -77,6 +81,15 @@ _caller: ContextVar[Principal | None] = ContextVar("bmcell_caller", default=None
 def current_principal() -> Principal | None:
     """The authenticated caller of the call in progress, or None outside one."""
     return _caller.get()
+
+
+def caller() -> Principal:
+    """The caller of the call in progress, for handlers behind the interceptor; outside
+    one it is a programming error (a route or method that skipped authentication)."""
+    principal = _caller.get()
+    if principal is None:
+        raise RuntimeError("no authenticated caller: this code runs only inside a checked call")
+    return principal
 
 
 @contextmanager
@@ -140,8 +153,8 @@ def lab_ids_for_codes(db: Database, principal: Principal, codes: Iterable[str]) 
 
 def require_upload(db: Database, principal: Principal, lab_code: str) -> None:
     """Uploaders may upload to their own labs, operators and admins to any (a new lab
-    is created by its first upload); reviewers never. PermissionDenied names the lab."""
-    principal.require(*UPLOAD_ROLES, action="upload field images")
+    is created by its first upload); which roles upload at all is bmcell.policy's.
+    PermissionDenied names the lab."""
     if principal.all_labs:
         return
     with db.connection() as conn:

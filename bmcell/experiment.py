@@ -121,19 +121,21 @@ def run(cfg: ExperimentConfig, stack: Stack, say: Say) -> dict[str, Path]:
     manifest = scenario.synthesize(
         cfg.out / "synth", cfg.labs, cfg.specimens, cfg.fields, cfg.seed, cfg.size, say
     )
-    say("operator 'experiment-operator' gets an API token for the labs' uploads")
-    scenario.upload(manifest, say, scenario.operator_token(db, "experiment-operator"), env)
+    say("operator 'experiment-operator' gets an API token for the labs' uploads and the rounds")
+    # Issued before the strategies' databases are cloned, so it works in each of them.
+    token = scenario.operator_token(db, "experiment-operator", expires_days=7)
+    scenario.upload(manifest, say, token, env)
     scenario.mark_test_specimens(db, manifest, per_lab=1, say=say)
     truth = TruthIndex.from_manifest(manifest, db)
     truth.refresh()
     # Cell ids are the same in every strategy's copy of the database: fix the answers now.
     truth = TruthIndex.from_mapping(truth.mapping())
     say(f"truth known for {len(truth)} cells; bootstrap, shared by every strategy")
-    boot = published_bootstrap(env["BMCELL_ROUNDS_ADDR"])
+    boot = published_bootstrap(env["BMCELL_ROUNDS_ADDR"], token)
     if boot is not None:
         say(f"bootstrap already published (round {boot.number}, {boot.model_out}): reused")
     else:
-        boot = _bootstrap(cfg, env, db, truth, say)
+        boot = _bootstrap(cfg, env, db, truth, token, say)
     db.close()
     if boot.state != "published":
         raise RuntimeError(f"bootstrap ended {boot.state}: {boot.message}")
@@ -173,6 +175,7 @@ def run(cfg: ExperimentConfig, stack: Stack, say: Say) -> dict[str, Path]:
                         sample_size=cfg.sample, seed=cfg.seed + 1000 + i
                     ),
                 ),
+                token=token,
                 labelapi_url=env["BMCELL_LABELAPI_URL"],
                 db=sdb,
                 truth=truth,
@@ -224,11 +227,11 @@ def run(cfg: ExperimentConfig, stack: Stack, say: Say) -> dict[str, Path]:
     return written
 
 
-def published_bootstrap(rounds_addr: str) -> rounds_pb2.Round | None:
+def published_bootstrap(rounds_addr: str, token: str) -> rounds_pb2.Round | None:
     """The experiment's bootstrap when an earlier run already published it: an
     experiment that stopped later (a strategy's round failed, the machine restarted)
     starts again from the same initial model instead of labelling anew."""
-    with grpc_client.channel(rounds_addr, default_timeout_s=30) as ch:
+    with grpc_client.channel(rounds_addr, default_timeout_s=30, token=token) as ch:
         stub = rounds_pb2_grpc.RoundsStub(ch)
         request = rounds_pb2.ListRoundsRequest(experiment=BOOTSTRAP)
         rounds = list(paging.follow(stub.ListRounds, request, "rounds"))
@@ -237,7 +240,12 @@ def published_bootstrap(rounds_addr: str) -> rounds_pb2.Round | None:
 
 
 def _bootstrap(
-    cfg: ExperimentConfig, env: dict[str, str], db: Database, truth: TruthIndex, say: Say
+    cfg: ExperimentConfig,
+    env: dict[str, str],
+    db: Database,
+    truth: TruthIndex,
+    token: str,
+    say: Say,
 ) -> rounds_pb2.Round:
     boot, _ = scenario.bootstrap(
         env["BMCELL_ROUNDS_ADDR"],
@@ -248,6 +256,7 @@ def _bootstrap(
             **cfg.bootstrap,
             selection=selector_pb2.SelectionParameters(seed=cfg.seed),
         ),
+        token=token,
         labelapi_url=env["BMCELL_LABELAPI_URL"],
         db=db,
         truth=truth,

@@ -1,7 +1,9 @@
 """The one way a bmcell gRPC service starts, serves and stops.
 
 ``run_service`` wires what every service must have: the error-mapping and metrics
-interceptor, ``grpc.health.v1`` (SERVING only once handlers are registered, NOT_SERVING
+interceptor, the authentication and authorization interceptor (bmcell.grpc_auth:
+every method needs a token but health, and reflection outside production),
+``grpc.health.v1`` (SERVING only once handlers are registered, NOT_SERVING
 while a dependency the service cannot work without, Postgres, fails its probe, and
 NOT_SERVING as soon as shutdown begins, so load balancers drain first), reflection,
 a Prometheus ``/metrics`` endpoint, and a graceful stop on SIGTERM/SIGINT that lets
@@ -25,7 +27,10 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram, start_http_server
 
 from bmcell import log
+from bmcell.auth import authenticate
+from bmcell.db import Database
 from bmcell.errors import BmcellError, ConfigError, request_id
+from bmcell.grpc_auth import AuthInterceptor
 from bmcell.settings import ServiceSettings
 
 _LOG = log.get(__name__)
@@ -143,6 +148,8 @@ class Service:
     name: str
     # (server) -> full names of the registered gRPC services, e.g. "bmcell.v1.Segmenter"
     register: Callable[[grpc.Server], list[str]]
+    # Where callers' tokens are checked.
+    db: Database
     on_stop: list[Callable[[], None]] = field(default_factory=list)
     # Probes that raise when a dependency is down (e.g. ``Database.ping``): health
     # follows them, see ``watch_dependencies``.
@@ -212,7 +219,14 @@ def start_server(settings: ServiceSettings, service: Service) -> RunningServer:
         futures.ThreadPoolExecutor(
             max_workers=settings.grpc_workers, thread_name_prefix=service.name
         ),
-        interceptors=[ErrorAndMetricsInterceptor()],
+        # The first is outermost: refusals by the auth interceptor are counted too.
+        interceptors=[
+            ErrorAndMetricsInterceptor(),
+            AuthInterceptor(
+                lambda token: authenticate(service.db, token),
+                production=settings.env == "production",
+            ),
+        ],
         options=server_options(settings),
         # Past this many calls in progress the server answers RESOURCE_EXHAUSTED at
         # once rather than queueing without bound (BMCELL_GRPC_MAX_CONCURRENT_RPCS).

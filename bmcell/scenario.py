@@ -3,8 +3,8 @@
 
 Every step goes through the system's own doors: labs upload with `bmcell upload`
 (one process per lab, concurrently, with an operator's API token), rounds are
-started and followed through the rounds service, reviewers answer through the
-labeling API. Nothing here writes Postgres directly except what an operator would do
+started and followed through the rounds service (with the same token), reviewers
+answer through the labeling API. Nothing here writes Postgres directly except what an operator would do
 by hand (issuing the upload token, marking which specimens form the test set).
 """
 
@@ -175,6 +175,7 @@ def run_round(
     rounds_addr: str,
     request: rounds_pb2.StartRoundRequest,
     *,
+    token: str,
     labelapi_url: str,
     db: Database,
     truth: TruthIndex,
@@ -182,8 +183,11 @@ def run_round(
     say: Say,
     poll_s: float = 1.0,
 ) -> tuple[rounds_pb2.Round, ReviewStats]:
-    """Start a round, answer its review tasks as they appear, return it when it ends."""
-    stub = rounds_pb2_grpc.RoundsStub(grpc_client.channel(rounds_addr, default_timeout_s=60))
+    """Start a round, answer its review tasks as they appear, return it when it ends.
+    ``token`` is an operator's (starting rounds is theirs, bmcell.policy)."""
+    stub = rounds_pb2_grpc.RoundsStub(
+        grpc_client.channel(rounds_addr, default_timeout_s=60, token=token)
+    )
     r = stub.StartRound(request)
     say(f"round {r.number} ({r.strategy}) started")
     total = ReviewStats()

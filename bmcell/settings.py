@@ -24,7 +24,9 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
     database_url: str = Field(description="Postgres conninfo, e.g. postgresql://u@host:5432/bmcell")
-    s3_endpoint: str = Field(description="host:port of the S3 server (SeaweedFS embedded, or MinIO)")
+    s3_endpoint: str = Field(
+        description="host:port of the S3 server (SeaweedFS embedded, or MinIO)"
+    )
     s3_access_key: SecretStr = SecretStr("bmcell")
     s3_secret_key: SecretStr = SecretStr("bmcell-secret")
     s3_secure: bool = False
@@ -39,6 +41,9 @@ class Settings(BaseSettings):
         30.0, gt=0, description="deadline for calls to other services"
     )
     model_name: str = Field("bmcell-cell", description="the cell classifier's name in Triton")
+    env: Literal["production", "development"] = Field(
+        "production", description="development (the embedded stack) opens gRPC reflection"
+    )
 
 
 class ServiceSettings(Settings):
@@ -63,6 +68,9 @@ class ServiceSettings(Settings):
         16_000_000, ge=10_000, le=89_000_000, description="width x height per image"
     )
     max_image_frames: int = Field(1, ge=1, le=64, description="pages of a multi-page TIFF")
+    service_token: SecretStr | None = Field(
+        None, description="this service's account token, sent on its calls to other services"
+    )
 
 
 class SegmenterSettings(ServiceSettings):

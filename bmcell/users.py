@@ -13,7 +13,7 @@ from datetime import datetime
 import psycopg
 
 from bmcell import audit
-from bmcell.auth import ALL_LAB_ROLES, PREFIX_LEN, ROLES, TOKEN_SCHEME, new_token
+from bmcell.auth import ALL_LAB_ROLES, PREFIX_LEN, ROLES, TOKEN_SCHEME, new_token, token_hash
 from bmcell.errors import Conflict, InvalidArgument, NotFound
 
 
@@ -136,6 +136,30 @@ def issue_token(conn: psycopg.Connection, name: str, expires_days: float | None)
     expires = row["expires_at"].isoformat() if row["expires_at"] else None
     audit.record(conn, "token.issue", "user", name, {"prefix": prefix, "expires_at": expires})
     return IssuedToken(token, prefix, row["expires_at"])
+
+
+def ensure_account(conn: psycopg.Connection, name: str, role: str, token: str) -> None:
+    """A user of ``role`` (labs: all) whose ``token`` works: what ``bmcell stack up``
+    does for each service account and its developer's operator, again on every start.
+    A token an admin revoked stays revoked: a new one comes from a new secret."""
+    if role not in ALL_LAB_ROLES:
+        raise InvalidArgument(f"role {role!r} needs labs; accounts are for {ALL_LAB_ROLES}")
+    created = conn.execute(
+        "INSERT INTO users (name, role) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING RETURNING id",
+        (name, role),
+    ).fetchone()
+    user = conn.execute("SELECT id, role FROM users WHERE name = %s", (name,)).fetchone()
+    if user["role"] != role:
+        raise Conflict(f"user {name!r} exists with role {user['role']!r}, not {role!r}")
+    if created is not None:
+        audit.record(conn, "user.add", "user", name, after={"id": created["id"], "role": role})
+    registered = conn.execute(
+        """INSERT INTO api_tokens (user_id, token_hash, prefix) VALUES (%s, %s, %s)
+           ON CONFLICT (token_hash) DO NOTHING RETURNING prefix""",
+        (user["id"], token_hash(token), token[:PREFIX_LEN]),
+    ).fetchone()
+    if registered is not None:
+        audit.record(conn, "token.issue", "user", name, {"prefix": registered["prefix"]})
 
 
 def revoke(conn: psycopg.Connection, *, name: str | None, token_prefix: str | None) -> int:

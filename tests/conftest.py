@@ -3,6 +3,9 @@
 Integration tests share one embedded stack per session: real Postgres, the S3 server,
 Triton, Ray and every service, on a port range of their own (26400+ by default,
 ``BMCELL_TEST_PORT_BASE`` to move it) so a developer's stack on 25400 keeps running.
+Like a developer after ``bmcell stack up``, the session's CLI calls carry the stack's
+operator token (``BMCELL_TOKEN``); calls made in the test process use
+:func:`operator_channel` or their own tokens.
 """
 
 from __future__ import annotations
@@ -10,11 +13,12 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
+import grpc
 import pytest
 
-from bmcell import scenario
+from bmcell import grpc_client, scenario
 from bmcell.db import Database
 from bmcell.settings import Settings, load
 from bmcell.stack import Stack, StackConfig
@@ -37,6 +41,7 @@ def stack() -> Iterator[Stack]:
     try:
         s.up()
         os.environ.update(s.env())
+        os.environ["BMCELL_TOKEN"] = s.operator_token()
         yield s
     finally:
         os.environ.clear()
@@ -66,6 +71,17 @@ def operator_token(stack: Stack) -> str:
         return scenario.operator_token(db, "test-operator")
     finally:
         db.close()
+
+
+@pytest.fixture(scope="session")
+def operator_channel(operator_token: str) -> Callable[[str], grpc.Channel]:
+    """Opens a channel to a service address whose calls carry the operator's token
+    (and a generous default deadline, for tests' long calls)."""
+
+    def open_channel(address: str) -> grpc.Channel:
+        return grpc_client.channel(address, default_timeout_s=900, token=operator_token)
+
+    return open_channel
 
 
 def free_port() -> int:

@@ -1,5 +1,7 @@
-"""What commands share: a service's address, error reporting, and a Postgres transaction
-for the commands that talk to the database directly (``users``, ``audit``)."""
+"""What commands share: a service's address, the caller's API token (``BMCELL_TOKEN``
+or ``bmcell --token``; ``bmcell stack up`` writes an operator's into
+``.run/stack.env``), error reporting, and a Postgres transaction for the commands that
+talk to the database directly (``users``, ``audit``)."""
 
 from __future__ import annotations
 
@@ -28,8 +30,23 @@ def address(variable: str) -> str:
     return value
 
 
+TOKEN_VAR = "BMCELL_TOKEN"
+
+
+def api_token(token: str | None = None) -> str:
+    """``token``, else BMCELL_TOKEN; a usage error (exit 2) when there is neither."""
+    token = token or os.environ.get(TOKEN_VAR)
+    if not token:
+        raise click.UsageError(
+            f"no API token: pass --token or set {TOKEN_VAR} "
+            "(an admin issues one with `bmcell users token NAME`)"
+        )
+    return token
+
+
 def channel(variable: str, timeout_s: float = 60.0) -> grpc.Channel:
-    return grpc_client.channel(address(variable), default_timeout_s=timeout_s)
+    """A channel to the service at ``variable`` whose calls carry the caller's token."""
+    return grpc_client.channel(address(variable), default_timeout_s=timeout_s, token=api_token())
 
 
 @contextmanager

@@ -100,12 +100,14 @@ def demo(
     experiment = f"demo-{int(time.time())}"
 
     manifest = scenario.synthesize(out / "synth", labs, specimens, fields, seed, size, say)
-    say("operator 'demo-operator' gets an API token for the labs' uploads")
-    scenario.upload(manifest, say, scenario.operator_token(db, "demo-operator"))
+    say("operator 'demo-operator' gets an API token for the labs' uploads and the rounds")
+    token = scenario.operator_token(db, "demo-operator")
+    scenario.upload(manifest, say, token)
     test_specimens = scenario.mark_test_specimens(db, manifest, per_lab=1, say=say)
     truth = TruthIndex.from_manifest(manifest, db)
     reviewers = scenario.Reviewers(count=4, error_rate=0.02, difficult_rate=0.01, seed=seed)
     common = {
+        "token": token,
         "labelapi_url": env["BMCELL_LABELAPI_URL"],
         "db": db,
         "truth": truth,

@@ -2,7 +2,8 @@
 
 Commands that talk to the system read the same BMCELL_* variables as the services;
 where one is unset, the embedded stack's ``.run/stack.env`` supplies it, so after
-``bmcell stack up`` every command works with no configuration.
+``bmcell stack up`` every command works with no configuration: the file carries an
+operator's API token too (``BMCELL_TOKEN``; your own, or ``--token``, wins).
 """
 
 from __future__ import annotations
@@ -40,8 +41,15 @@ def load_stack_env() -> None:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="bmcell")
-def cli() -> None:
+@click.option(
+    "--token",
+    default=None,
+    help="Your API token for the services (default: BMCELL_TOKEN; `bmcell users token NAME`).",
+)
+def cli(token: str | None) -> None:
     """bmcell: grow a labelled bone marrow cell library and its classifier together."""
+    if token:
+        os.environ["BMCELL_TOKEN"] = token  # before the stack's env file can supply one
     load_stack_env()
     audit.set_process_identity(audit.cli_identity())
 

@@ -20,8 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bmcell import paging
-from bmcell.cli.common import address
-from bmcell.grpc_client import channel
+from bmcell.cli.common import channel
 from bmcell.v1 import classifier_pb2, classifier_pb2_grpc
 
 T = TypeVar("T")
@@ -35,7 +34,7 @@ ACTIVATE_TIMEOUT_S = 300.0
 
 @contextmanager
 def _stub(timeout_s: float = 60.0) -> Iterator[classifier_pb2_grpc.ClassifierStub]:
-    with channel(address(ADDR_VAR), default_timeout_s=timeout_s) as ch:
+    with channel(ADDR_VAR, timeout_s) as ch:
         yield classifier_pb2_grpc.ClassifierStub(ch)
 
 

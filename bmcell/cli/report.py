@@ -38,7 +38,10 @@ def _predict_missing(
         return
     click.echo(f"classifying {len(missing)} cell(s) without a prediction ...", err=True)
     try:
-        with channel(os.environ[ADDR_VAR], default_timeout_s=timeout_s) as ch:
+        # PredictPool is an operator's call (bmcell.policy): without such a token the
+        # report still comes out, as the warning below says.
+        token = os.environ.get("BMCELL_TOKEN")
+        with channel(os.environ[ADDR_VAR], default_timeout_s=timeout_s, token=token) as ch:
             stub = classifier_pb2_grpc.ClassifierStub(ch)
             request = classifier_pb2.PredictPoolRequest(
                 cell_ids=missing, model_version=model["version"]

@@ -21,7 +21,7 @@ import grpc
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-from bmcell.cli.common import address
+from bmcell.cli.common import address, api_token
 
 console = Console(stderr=True)
 SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"}
@@ -41,12 +41,7 @@ _token_option = click.option(
 def _metadata(token: str | None) -> tuple[tuple[str, str]]:
     from bmcell.grpc_client import bearer
 
-    if not token:
-        raise click.UsageError(
-            "no API token: pass --token or set BMCELL_TOKEN "
-            "(an admin issues one with `bmcell users token NAME`)"
-        )
-    return bearer(token)
+    return bearer(api_token(token))
 
 
 def _field_files(paths: tuple[Path, ...]) -> list[Path]:

@@ -1,5 +1,6 @@
-"""``bmcell users add | set | disable | enable | token | revoke | list``: people and
-their API tokens. Every change is audited (``bmcell audit --entity user:NAME``).
+"""``bmcell users add | set | disable | enable | token | revoke | list | service``:
+people, service accounts and their API tokens. Every change is audited
+(``bmcell audit --entity user:NAME``).
 
 Talks to Postgres directly (BMCELL_DATABASE_URL; the embedded stack's env file
 supplies it after ``bmcell stack up``). A token is printed once, on stdout alone, so
@@ -16,7 +17,7 @@ import click
 import psycopg
 
 from bmcell import users as repo
-from bmcell.auth import ROLES
+from bmcell.auth import PREFIX_LEN, ROLES, new_token
 from bmcell.cli.common import in_database
 
 T = TypeVar("T")
@@ -97,6 +98,25 @@ def revoke(name: str | None, token_prefix: str | None) -> None:
         click.echo("error: no live token matched", err=True)
         sys.exit(1)
     click.echo(f"revoked {n} token(s)", err=True)
+
+
+@users.command()
+@click.argument("name")
+@click.option(
+    "--token-stdin",
+    is_flag=True,
+    help="Register the token read from stdin (a deploy/ Secret) instead of issuing one.",
+)
+def service(name: str, token_stdin: bool) -> None:
+    """Create service account NAME (role service) with a working token; run again, it
+    only adds the token. deploy/ runs it with each service's BMCELL_SERVICE_TOKEN."""
+    token = sys.stdin.read().strip() if token_stdin else new_token()[0]
+    if not token:
+        raise click.UsageError("--token-stdin: stdin held no token")
+    _run(lambda conn: repo.ensure_account(conn, name, "service", token))
+    if not token_stdin:
+        click.echo(token)
+    click.echo(f"service account {name!r}: token {token[:PREFIX_LEN]}... works", err=True)
 
 
 @users.command("list")

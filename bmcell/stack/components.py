@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bmcell.stack import accounts
 from bmcell.stack.config import StackConfig
 
 S3_ACCESS_KEY = "bmcell"
@@ -74,6 +75,8 @@ def service_env(cfg: StackConfig) -> dict[str, str]:
         "BMCELL_ROUNDS_ADDR": cfg.addr("rounds"),
         "BMCELL_LABELAPI_URL": f"http://{cfg.addr('labelapi')}",
         "BMCELL_TRITON_REPOSITORY": str(cfg.run_dir / "triton-repo"),
+        # One machine, loopback only: gRPC reflection stays open to tools like grpcurl.
+        "BMCELL_ENV": "development",
     }
 
 
@@ -372,11 +375,13 @@ def ray(cfg: StackConfig) -> Component:
 
 
 def grpc_service(cfg: StackConfig, name: str, full_name: str) -> Component:
+    secrets = accounts.tokens(cfg, [name])
     env = {
         **service_env(cfg),
         "BMCELL_GRPC_PORT": str(cfg.port(name)),
         "BMCELL_METRICS_PORT": str(cfg.port(f"{name}_metrics")),
         "BMCELL_HOST": cfg.host,
+        "BMCELL_SERVICE_TOKEN": secrets[accounts.account_name(name)],
     }
     return Component(
         name=name,
@@ -384,6 +389,8 @@ def grpc_service(cfg: StackConfig, name: str, full_name: str) -> Component:
         env=env,
         ports={"grpc": cfg.port(name), "metrics": cfg.port(f"{name}_metrics")},
         ready=lambda: grpc_serving(cfg.addr(name), full_name),
+        # Before the service starts, its account (and the developer's operator) exist.
+        prepare=lambda: accounts.provision(service_env(cfg)["BMCELL_DATABASE_URL"], secrets),
         grpc_service=full_name,
     )
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bmcell.errors import ConfigError
+from bmcell.stack import accounts
 from bmcell.stack import components as comp
 from bmcell.stack.config import REPO, StackConfig
 
@@ -150,9 +151,20 @@ class Stack:
             f"last log lines:\n{_tail(log_path, 20)}"
         )
 
+    def operator_token(self) -> str:
+        """The developer's operator token (bmcell.stack.accounts), for the CLI."""
+        return accounts.tokens(self.config, [])[accounts.OPERATOR]
+
     def _write_env_file(self) -> None:
-        lines = [f"{k}={v}" for k, v in self.env().items()]
-        self.config.env_file.write_text("\n".join(lines) + "\n")
+        # The CLI's settings, and its operator token: the services get neither the
+        # token nor this file (each has its own account's token).
+        env = {**self.env(), "BMCELL_TOKEN": self.operator_token()}
+        lines = [f"{k}={v}" for k, v in env.items()]
+        self.config.run_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.config.env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a file from before tokens were in it may be world-readable
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(lines) + "\n")
 
     # --- down ----------------------------------------------------------------------
     def down(self, timeout_s: float = 30.0) -> None:

@@ -9,7 +9,7 @@ after a crash) costs little and never duplicates a row.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -77,9 +77,13 @@ class Inference:
             raise InvalidArgument(str(exc), field="images") from exc
         return row, self._run_batches(row["version"], batch)
 
-    def classify_cells(self, cell_ids: list[int], version: int) -> tuple[dict, np.ndarray]:
+    def classify_cells(
+        self, cell_ids: list[int], version: int, sees_lab: Callable[[int], bool]
+    ) -> tuple[dict, np.ndarray]:
+        """Cells of labs the caller does not see are reported missing, like unknown ids
+        (checked first, so the answer says nothing about models either)."""
+        keys = self._crop_keys(cell_ids, sees_lab)
         row = self.serving.resolve(version)
-        keys = self._crop_keys(cell_ids)
         crops = list(self.pool.map(self.store.get, [keys[c] for c in cell_ids]))
         batch = preprocess.batch_from_crops(crops, row["input_size"])
         return row, self._run_batches(row["version"], batch)
@@ -91,7 +95,9 @@ class Inference:
         ]
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
-    def _crop_keys(self, cell_ids: list[int]) -> dict[int, str]:
+    def _crop_keys(
+        self, cell_ids: list[int], sees_lab: Callable[[int], bool] = lambda _lab: True
+    ) -> dict[int, str]:
         if len(cell_ids) > self.max_pool_cells:
             raise InvalidArgument(
                 f"{len(cell_ids)} cells, the limit is {self.max_pool_cells} per call "
@@ -100,9 +106,9 @@ class Inference:
             )
         with self.db.connection() as conn:
             rows = conn.execute(
-                "SELECT id, crop_key FROM cells WHERE id = ANY(%s)", (cell_ids,)
+                "SELECT id, crop_key, lab_id FROM cells WHERE id = ANY(%s)", (cell_ids,)
             ).fetchall()
-        keys = {r["id"]: r["crop_key"] for r in rows}
+        keys = {r["id"]: r["crop_key"] for r in rows if sees_lab(r["lab_id"])}
         missing = sorted(set(cell_ids) - set(keys))
         if missing:
             raise NotFound(

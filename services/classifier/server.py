@@ -6,6 +6,7 @@ import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
 from bmcell import images, paging
+from bmcell.auth import caller
 from bmcell.errors import InvalidArgument
 from bmcell.grpc_server import Service
 from bmcell.runtime import Runtime
@@ -55,7 +56,7 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
             row, probs = self.inference.classify_images(list(request.images), request.model_version)
         else:
             row, probs = self.inference.classify_cells(
-                list(request.cell_ids), request.model_version
+                list(request.cell_ids), request.model_version, caller().sees_lab
             )
         BATCH_SIZE.observe(len(probs))
         CELLS_CLASSIFIED.labels("Classify").inc(len(probs))
@@ -156,6 +157,7 @@ def build(runtime: Runtime[ClassifierSettings]) -> Service:
     return Service(
         "classifier",
         register,
+        runtime.db,
         on_stop=[inference.close, triton.close, runtime.db.close],
         dependencies=[runtime.db.ping],
     )

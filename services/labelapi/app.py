@@ -2,7 +2,9 @@
 
 Routes only: each one authenticates, opens one transaction, calls the domain module
 (``queue``, ``labels``) and shapes the answer. Every /v1 route needs
-``Authorization: Bearer <token>``; objects outside the caller's labs answer 404.
+``Authorization: Bearer <token>`` (401 without a valid one) and a role that
+:mod:`bmcell.policy` lists for the route (403 otherwise), checked by the ``Caller``
+dependency before the route runs; objects outside the caller's labs answer 404.
 The reviewer page is static and served at ``/``; crops are streamed by
 ``GET /v1/cells/{id}/image`` after the same checks, so object storage never has to
 be reachable from a reviewer's browser.
@@ -14,12 +16,14 @@ import mimetypes
 import re
 import time
 import uuid
+from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Literal
 from uuid import UUID
 
 from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import (
     FileResponse,
@@ -33,9 +37,9 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
-from bmcell import audit, log, report
+from bmcell import audit, log, policy, report
 from bmcell import metrics as shared_metrics
-from bmcell.auth import Principal, authenticate, lab_ids_for_codes
+from bmcell.auth import Principal, acting_as, authenticate, lab_ids_for_codes
 from bmcell.errors import BmcellError, NotFound, Unauthenticated, Unavailable, request_id
 from bmcell.runtime import Runtime
 from bmcell.settings import LabelApiSettings
@@ -75,18 +79,32 @@ class BootstrapIn(BaseModel):
     round_id: int | None = None
 
 
-def current_principal(
-    request: Request,
-    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
+def _authorized(request: Request, creds: HTTPAuthorizationCredentials | None) -> Principal:
     if creds is None:
         raise Unauthenticated(
             "missing or malformed Authorization header; send 'Authorization: Bearer <token>'"
         )
-    return authenticate(request.app.state.rt.db, creds.credentials)
+    principal = authenticate(request.app.state.rt.db, creds.credentials)
+    template = getattr(request.scope.get("route"), "path", request.url.path)
+    policy.authorize(
+        principal, policy.http_rule(request.method, template), f"{request.method} {template}"
+    )
+    return principal
 
 
-Caller = Annotated[Principal, Depends(current_principal)]
+async def authorized_caller(
+    request: Request,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> AsyncIterator[Principal]:
+    """The caller, if their token is good and their role may call this route. Async, so
+    the principal is set in the request's own context, which the (threaded) route
+    inherits: what it records names the caller (bmcell.auth.current_principal)."""
+    principal = await run_in_threadpool(_authorized, request, creds)
+    with acting_as(principal):
+        yield principal
+
+
+Caller = Annotated[Principal, Depends(authorized_caller)]
 
 
 def _label_source(kind: str, answer: str, outcome: str) -> str:
@@ -281,7 +299,6 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
 
     @app.get("/v1/tasks/{task_id}", summary="One task with its cell")
     def get_task(task_id: int, caller: Caller) -> dict:
-        caller.require("reviewer", "operator", "admin")
         with db.connection() as conn:
             return task_json(queue.task_view(conn, caller, task_id), caller)
 
@@ -397,7 +414,6 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
         if class_code is not None:
             labels.check_class(taxonomy, class_code, field="class")
         lab_ids = lab_ids_for_codes(db, caller, [lab]) if lab else None
-        caller.require("reviewer", "operator", "admin")  # refused before the stream starts
         with db.transaction() as conn:  # labels leave the system: audited before they do
             labels.record_export(
                 conn, caller, round_number=round, lab_ids=lab_ids, class_code=class_code
@@ -461,3 +477,14 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
         return HTMLResponse(report.render_html(body, thumbs, per_class=per_class))
 
     return app
+
+
+def route_calls(app: FastAPI) -> list[tuple[str, str]]:
+    """(method, path template) of every route and mount: what bmcell.policy.HTTP must
+    cover (a mount, like /static, answers GET)."""
+    calls = []
+    for route in app.routes:
+        for method in sorted(getattr(route, "methods", None) or {"GET"}):
+            if method != "HEAD":
+                calls.append((method, route.path))
+    return calls

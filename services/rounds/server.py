@@ -118,11 +118,12 @@ class RoundsServicer(rounds_pb2_grpc.RoundsServicer):
 
 def grpc_ports(settings: RoundsSettings) -> Ports:
     timeout = settings.outbound_timeout_s
+    token = grpc_client.service_token(settings)
     selector = selector_pb2_grpc.SelectorStub(
-        grpc_client.channel(settings.selector_addr, default_timeout_s=timeout)
+        grpc_client.channel(settings.selector_addr, default_timeout_s=timeout, token=token)
     )
     trainer = trainer_pb2_grpc.TrainerStub(
-        grpc_client.channel(settings.trainer_addr, default_timeout_s=timeout)
+        grpc_client.channel(settings.trainer_addr, default_timeout_s=timeout, token=token)
     )
 
     def call(what: str, fn, *args, **kwargs):
@@ -182,6 +183,7 @@ def build(runtime: Runtime[RoundsSettings]) -> Service:
     return Service(
         "rounds",
         register,
+        runtime.db,
         on_stop=[halt, runtime.db.close],
         dependencies=[runtime.db.ping],
     )

@@ -1,8 +1,9 @@
 """gRPC surface of the segmenter: field image upload and cell listing.
 
 Both calls carry a token from ``bmcell users token NAME`` in the ``authorization``
-metadata (``Bearer <token>``), checked by the labeling API's own rules
-(:mod:`bmcell.auth`) before any message of the stream is read.
+metadata (``Bearer <token>``), checked by the shared interceptor (bmcell.grpc_auth,
+bmcell.policy) before any message of the stream is read; the lab checks here read
+the caller it set.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from contextlib import closing
 import grpc
 
 from bmcell import paging, streams
-from bmcell.auth import Principal, authenticate, bearer_token
+from bmcell.auth import caller
 from bmcell.errors import InvalidArgument
 from bmcell.grpc_server import Service
 from bmcell.runtime import Runtime
@@ -28,12 +29,8 @@ class SegmenterServicer(segmenter_pb2_grpc.SegmenterServicer):
         self.rt = runtime
         self.ingestor = ingestor
 
-    def _caller(self, context: grpc.ServicerContext) -> Principal:
-        metadata = dict(context.invocation_metadata())
-        return authenticate(self.rt.db, bearer_token(metadata.get("authorization")))
-
     def Upload(self, request_iterator, context: grpc.ServicerContext):
-        caller = self._caller(context)
+        principal = caller()
         settings = self.rt.settings
         # A stream idle or slower than the floor is refused rather than holding a worker;
         # closing it however the call ends stops its reader thread.
@@ -51,7 +48,7 @@ class SegmenterServicer(segmenter_pb2_grpc.SegmenterServicer):
             h = first.header
             header = UploadHeader(h.lab, h.specimen, h.diagnosis, h.filename, h.sha256)
             chunks = (_chunk(m) for m in messages)
-            r = self.ingestor.upload(header, chunks, caller)
+            r = self.ingestor.upload(header, chunks, principal)
         return segmenter_pb2.UploadResponse(
             field_id=r.field_id,
             sha256=r.sha256,
@@ -64,7 +61,7 @@ class SegmenterServicer(segmenter_pb2_grpc.SegmenterServicer):
         )
 
     def ListCells(self, request: segmenter_pb2.ListCellsRequest, context: grpc.ServicerContext):
-        caller = self._caller(context)
+        principal = caller()
         size = paging.page_size(request.page_size or request.limit, self.rt.settings.max_page_size)
         after = paging.decode("cells", request.page_token, (int,))
         rows = cells_repo.list_cells(
@@ -74,7 +71,7 @@ class SegmenterServicer(segmenter_pb2_grpc.SegmenterServicer):
             field_id=request.field_id or None,
             limit=size + 1,
             after_id=after[0] if after else None,
-            lab_ids=None if caller.all_labs else caller.lab_list(),
+            lab_ids=None if principal.all_labs else principal.lab_list(),
         )
         return segmenter_pb2.ListCellsResponse(
             cells=[_cell_pb(r) for r in rows[:size]],
@@ -130,6 +127,7 @@ def build(runtime: Runtime[SegmenterSettings]) -> Service:
     return Service(
         "segmenter",
         register,
+        runtime.db,
         on_stop=[runtime.db.close],
         dependencies=[runtime.db.ping],
     )

@@ -30,7 +30,9 @@ class SelectorServicer(selector_pb2_grpc.SelectorServicer):
     def __init__(self, runtime: Runtime[SelectorSettings]) -> None:
         self.rt = runtime
         channel = grpc_client.channel(
-            runtime.settings.classifier_addr, default_timeout_s=runtime.settings.outbound_timeout_s
+            runtime.settings.classifier_addr,
+            default_timeout_s=runtime.settings.outbound_timeout_s,
+            token=grpc_client.service_token(runtime.settings),
         )
         self.classifier = classifier_pb2_grpc.ClassifierStub(channel)
         self.selector = CandidateSelector(runtime.db, runtime.settings.model_name, self._predict)
@@ -108,6 +110,7 @@ def build(runtime: Runtime[SelectorSettings]) -> Service:
     return Service(
         "selector",
         register,
+        runtime.db,
         on_stop=[runtime.db.close],
         dependencies=[runtime.db.ping],
     )

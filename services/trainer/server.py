@@ -8,7 +8,7 @@ import time
 import grpc
 
 from bmcell.errors import NotFound, Unavailable
-from bmcell.grpc_client import channel
+from bmcell.grpc_client import channel, service_token
 from bmcell.grpc_server import Service
 from bmcell.runtime import Runtime
 from bmcell.settings import TrainerSettings
@@ -124,7 +124,9 @@ def classifier_activator(settings: TrainerSettings):
     def activate(version: int) -> None:
         try:
             with channel(
-                settings.classifier_addr, default_timeout_s=settings.activate_timeout_s
+                settings.classifier_addr,
+                default_timeout_s=settings.activate_timeout_s,
+                token=service_token(settings),
             ) as ch:
                 classifier_pb2_grpc.ClassifierStub(ch).ActivateModel(
                     classifier_pb2.ActivateModelRequest(version=version)
@@ -149,6 +151,7 @@ def build(runtime: Runtime[TrainerSettings]) -> Service:
     return Service(
         "trainer",
         register,
+        runtime.db,
         on_stop=[runtime.db.close],
         dependencies=[runtime.db.ping],
     )

@@ -54,8 +54,8 @@ def peaky_model(seed: int) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def classifier(stack: Stack):
-    with grpc.insecure_channel(stack.config.addr("classifier")) as ch:
+def classifier(stack: Stack, operator_channel):
+    with operator_channel(stack.config.addr("classifier")) as ch:
         yield classifier_pb2_grpc.ClassifierStub(ch)
 
 
@@ -159,7 +159,7 @@ def test_predict_pool_writes_once(rt, classifier, v1) -> None:
     assert n == 40
 
 
-def test_selection_matches_the_pure_rules(rt, stack: Stack, v1) -> None:
+def test_selection_matches_the_pure_rules(rt, stack: Stack, v1, operator_channel) -> None:
     settings, db, store = rt
     images, _ = synth_crops(120, seed=7)
     lab = "lab-select"
@@ -172,7 +172,7 @@ def test_selection_matches_the_pure_rules(rt, stack: Stack, v1) -> None:
     params = selector_pb2.SelectionParameters(
         sample_size=80, cst_threshold=0.9, al_margin=0.2, seed=11, labs=[lab]
     )
-    with grpc.insecure_channel(stack.config.addr("selector")) as ch:
+    with operator_channel(stack.config.addr("selector")) as ch:
         stub = selector_pb2_grpc.SelectorStub(ch)
         first = stub.SelectCandidates(
             selector_pb2.SelectCandidatesRequest(

@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import grpc
 import pytest
 
 from bmcell import modelstore
@@ -36,7 +35,7 @@ def bmcell(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 @pytest.fixture(scope="module")
-def versions(stack: Stack) -> tuple[int, int]:
+def versions(stack: Stack, operator_channel) -> tuple[int, int]:
     """Two versions registered here; the first is active when the tests start."""
     settings = load(Settings)
     db = Database(settings).open()
@@ -56,7 +55,7 @@ def versions(stack: Stack) -> tuple[int, int]:
         )
     finally:
         db.close()
-    with grpc.insecure_channel(stack.config.addr("classifier")) as ch:
+    with operator_channel(stack.config.addr("classifier")) as ch:
         classifier_pb2_grpc.ClassifierStub(ch).ActivateModel(
             classifier_pb2.ActivateModelRequest(version=va), timeout=300
         )

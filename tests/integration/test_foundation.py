@@ -102,7 +102,7 @@ def _reflect(channel: grpc.Channel, symbol: str) -> descriptor_pool.DescriptorPo
 
 
 # One read-only call per service, with the answer expected on an empty system; each
-# carries an operator's token (the segmenter asks for one, the others ignore it).
+# carries an operator's token (every service asks for one; bmcell.policy).
 REFLECTION_CALLS = {
     "segmenter": ("ListCells", {"specimen": "no-such-specimen"}, None),
     "classifier": ("ListModels", {}, None),
@@ -149,8 +149,8 @@ def test_call_every_service_through_reflection(
         assert {full, "grpc.health.v1.Health"} <= listed
 
 
-def test_metrics_endpoint_counts_calls(stack: Stack) -> None:
-    with grpc.insecure_channel(stack.config.addr("selector")) as ch:
+def test_metrics_endpoint_counts_calls(stack: Stack, operator_channel) -> None:
+    with operator_channel(stack.config.addr("selector")) as ch:
         from bmcell.v1 import selector_pb2, selector_pb2_grpc
 
         with pytest.raises(grpc.RpcError):

@@ -94,15 +94,15 @@ def test_every_job_is_scraped_and_up(prom_stack: Stack) -> None:
     eventually(all_up)
 
 
-def test_grpc_and_http_calls_show_up_in_promql(prom_stack: Stack) -> None:
+def test_grpc_and_http_calls_show_up_in_promql(prom_stack: Stack, operator_channel) -> None:
     cfg = prom_stack.config
-    with grpc.insecure_channel(cfg.addr("selector")) as ch:
+    with operator_channel(cfg.addr("selector")) as ch:
         stub = selector_pb2_grpc.SelectorStub(ch)
         for i in range(SELECTOR_MISSES):
             with pytest.raises(grpc.RpcError) as err:
                 stub.GetSelection(selector_pb2.GetSelectionRequest(round_id=990000 + i), timeout=10)
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    with grpc.insecure_channel(cfg.addr("classifier")) as ch:
+    with operator_channel(cfg.addr("classifier")) as ch:
         stub = classifier_pb2_grpc.ClassifierStub(ch)
         for _ in range(CLASSIFIER_LISTS):
             stub.ListModels(classifier_pb2.ListModelsRequest(), timeout=10)

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import uuid
 
-import grpc
 import httpx
 import pytest
 
@@ -36,7 +35,7 @@ def bmcell(*args: str, env: dict | None = None) -> subprocess.CompletedProcess[s
 
 
 @pytest.fixture(scope="module")
-def specimen(rt, stack: Stack) -> dict:
+def specimen(rt, stack: Stack, operator_channel) -> dict:
     """34 cells of one specimen, a border cell, and one cell left without a prediction."""
     settings, db, store = rt
     version = modelstore.register_version(
@@ -57,7 +56,7 @@ def specimen(rt, stack: Stack) -> dict:
             "UPDATE cells SET touches_border = true, status = 'excluded' WHERE id = %s",
             (cells[0],),
         )
-    with grpc.insecure_channel(stack.config.addr("classifier")) as ch:
+    with operator_channel(stack.config.addr("classifier")) as ch:
         stub = classifier_pb2_grpc.ClassifierStub(ch)
         stub.ActivateModel(classifier_pb2.ActivateModelRequest(version=version), timeout=300)
         done = list(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from bmcell import grpc_client
 from bmcell.db import Database
 from bmcell.review_sim import TruthIndex
 from bmcell.scenario import Reviewers, run_round
@@ -19,7 +20,7 @@ EXPERIMENT = "rounds-test"
 
 
 @pytest.fixture(scope="module")
-def world(stack: Stack):
+def world(stack: Stack, operator_token: str):
     settings = load(Settings)
     db = Database(settings).open()
     store = ObjectStore(settings).ensure_buckets()
@@ -31,7 +32,7 @@ def world(stack: Stack):
     truth = TruthIndex.from_mapping(
         dict(zip(train_ids + test_ids, train_truth + test_truth, strict=True))
     )
-    yield stack.env(), db, truth, set(test_ids)
+    yield {**stack.env(), "token": operator_token}, db, truth, set(test_ids)
     db.close()
 
 
@@ -39,6 +40,7 @@ def _run(env, db, truth, request: rounds_pb2.StartRoundRequest) -> rounds_pb2.Ro
     r, _ = run_round(
         env["BMCELL_ROUNDS_ADDR"],
         request,
+        token=env["token"],
         labelapi_url=env["BMCELL_LABELAPI_URL"],
         db=db,
         truth=truth,
@@ -51,7 +53,9 @@ def _run(env, db, truth, request: rounds_pb2.StartRoundRequest) -> rounds_pb2.Ro
 
 def test_round_needs_bootstrap_first(world) -> None:
     env, *_ = world
-    stub = rounds_pb2_grpc.RoundsStub(grpc.insecure_channel(env["BMCELL_ROUNDS_ADDR"]))
+    stub = rounds_pb2_grpc.RoundsStub(
+        grpc_client.channel(env["BMCELL_ROUNDS_ADDR"], token=env["token"])
+    )
     with pytest.raises(grpc.RpcError) as err:
         stub.StartRound(
             rounds_pb2.StartRoundRequest(experiment=EXPERIMENT, strategy="cst+al"), timeout=30

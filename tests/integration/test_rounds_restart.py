@@ -199,7 +199,7 @@ def world(stack: Stack):
     db.close()
 
 
-def test_round_survives_each_service_killed_mid_round(world) -> None:
+def test_round_survives_each_service_killed_mid_round(world, operator_token: str) -> None:
     stack, db, store, truth_map = world
     env = stack.env()
     truth = TruthIndex.from_mapping(truth_map)
@@ -208,6 +208,7 @@ def test_round_survives_each_service_killed_mid_round(world) -> None:
     boot, _ = run_round(
         env["BMCELL_ROUNDS_ADDR"],
         small_bootstrap(EXPERIMENT, LAB, test_reviews=1),
+        token=operator_token,
         labelapi_url=env["BMCELL_LABELAPI_URL"],
         db=db,
         truth=truth,
@@ -224,7 +225,7 @@ def test_round_survives_each_service_killed_mid_round(world) -> None:
     truth = TruthIndex.from_mapping(truth_map)
 
     rounds = rounds_pb2_grpc.RoundsStub(
-        grpc_client.channel(env["BMCELL_ROUNDS_ADDR"], default_timeout_s=30)
+        grpc_client.channel(env["BMCELL_ROUNDS_ADDR"], default_timeout_s=30, token=operator_token)
     )
 
     # --- predicting: rounds, selector and classifier, each with a call in flight --------

@@ -1,4 +1,5 @@
-"""Who may upload to the segmenter: the labeling API's tokens, roles and lab scope.
+"""Who may upload to the segmenter: the shared interceptor's tokens and roles
+(bmcell.grpc_auth, bmcell.policy) and the segmenter's lab scope.
 
 Every refusal is checked to leave nothing behind: no lab, specimen or field row and no
 new object under ``fields/`` or ``cells/``.
@@ -144,7 +145,13 @@ REFUSALS = [
     ("revoked", "revoked", "a", grpc.StatusCode.UNAUTHENTICATED, "revoked at"),
     ("expired", "expired", "a", grpc.StatusCode.UNAUTHENTICATED, "expired at"),
     ("disabled", "disabled", "a", grpc.StatusCode.UNAUTHENTICATED, "is disabled"),
-    ("reviewer", "reviewer", "a", grpc.StatusCode.PERMISSION_DENIED, "'reviewer' may not upload"),
+    (
+        "reviewer",
+        "reviewer",
+        "a",
+        grpc.StatusCode.PERMISSION_DENIED,
+        "'reviewer' may not call /bmcell.v1.Segmenter/Upload",
+    ),
     ("uploader, other lab", "uploader", "b", grpc.StatusCode.PERMISSION_DENIED, "lab {lab}"),
     ("uploader, new lab", "uploader", "new", grpc.StatusCode.PERMISSION_DENIED, "lab {lab}"),
 ]
@@ -297,6 +304,8 @@ def test_cli_upload_sends_the_token(world: World, stack: Stack, tmp_path) -> Non
     path = tmp_path / "field.png"
     path.write_bytes(_fresh_png())
     env = {k: v for k, v in os.environ.items() if k != "BMCELL_TOKEN"} | stack.env()
+    # An env file without a token (the stack's carries its operator's).
+    env["BMCELL_STACK_RUN_DIR"] = str(tmp_path)
     cmd = [sys.executable, "-m", "bmcell.cli.main", "upload", "--lab", world.lab_a]
     cmd += ["--specimen", _specimen()]
 

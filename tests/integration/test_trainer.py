@@ -99,8 +99,8 @@ def seed_study(
 
 
 @pytest.fixture(scope="module")
-def trainer(stack: Stack):
-    with grpc.insecure_channel(stack.config.addr("trainer")) as ch:
+def trainer(stack: Stack, operator_channel):
+    with operator_channel(stack.config.addr("trainer")) as ch:
         yield trainer_pb2_grpc.TrainerStub(ch)
 
 
@@ -144,7 +144,9 @@ def assert_resumed_after(db: Database, job_id: str, epochs: int, interrupted_at:
 # --- tests -------------------------------------------------------------------------------
 
 
-def test_round_training_publishes_and_is_idempotent(rt, trainer, stack: Stack) -> None:
+def test_round_training_publishes_and_is_idempotent(
+    rt, trainer, stack: Stack, operator_channel
+) -> None:
     settings, db, store = rt
     with db.transaction() as conn:
         # Round 1 of a study starts without a served model (lr 0.01, no gate to pass).
@@ -191,7 +193,7 @@ def test_round_training_publishes_and_is_idempotent(rt, trainer, stack: Stack) -
     assert metrics["validation"]["accuracy"] == pytest.approx(report.validation_accuracy)
     assert store.get(report.confusion_key)[:8] == b"\x89PNG\r\n\x1a\n"
     assert store.exists(state_dict_key(settings.model_name, final.model_version))
-    with grpc.insecure_channel(stack.config.addr("classifier")) as ch:
+    with operator_channel(stack.config.addr("classifier")) as ch:
         listed = classifier_pb2_grpc.ClassifierStub(ch).ListModels(
             classifier_pb2.ListModelsRequest(), timeout=10
         )

@@ -190,3 +190,28 @@ def test_triton_reads_its_repository_from_the_s3_store_with_explicit_control() -
         assert "--model-control-mode=explicit" in args
     env_names = {e["name"] for e in container["env"]}
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= env_names
+
+
+GRPC_SERVICES = [s for s in SETTINGS if s != "labelapi"]
+
+
+@pytest.mark.parametrize("service", GRPC_SERVICES)
+def test_each_grpc_service_gets_its_own_account_token(service: str) -> None:
+    """BMCELL_SERVICE_TOKEN from the service's own Secret key (k8s) or .env entry
+    (compose), and the accounts step registers every one of them."""
+    objects = k8s_objects()
+    (container,) = objects[("Deployment", service)]["spec"]["template"]["spec"]["containers"]
+    (item,) = [e for e in container["env"] if e["name"] == "BMCELL_SERVICE_TOKEN"]
+    assert item["valueFrom"]["secretKeyRef"] == {"name": "bmcell-service-tokens", "key": service}
+    assert service in objects[("Secret", "bmcell-service-tokens")]["stringData"]
+    (job,) = objects[("Job", "service-accounts")]["spec"]["template"]["spec"]["containers"]
+    assert service in job["args"][0].split("for s in ")[1].split(";")[0].split()
+
+    services = compose()["services"]
+    variable = f"SERVICE_TOKEN_{service.upper()}"
+    assert services[service]["environment"]["BMCELL_SERVICE_TOKEN"].startswith(f"${{{variable}:?")
+    assert variable in services["accounts"]["environment"]
+    assert f"\n{variable}=CHANGE-ME" in (DEPLOY / "env.example").read_text()
+    assert services[service]["depends_on"]["accounts"]["condition"] == (
+        "service_completed_successfully"
+    )

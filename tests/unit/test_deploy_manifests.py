@@ -167,9 +167,11 @@ def test_secrets_hold_placeholders_only() -> None:
         for key, value in s["stringData"].items():
             if "PASSWORD" in key or "SECRET" in key or key == "BMCELL_DATABASE_URL":
                 assert "CHANGE-ME" in value, f"{key} in Secret {s['metadata']['name']}"
+            if s["metadata"]["name"] == "bmcell-service-tokens":
+                assert "CHANGE-ME" in value, f"{key} in Secret {s['metadata']['name']}"
     example = (DEPLOY / "env.example").read_text()
     for line in example.splitlines():
-        if "PASSWORD=" in line or "SECRET" in line.split("=")[0]:
+        if "PASSWORD=" in line or {"SECRET", "TOKEN"} & set(line.split("=")[0].split("_")):
             assert "CHANGE-ME" in line, line
 
 
