@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import grpc
 
+from bmcell import tls
+
 
 class _DefaultDeadline(
     grpc.UnaryUnaryClientInterceptor,
@@ -51,8 +53,8 @@ class _Details(grpc.ClientCallDetails):
 
 
 def channel(address: str, *, default_timeout_s: float = 30.0) -> grpc.Channel:
-    """An insecure channel to ``address`` whose calls time out after ``default_timeout_s``."""
-    raw = grpc.insecure_channel(
+    """A TLS channel to ``address`` (bmcell.tls); calls time out after ``default_timeout_s``."""
+    raw = tls.grpc_channel(
         address,
         options=[
             ("grpc.max_receive_message_length", 64 << 20),

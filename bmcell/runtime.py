@@ -13,7 +13,7 @@ from typing import Generic, TypeVar
 import structlog
 
 from bmcell import db as dbmod
-from bmcell import log
+from bmcell import log, tls
 from bmcell.errors import BmcellError, ConfigError
 from bmcell.settings import Settings, load
 from bmcell.storage import ObjectStore
@@ -40,6 +40,7 @@ def settings_or_exit(name: str, cls: type[S]) -> S:
 def boot(name: str, cls: type[S]) -> Runtime[S]:
     settings = settings_or_exit(name, cls)
     logger = log.configure(name, settings.log_level, settings.log_format)
+    tls.warn_if_off(settings, name)
     try:
         dbmod.migrate(settings.database_url)
         store = ObjectStore(settings).ensure_buckets()

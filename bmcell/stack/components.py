@@ -16,6 +16,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bmcell import tls
+from bmcell.settings import TlsSettings
 from bmcell.stack.config import StackConfig
 
 S3_ACCESS_KEY = "bmcell"
@@ -47,9 +49,17 @@ def port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def grpc_serving(addr: str, service: str = "") -> bool:
+def stack_tls(cfg: StackConfig) -> TlsSettings:
+    """The TLS settings the stack hands its processes (files made by ``Stack.up``)."""
+    if cfg.tls == "off":
+        return TlsSettings(tls="off", tls_ca=None, tls_cert=None, tls_key=None)
+    files = tls.material_paths(cfg.tls_dir)
+    return TlsSettings(tls="on", tls_ca=files.ca, tls_cert=files.cert, tls_key=files.key)
+
+
+def grpc_serving(addr: str, service: str = "", *, tls_settings: TlsSettings) -> bool:
     try:
-        with grpc.insecure_channel(addr) as ch:
+        with tls.grpc_channel(addr, tls=tls_settings) as ch:
             resp = health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=2
             )
@@ -60,7 +70,14 @@ def grpc_serving(addr: str, service: str = "") -> bool:
 
 def service_env(cfg: StackConfig) -> dict[str, str]:
     """The BMCELL_* settings every service and the CLI get for this stack."""
+    encryption = stack_tls(cfg)
     return {
+        "BMCELL_TLS": encryption.tls,
+        **{
+            f"BMCELL_{name.upper()}": str(getattr(encryption, name))
+            for name in ("tls_ca", "tls_cert", "tls_key")
+            if getattr(encryption, name) is not None
+        },
         "BMCELL_DATABASE_URL": f"postgresql://bmcell@{cfg.addr('postgres')}/bmcell",
         "BMCELL_S3_ENDPOINT": cfg.addr("s3"),
         "BMCELL_S3_ACCESS_KEY": S3_ACCESS_KEY,
@@ -72,9 +89,13 @@ def service_env(cfg: StackConfig) -> dict[str, str]:
         "BMCELL_SELECTOR_ADDR": cfg.addr("selector"),
         "BMCELL_TRAINER_ADDR": cfg.addr("trainer"),
         "BMCELL_ROUNDS_ADDR": cfg.addr("rounds"),
-        "BMCELL_LABELAPI_URL": f"http://{cfg.addr('labelapi')}",
+        "BMCELL_LABELAPI_URL": labelapi_url(cfg),
         "BMCELL_TRITON_REPOSITORY": str(cfg.run_dir / "triton-repo"),
     }
+
+
+def labelapi_url(cfg: StackConfig) -> str:
+    return f"{tls.http_scheme(stack_tls(cfg))}://{cfg.addr('labelapi')}"
 
 
 # --- Postgres ---------------------------------------------------------------------
@@ -287,7 +308,7 @@ def triton(cfg: StackConfig) -> Component:
 
     def ready() -> bool:
         try:
-            tr.wait_ready(cfg.addr("triton_grpc"), timeout_s=0.5)
+            tr.wait_ready(cfg.addr("triton_grpc"), timeout_s=0.5, tls=stack_tls(cfg))
         except TimeoutError:
             return False
         return True
@@ -300,6 +321,7 @@ def triton(cfg: StackConfig) -> Component:
             grpc_port=cfg.port("triton_grpc"),
             metrics_port=cfg.port("triton_metrics"),
             address=cfg.host,
+            tls=stack_tls(cfg),
         ),
         env=tr.tritonserver_env(dict(os.environ)),
         ports={
@@ -383,7 +405,7 @@ def grpc_service(cfg: StackConfig, name: str, full_name: str) -> Component:
         argv=[sys.executable, "-m", f"services.{name}"],
         env=env,
         ports={"grpc": cfg.port(name), "metrics": cfg.port(f"{name}_metrics")},
-        ready=lambda: grpc_serving(cfg.addr(name), full_name),
+        ready=lambda: grpc_serving(cfg.addr(name), full_name, tls_settings=stack_tls(cfg)),
         grpc_service=full_name,
     )
 
@@ -393,9 +415,12 @@ def labelapi(cfg: StackConfig) -> Component:
 
     def ready() -> bool:
         try:
-            return httpx.get(f"http://{cfg.addr('labelapi')}/healthz", timeout=2).status_code == 200
+            resp = httpx.get(
+                f"{labelapi_url(cfg)}/healthz", timeout=2, verify=tls.httpx_verify(stack_tls(cfg))
+            )
         except httpx.HTTPError:
             return False
+        return resp.status_code == 200
 
     return Component(
         name="labelapi",
@@ -447,10 +472,20 @@ def prometheus_config(cfg: StackConfig, scrape_interval_s: int = 2) -> dict:
                 "job_name": job,
                 "static_configs": [{"targets": [target]}],
                 "scrape_timeout": f"{scrape_interval_s}s",
+                **(_https_scrape(cfg) if job == "labelapi" else {}),
             }
             for job, target in prometheus_scrape_targets(cfg).items()
         ],
     }
+
+
+def _https_scrape(cfg: StackConfig) -> dict:
+    """The labeling API serves /metrics on its HTTPS port; every other /metrics port is
+    plain HTTP (metrics stay open and carry no patient data)."""
+    encryption = stack_tls(cfg)
+    if encryption.tls == "off":
+        return {}
+    return {"scheme": "https", "tls_config": {"ca_file": str(encryption.tls_ca)}}
 
 
 def prometheus(cfg: StackConfig) -> Component:

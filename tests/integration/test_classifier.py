@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from bmcell import modelstore, preprocess
+from bmcell import modelstore, preprocess, tls
 from bmcell import selection as rules
 from bmcell.network import WithSoftmax
 from bmcell.stack import Stack
@@ -53,7 +53,7 @@ def peaky_model(seed: int) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def classifier(stack: Stack):
-    with grpc.insecure_channel(stack.config.addr("classifier")) as ch:
+    with tls.grpc_channel(stack.config.addr("classifier")) as ch:
         yield classifier_pb2_grpc.ClassifierStub(ch)
 
 
@@ -130,7 +130,7 @@ def test_selection_matches_the_pure_rules(rt, stack: Stack, v1) -> None:
     params = selector_pb2.SelectionParameters(
         sample_size=80, cst_threshold=0.9, al_margin=0.2, seed=11, labs=[lab]
     )
-    with grpc.insecure_channel(stack.config.addr("selector")) as ch:
+    with tls.grpc_channel(stack.config.addr("selector")) as ch:
         stub = selector_pb2_grpc.SelectorStub(ch)
         first = stub.SelectCandidates(
             selector_pb2.SelectCandidatesRequest(

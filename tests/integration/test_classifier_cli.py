@@ -8,10 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import grpc
 import pytest
 
-from bmcell import modelstore
+from bmcell import modelstore, tls
 from bmcell.db import Database
 from bmcell.settings import Settings, load
 from bmcell.stack import Stack
@@ -56,7 +55,7 @@ def versions(stack: Stack) -> tuple[int, int]:
         )
     finally:
         db.close()
-    with grpc.insecure_channel(stack.config.addr("classifier")) as ch:
+    with tls.grpc_channel(stack.config.addr("classifier")) as ch:
         classifier_pb2_grpc.ClassifierStub(ch).ActivateModel(
             classifier_pb2.ActivateModelRequest(version=va), timeout=300
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from bmcell import tls
 from bmcell.db import Database
 from bmcell.review_sim import TruthIndex
 from bmcell.scenario import Reviewers, run_round
@@ -51,7 +52,7 @@ def _run(env, db, truth, request: rounds_pb2.StartRoundRequest) -> rounds_pb2.Ro
 
 def test_round_needs_bootstrap_first(world) -> None:
     env, *_ = world
-    stub = rounds_pb2_grpc.RoundsStub(grpc.insecure_channel(env["BMCELL_ROUNDS_ADDR"]))
+    stub = rounds_pb2_grpc.RoundsStub(tls.grpc_channel(env["BMCELL_ROUNDS_ADDR"]))
     with pytest.raises(grpc.RpcError) as err:
         stub.StartRound(
             rounds_pb2.StartRoundRequest(experiment=EXPERIMENT, strategy="cst+al"), timeout=30

@@ -18,6 +18,7 @@ import uuid
 import grpc
 import pytest
 
+from bmcell import tls
 from bmcell.db import Database
 from bmcell.modelstore import state_dict_key
 from bmcell.stack import Stack
@@ -100,7 +101,7 @@ def seed_study(
 
 @pytest.fixture(scope="module")
 def trainer(stack: Stack):
-    with grpc.insecure_channel(stack.config.addr("trainer")) as ch:
+    with tls.grpc_channel(stack.config.addr("trainer")) as ch:
         yield trainer_pb2_grpc.TrainerStub(ch)
 
 
@@ -191,7 +192,7 @@ def test_round_training_publishes_and_is_idempotent(rt, trainer, stack: Stack) -
     assert metrics["validation"]["accuracy"] == pytest.approx(report.validation_accuracy)
     assert store.get(report.confusion_key)[:8] == b"\x89PNG\r\n\x1a\n"
     assert store.exists(state_dict_key(settings.model_name, final.model_version))
-    with grpc.insecure_channel(stack.config.addr("classifier")) as ch:
+    with tls.grpc_channel(stack.config.addr("classifier")) as ch:
         listed = classifier_pb2_grpc.ClassifierStub(ch).ListModels(
             classifier_pb2.ListModelsRequest(), timeout=10
         )
