@@ -45,9 +45,11 @@ def test_up_twice_then_down_leaves_nothing() -> None:
         store = _store(base, run_dir)
         key, _ = store.put_content_addressed("cells", KEPT, suffix=".png")
 
+        ca = (run_dir / "tls" / "ca.crt").read_bytes()
         again = _cli("up", env=env)
         assert again.returncode == 0, again.stderr
         assert "already running" in again.stderr
+        assert (run_dir / "tls" / "ca.crt").read_bytes() == ca  # clients keep trusting it
         status2 = json.loads(_cli("status", "--json", env=env).stdout)
         assert {name: c["pid"] for name, c in status2.items()} == pids
     finally:
