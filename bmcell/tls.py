@@ -21,6 +21,7 @@ import datetime as dt
 import ipaddress
 import os
 import ssl
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -313,3 +314,18 @@ def uvicorn_options(tls: TlsSettings) -> dict[str, str]:
         return {}
     cert, key = server_files(tls)
     return {"ssl_certfile": str(cert), "ssl_keyfile": str(key)}
+
+
+def main(argv: Sequence[str]) -> int:
+    """``python -m bmcell.tls DIR HOST...``: the CA and a server certificate for HOSTs in
+    DIR, made once and reused (deploy/compose.yaml's tls-init runs it)."""
+    if len(argv) < 2:
+        print("usage: python -m bmcell.tls DIR HOST [HOST...]", file=sys.stderr)
+        return 2
+    files = ensure_local_ca(Path(argv[0]), argv[1:])
+    print(f"CA {files.ca}; certificate {files.cert} for {', '.join(argv[1:])}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
