@@ -73,6 +73,7 @@ def service_env(cfg: StackConfig) -> dict[str, str]:
     encryption = stack_tls(cfg)
     return {
         "BMCELL_TLS": encryption.tls,
+        **{f"PG{key.upper()}": value for key, value in pg_tls_options(cfg).items()},
         **{
             f"BMCELL_{name.upper()}": str(getattr(encryption, name))
             for name in ("tls_ca", "tls_cert", "tls_key")
@@ -124,6 +125,16 @@ def _pg_user() -> str | None:
     return "postgres"
 
 
+def pg_tls_options(cfg: StackConfig) -> dict[str, str]:
+    """libpq's own settings (``PGSSLMODE``, ``PGSSLROOTCERT`` in a process's environment):
+    encrypted, and the server must show a certificate of the stack's CA for the host
+    dialled. Environment rather than the URL, so code that derives one database's URL
+    from another's keeps working."""
+    if cfg.tls == "off":
+        return {}
+    return {"sslmode": "verify-full", "sslrootcert": str(tls.material_paths(cfg.tls_dir).ca)}
+
+
 def postgres(cfg: StackConfig) -> Component:
     data = cfg.run_dir / "postgres"
     sock = Path(tempfile.gettempdir()) / f"bmcell-pg-{cfg.port('postgres')}"
@@ -138,8 +149,11 @@ def postgres(cfg: StackConfig) -> Component:
     def prepare() -> None:
         sock.mkdir(exist_ok=True)
         chown(sock)
-        if (data / "PG_VERSION").exists():
-            return
+        if not (data / "PG_VERSION").exists():
+            initdb()
+        encrypt_connections()
+
+    def initdb() -> None:
         data.mkdir(parents=True, exist_ok=True)
         data.chmod(0o700)
         chown(data)
@@ -161,6 +175,27 @@ def postgres(cfg: StackConfig) -> Component:
             capture_output=True,
         )
 
+    def encrypt_connections() -> None:
+        """With TLS on, TCP connections must use it (``hostssl``), and Postgres presents
+        the stack's server certificate, copied where the postgres account can read it
+        (the run folder's tls/ is the invoking user's alone)."""
+        encrypted = cfg.tls == "on"
+        if encrypted:
+            files = tls.material_paths(cfg.tls_dir)
+            for src, name in ((files.cert, "server.crt"), (files.key, "server.key")):
+                dst = data / name
+                dst.write_bytes(src.read_bytes())
+                dst.chmod(0o600)
+                chown(dst)
+        hba = data / "pg_hba.conf"
+        lines = []
+        for line in hba.read_text().splitlines():
+            kind, _, rest = line.partition(" ")
+            if kind in ("host", "hostssl"):
+                line = ("hostssl " if encrypted else "host ") + rest.lstrip()
+            lines.append(line)
+        hba.write_text("\n".join(lines) + "\n")
+
     def ready() -> bool:
         import psycopg
 
@@ -171,6 +206,7 @@ def postgres(cfg: StackConfig) -> Component:
                 user="bmcell",
                 dbname="postgres",
                 connect_timeout=2,
+                **pg_tls_options(cfg),
             ):
                 return True
         except psycopg.Error:
@@ -185,6 +221,7 @@ def postgres(cfg: StackConfig) -> Component:
             user="bmcell",
             dbname="postgres",
             autocommit=True,
+            **pg_tls_options(cfg),
         ) as conn:
             if not conn.execute("SELECT 1 FROM pg_database WHERE datname = 'bmcell'").fetchone():
                 conn.execute("CREATE DATABASE bmcell")
@@ -201,6 +238,8 @@ def postgres(cfg: StackConfig) -> Component:
             f"listen_addresses={cfg.host}",
             "-c",
             f"unix_socket_directories={sock}",
+            "-c",
+            f"ssl={cfg.tls}",
             "-c",
             "max_connections=200",
             "-c",
