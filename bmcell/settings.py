@@ -37,7 +37,9 @@ class Settings(TlsSettings):
     """What every process needs: where state lives and how to log."""
 
     database_url: str = Field(description="Postgres conninfo, e.g. postgresql://u@host:5432/bmcell")
-    s3_endpoint: str = Field(description="host:port of the S3 server (SeaweedFS embedded, or MinIO)")
+    s3_endpoint: str = Field(
+        description="host:port of the S3 server (SeaweedFS embedded, or MinIO)"
+    )
     s3_access_key: SecretStr = SecretStr("bmcell")
     s3_secret_key: SecretStr = SecretStr("bmcell-secret")
     s3_secure: bool = False

@@ -81,6 +81,7 @@ def service_env(cfg: StackConfig) -> dict[str, str]:
         },
         "BMCELL_DATABASE_URL": f"postgresql://bmcell@{cfg.addr('postgres')}/bmcell",
         "BMCELL_S3_ENDPOINT": cfg.addr("s3"),
+        "BMCELL_S3_SECURE": str(encryption.tls == "on").lower(),
         "BMCELL_S3_ACCESS_KEY": S3_ACCESS_KEY,
         "BMCELL_S3_SECRET_KEY": S3_SECRET_KEY,
         "BMCELL_TRITON_URL": cfg.addr("triton_grpc"),
@@ -97,6 +98,14 @@ def service_env(cfg: StackConfig) -> dict[str, str]:
 
 def labelapi_url(cfg: StackConfig) -> str:
     return f"{tls.http_scheme(stack_tls(cfg))}://{cfg.addr('labelapi')}"
+
+
+def arrow_s3_trust(cfg: StackConfig) -> dict[str, str]:
+    """Ray Train writes checkpoints through pyarrow's S3 client, which has no CA option
+    in Python but reads OpenSSL's ``SSL_CERT_FILE``: set for the processes that use it
+    (the trainer and Ray's), not for all, since it replaces the system's CAs."""
+    encryption = stack_tls(cfg)
+    return {"SSL_CERT_FILE": str(encryption.tls_ca)} if encryption.tls == "on" else {}
 
 
 # --- Postgres ---------------------------------------------------------------------
@@ -266,6 +275,14 @@ def weed_binary() -> Path:
     return binary
 
 
+def _s3_tls_args(cfg: StackConfig) -> list[str]:
+    """The S3 gateway serves HTTPS only with the stack's server certificate."""
+    encryption = stack_tls(cfg)
+    if encryption.tls == "off":
+        return []
+    return [f"-s3.cert.file={encryption.tls_cert}", f"-s3.key.file={encryption.tls_key}"]
+
+
 def s3(cfg: StackConfig) -> Component:
     """SeaweedFS's master, volume server, filer and S3 gateway in one process.
 
@@ -284,8 +301,14 @@ def s3(cfg: StackConfig) -> Component:
     def ready() -> bool:
         # The gateway answers before the volume server has joined the master, and a
         # write in that gap fails with "no writable volumes": wait for both.
+        encryption = stack_tls(cfg)
         try:
-            gateway = httpx.get(f"http://{cfg.addr('s3')}/healthz", timeout=2)
+            gateway = httpx.get(
+                f"{tls.http_scheme(encryption)}://{cfg.addr('s3')}/healthz",
+                timeout=2,
+                verify=tls.httpx_verify(encryption),
+            )
+            # The master's own HTTP port: loopback only, SeaweedFS-internal.
             topology = httpx.get(f"http://{cfg.addr('s3_master')}/dir/status", timeout=2)
         except httpx.HTTPError:
             return False
@@ -321,6 +344,7 @@ def s3(cfg: StackConfig) -> Component:
             "-s3.port.lance=0",
             f"-metricsPort={cfg.port('s3_metrics')}",
             f"-metricsIp={cfg.host}",
+            *_s3_tls_args(cfg),
         ],
         # The S3 gateway's one identity: requests signed with other keys are refused.
         env={"AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY},
@@ -385,12 +409,15 @@ def ray(cfg: StackConfig) -> Component:
     def ready() -> bool:
         if not port_open(cfg.host, cfg.port("ray")):
             return False
-        out = subprocess.run(
-            [str(Path(sys.executable).parent / "ray"), "status", "--address", cfg.addr("ray")],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        try:
+            out = subprocess.run(
+                [str(Path(sys.executable).parent / "ray"), "status", "--address", cfg.addr("ray")],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+        except subprocess.TimeoutExpired:  # a loaded machine: not ready yet, not a crash
+            return False
         return out.returncode == 0
 
     return Component(
@@ -420,6 +447,7 @@ def ray(cfg: StackConfig) -> Component:
         env={
             "RAY_USAGE_STATS_ENABLED": "0",
             "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+            **arrow_s3_trust(cfg),
         },
         ports={"gcs": cfg.port("ray")},
         ready=ready,
@@ -435,6 +463,7 @@ def ray(cfg: StackConfig) -> Component:
 def grpc_service(cfg: StackConfig, name: str, full_name: str) -> Component:
     env = {
         **service_env(cfg),
+        **(arrow_s3_trust(cfg) if name == "trainer" else {}),
         "BMCELL_GRPC_PORT": str(cfg.port(name)),
         "BMCELL_METRICS_PORT": str(cfg.port(f"{name}_metrics")),
         "BMCELL_HOST": cfg.host,

@@ -90,5 +90,8 @@ def _store(base: int, run_dir) -> ObjectStore:
         s3_endpoint=env["BMCELL_S3_ENDPOINT"],
         s3_access_key=env["BMCELL_S3_ACCESS_KEY"],
         s3_secret_key=env["BMCELL_S3_SECRET_KEY"],
+        s3_secure=env["BMCELL_S3_SECURE"],
+        tls=env["BMCELL_TLS"],
+        tls_ca=env.get("BMCELL_TLS_CA"),
     )
     return ObjectStore(settings).ensure_buckets()

@@ -1,6 +1,7 @@
 """TLS on every hop of the embedded stack: a plaintext client is refused by every
-service, a client trusting the stack's CA is served, a client trusting another CA
-refuses the server (its certificate does not chain to that CA)."""
+service (gRPC services, Triton, the labeling API, the S3 store, Postgres), a client
+trusting the stack's CA is served, a client trusting another CA refuses the server
+(its certificate does not chain to that CA)."""
 
 from __future__ import annotations
 
@@ -9,19 +10,25 @@ import stat
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import grpc
 import httpx
+import psycopg
 import pytest
 import tritonclient.grpc as grpcclient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from minio import Minio
+from minio.error import MinioException
 from tritonclient.utils import InferenceServerException
 
 from bmcell import tls, triton
-from bmcell.settings import TlsSettings
+from bmcell.errors import Unavailable
+from bmcell.settings import Settings, TlsSettings, load
 from bmcell.stack import Stack
 from bmcell.stack.components import GRPC_SERVICES, labelapi_url, stack_tls
+from bmcell.storage import ObjectStore
 from tests.conftest import free_port
 
 pytestmark = pytest.mark.integration
@@ -91,6 +98,36 @@ def test_labelapi_serves_https_only(stack: Stack, other_ca: TlsSettings) -> None
         httpx.get(f"{url}/healthz", timeout=5, verify=tls.httpx_verify(other_ca))
     with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
         httpx.get(f"{url}/healthz", timeout=5)  # the system's CAs do not know the local CA
+
+
+def test_s3_serves_https_only(stack: Stack, other_ca: TlsSettings) -> None:
+    settings = load(Settings)
+    assert settings.s3_secure and settings.tls == "on"
+    store = ObjectStore(settings).ensure_buckets()
+    key = store.put(f"tls-test/{uuid.uuid4().hex}", b"over TLS")
+    assert store.get(key) == b"over TLS"
+    plain = Minio(
+        settings.s3_endpoint,
+        access_key=settings.s3_access_key.get_secret_value(),
+        secret_key=settings.s3_secret_key.get_secret_value(),
+        secure=False,
+    )
+    with pytest.raises(MinioException):  # the HTTPS port answers a plaintext request 400
+        plain.get_object(settings.data_bucket, key)
+    untrusted = settings.model_copy(update={"tls_ca": other_ca.tls_ca})
+    with pytest.raises(Unavailable, match="CERTIFICATE_VERIFY_FAILED"):
+        ObjectStore(untrusted, timeout_s=5).get(key)
+
+
+def test_postgres_refuses_plaintext(stack: Stack, other_ca: TlsSettings) -> None:
+    url = load(Settings).database_url
+    encrypted = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+    with psycopg.connect(url) as conn:  # PGSSLMODE=verify-full from the stack's env
+        assert conn.execute(encrypted).fetchone() == (True,)
+    with pytest.raises(psycopg.OperationalError, match="no encryption"):
+        psycopg.connect(url, sslmode="disable", connect_timeout=5)
+    with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
+        psycopg.connect(url, sslrootcert=str(other_ca.tls_ca), connect_timeout=5)
 
 
 def test_tls_off_is_plaintext_and_warned(stack: Stack) -> None:
