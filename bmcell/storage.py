@@ -50,9 +50,9 @@ class StoredObject:
 
 
 def _trust(settings: Settings) -> dict[str, str]:
-    """An HTTPS endpoint is verified against BMCELL_TLS_CA when TLS is on (the stack's
-    and deploy/'s store present a certificate of the bmcell CA), else the system's CAs."""
-    if settings.s3_secure and settings.tls == "on":
+    """An HTTPS endpoint is verified against BMCELL_TLS_CA when one is set (the stack's
+    and deploy/'s stores present a certificate of the bmcell CA), else the system's CAs."""
+    if settings.s3_secure and settings.tls_ca is not None:
         return {"cert_reqs": "CERT_REQUIRED", "ca_certs": str(tls.ca_file(settings))}
     return {}
 
