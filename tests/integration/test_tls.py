@@ -69,6 +69,23 @@ def test_grpc_service_serves_tls_only(stack: Stack, other_ca: TlsSettings, name:
     assert untrusted.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def test_probe_speaks_tls(stack: Stack, other_ca: TlsSettings) -> None:
+    """deploy/'s probes: ``python -m bmcell.healthcheck`` passes with the CA, fails without."""
+
+    def probe(**env: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "bmcell.healthcheck", GRPC_SERVICES["selector"]],
+            env={**os.environ, "BMCELL_GRPC_PORT": str(stack.config.port("selector")), **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    assert probe().returncode == 0
+    refused = probe(BMCELL_TLS_CA=str(other_ca.tls_ca))
+    assert refused.returncode == 1 and "UNAVAILABLE" in refused.stderr
+
+
 def test_triton_grpc_serves_tls_only(stack: Stack, other_ca: TlsSettings) -> None:
     addr = stack.config.addr("triton_grpc")
     served = triton.client(addr, stack_tls(stack.config))
