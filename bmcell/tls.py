@@ -202,12 +202,20 @@ def enabled(tls: TlsSettings | None = None) -> bool:
     return (tls or settings()).tls == "on"
 
 
-def warn_if_off(tls: TlsSettings, process: str) -> None:
-    if tls.tls == "off":
-        _LOG.warning(
-            "BMCELL_TLS=off: tokens and images cross the network in clear; for debugging only",
-            process=process,
-        )
+_warned_off = False
+
+
+def warn_if_off(tls: TlsSettings, process: str = "") -> None:
+    """Once per process: services at start (runtime.boot), CLI commands at their first
+    plaintext channel."""
+    global _warned_off
+    if tls.tls == "off" and not _warned_off:
+        _warned_off = True
+        message = "BMCELL_TLS=off: tokens and images cross the network in clear; for debugging only"
+        if process:  # a service: its structured log
+            _LOG.warning(message, process=process)
+        else:  # a command: stderr, which leaves its --json output on stdout intact
+            print(f"warning: {message}", file=sys.stderr)
 
 
 def _read(tls: TlsSettings, field: str, role: str) -> bytes:
@@ -243,6 +251,7 @@ def add_grpc_port(server: grpc.Server, address: str, tls: TlsSettings) -> int:
     it could not bind. The key pair is read again when its files change, so a renewed
     certificate (cert-manager) is served to new connections without a restart."""
     if tls.tls == "off":
+        warn_if_off(tls)
         return server.add_insecure_port(address)
     cert, key = server_files(tls)
     return server.add_secure_port(address, _reloading_server_credentials(cert, key))
@@ -288,6 +297,7 @@ def grpc_channel(
     """A channel to ``address`` that verifies the server against BMCELL_TLS_CA."""
     tls = tls or settings()
     if tls.tls == "off":
+        warn_if_off(tls)
         return grpc.insecure_channel(address, options=list(options))
     return grpc.secure_channel(address, grpc_channel_credentials(tls), options=list(options))
 
