@@ -65,3 +65,45 @@ def test_missing_files_are_named(tmp_path: Path) -> None:
         tls.grpc_channel_credentials(gone)
     off = TlsSettings(tls="off", tls_ca=None, tls_cert=None, tls_key=None)
     assert tls.uvicorn_options(off) == {} and tls.http_scheme(off) == "http"
+
+
+def test_grpc_server_serves_a_renewed_certificate_without_restart(tmp_path: Path) -> None:
+    """cert-manager replaces the mounted files; new connections get the new pair."""
+    import shutil
+    import time
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    first = tls.ensure_local_ca(tmp_path / "first", ["127.0.0.1"])
+    second = tls.ensure_local_ca(tmp_path / "second", ["127.0.0.1"])
+    mounted = tmp_path / "mounted"
+    mounted.mkdir()
+    shutil.copy(first.cert, mounted / "tls.crt")
+    shutil.copy(first.key, mounted / "tls.key")
+    serving = TlsSettings(
+        tls="on", tls_ca=None, tls_cert=mounted / "tls.crt", tls_key=mounted / "tls.key"
+    )
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = tls.add_grpc_port(server, "127.0.0.1:0", serving)
+    server.start()
+
+    def check(ca: Path) -> bool:
+        client = TlsSettings(tls="on", tls_ca=ca, tls_cert=None, tls_key=None)
+        with tls.grpc_channel(f"127.0.0.1:{port}", tls=client) as ch:
+            try:
+                health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            except grpc.RpcError:
+                return False
+        return True
+
+    try:
+        assert check(first.ca) and not check(second.ca)
+        time.sleep(0.01)  # a later modification time than the first pair's
+        shutil.copy(second.key, mounted / "tls.key")
+        shutil.copy(second.cert, mounted / "tls.crt")
+        assert check(second.ca) and not check(first.ca)
+    finally:
+        server.stop(None)
