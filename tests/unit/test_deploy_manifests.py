@@ -177,7 +177,7 @@ def test_every_server_mounts_its_own_certificate() -> None:
     objects = {(o["kind"], o["metadata"]["name"]): o for o in base_objects()}
     config = objects[("ConfigMap", "bmcell-config")]["data"]
     assert config["BMCELL_TLS"] == "on"
-    servers = [*GRPC_SERVICES, "labelapi", "triton"]
+    servers = [*GRPC_SERVICES, "labelapi", "triton", "seaweedfs-s3"]
     for name in servers:
         spec = objects[("Deployment", name)]["spec"]["template"]["spec"]
         volumes = {v["name"]: v for v in spec["volumes"]}
@@ -195,6 +195,9 @@ def test_every_server_mounts_its_own_certificate() -> None:
     assert "sslmode=verify-full" in database_url and "sslrootcert=" in database_url
     postgres = objects[("StatefulSet", "postgres")]["spec"]["template"]["spec"]["containers"][0]
     assert "ssl=on" in postgres["args"]
+    assert config["BMCELL_S3_SECURE"].split()[0] == "true"
+    gateway = objects[("Deployment", "seaweedfs-s3")]["spec"]["template"]["spec"]["containers"][0]
+    assert "-cert.file=/etc/bmcell/tls/tls.crt" in gateway["args"]
     hba = objects[("ConfigMap", "postgres-hba")]["data"]["pg_hba.conf"]
     assert not [ln for ln in hba.splitlines() if ln.split()[:1] == ["host"]]  # TLS only
 
