@@ -17,11 +17,10 @@ from __future__ import annotations
 import os
 import time
 
-import grpc
 import numpy as np
 import torch
 
-from bmcell import modelrepo, modelstore, preprocess
+from bmcell import modelrepo, modelstore, preprocess, tls
 from bmcell.db import Database
 from bmcell.network import DEFAULT_INPUT_SIZE, CellClassifier
 from bmcell.settings import Settings, load
@@ -112,7 +111,7 @@ def _run(stack: Stack, settings: Settings, db: Database, store: ObjectStore) -> 
         flush=True,
     )
 
-    with grpc.insecure_channel(
+    with tls.grpc_channel(
         stack.config.addr("classifier"),
         options=[("grpc.max_receive_message_length", 64 << 20)],
     ) as ch:

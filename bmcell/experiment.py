@@ -17,9 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
-import tritonclient.grpc as grpcclient
 
-from bmcell import grpc_client, modelrepo, paging, scenario
+from bmcell import grpc_client, modelrepo, paging, scenario, triton
 from bmcell.db import Database
 from bmcell.modelstore import state_dict_key
 from bmcell.review_sim import TruthIndex
@@ -267,7 +266,7 @@ def _bootstrap(
 
 
 def _unload(triton_url: str, model: str) -> None:
-    client = grpcclient.InferenceServerClient(url=triton_url)
+    client = triton.client(triton_url)
     try:
         client.unload_model(model, client_timeout=60)
     except Exception:  # an experiment's result does not depend on freeing memory

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import grpc
 
+from bmcell import tls
 from bmcell.settings import ServiceSettings
 
 
@@ -58,9 +59,10 @@ class _Details(grpc.ClientCallDetails):
 def channel(
     address: str, *, default_timeout_s: float = 30.0, token: str | None = None
 ) -> grpc.Channel:
-    """An insecure channel to ``address`` whose calls time out after ``default_timeout_s``
-    and carry ``token`` (unless a call sends its own ``authorization``)."""
-    raw = grpc.insecure_channel(
+    """A TLS channel to ``address`` (bmcell.tls) whose calls time out after
+    ``default_timeout_s`` and carry ``token`` (unless a call sends its own
+    ``authorization``)."""
+    raw = tls.grpc_channel(
         address,
         options=[
             ("grpc.max_receive_message_length", 64 << 20),

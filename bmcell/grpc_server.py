@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import Counter, Histogram, start_http_server
 
-from bmcell import log
+from bmcell import log, tls
 from bmcell.auth import authenticate
 from bmcell.db import Database
 from bmcell.errors import BmcellError, ConfigError, request_id
@@ -206,6 +206,8 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, int]]:
 
 def start_server(settings: ServiceSettings, service: Service) -> RunningServer:
     """Bind, register and start; raises ConfigError naming the port setting on a clash."""
+    if settings.tls == "on":
+        tls.server_files(settings)  # a missing certificate stops the start before any port opens
     try:
         metrics = start_http_server(settings.metrics_port, addr=settings.host)
         metrics_httpd = metrics[0] if isinstance(metrics, tuple) else None
@@ -245,7 +247,7 @@ def start_server(settings: ServiceSettings, service: Service) -> RunningServer:
     )
     address = f"{settings.host}:{settings.grpc_port}"
     try:
-        bound = server.add_insecure_port(address)
+        bound = tls.add_grpc_port(server, address, settings)
     except RuntimeError as exc:
         bound = 0
         reason = str(exc)

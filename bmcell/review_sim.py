@@ -34,6 +34,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from bmcell import tls
 from bmcell import users as user_repo
 from bmcell.db import Database
 from bmcell.settings import Settings
@@ -517,10 +518,15 @@ def simulate_reviews(
             return resp.json()
         return None
 
+    # An https:// API is verified against BMCELL_TLS_CA, never the system's CAs.
+    verify = tls.httpx_verify() if labelapi_url.startswith("https://") else True
+
     def work(name: str, token: str) -> None:
         lease_kind = "adjudication" if name == adjudicator and adjudicate else kind
         headers = {"Authorization": f"Bearer {token}"}
-        with httpx.Client(base_url=labelapi_url, headers=headers, timeout=60) as client:
+        with httpx.Client(
+            base_url=labelapi_url, headers=headers, timeout=60, verify=verify
+        ) as client:
             while coord.claim():
                 generation = coord.generation
                 task = lease(client, lease_kind)

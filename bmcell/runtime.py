@@ -12,7 +12,7 @@ from typing import Generic, TypeVar
 
 import structlog
 
-from bmcell import audit, log
+from bmcell import audit, log, tls
 from bmcell import db as dbmod
 from bmcell.errors import BmcellError, ConfigError
 from bmcell.settings import Settings, load
@@ -41,6 +41,7 @@ def boot(name: str, cls: type[S]) -> Runtime[S]:
     settings = settings_or_exit(name, cls)
     logger = log.configure(name, settings.log_level, settings.log_format)
     audit.set_process_identity(name)
+    tls.warn_if_off(settings, name)
     try:
         dbmod.migrate(settings.database_url)
         store = ObjectStore(settings).ensure_buckets()

@@ -8,6 +8,7 @@ sets them for a cluster (a test checks the two agree with this module).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError
@@ -18,10 +19,22 @@ from bmcell.errors import ConfigError
 ENV_PREFIX = "BMCELL_"
 
 
-class Settings(BaseSettings):
-    """What every process needs: where state lives and how to log."""
+class TlsSettings(BaseSettings):
+    """How a process encrypts its connections (bmcell.tls): what a server presents and
+    which CA a client trusts. Its own class so a CLI command reads it without the rest."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    tls: Literal["on", "off"] = Field(
+        "on", description="off: plaintext everywhere, for debugging only (warned at start)"
+    )
+    tls_ca: Path | None = Field(None, description="PEM of the CA clients trust")
+    tls_cert: Path | None = Field(None, description="PEM certificate (chain) a server presents")
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+
+
+class Settings(TlsSettings):
+    """What every process needs: where state lives and how to log."""
 
     database_url: str = Field(description="Postgres conninfo, e.g. postgresql://u@host:5432/bmcell")
     s3_endpoint: str = Field(

@@ -18,6 +18,7 @@ import urllib3
 from minio import Minio
 from minio.error import S3Error
 
+from bmcell import tls
 from bmcell.errors import NotFound, Unavailable
 from bmcell.settings import Settings
 
@@ -48,10 +49,19 @@ class StoredObject:
     modified: datetime  # timezone-aware, from the server
 
 
+def _trust(settings: Settings) -> dict[str, str]:
+    """An HTTPS endpoint is verified against BMCELL_TLS_CA when one is set (the stack's
+    and deploy/'s stores present a certificate of the bmcell CA), else the system's CAs."""
+    if settings.s3_secure and settings.tls_ca is not None:
+        return {"cert_reqs": "CERT_REQUIRED", "ca_certs": str(tls.ca_file(settings))}
+    return {}
+
+
 class ObjectStore:
     def __init__(self, settings: Settings, *, timeout_s: float | None = None) -> None:
         timeout = timeout_s or settings.outbound_timeout_s
         http = urllib3.PoolManager(
+            **_trust(settings),
             timeout=urllib3.Timeout(connect=min(timeout, 5.0), read=timeout),
             retries=urllib3.Retry(total=3, backoff_factor=0.2, status_forcelist=(502, 503, 504)),
             maxsize=16,

@@ -25,8 +25,13 @@ import sysconfig
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytriton
+
+from bmcell import tls as bmcell_tls
+from bmcell.errors import ConfigError
+from bmcell.settings import TlsSettings
 
 _PYTRITON_DIR = Path(pytriton.__file__).resolve().parent
 TRITON_DIST_DIR = _PYTRITON_DIR / "tritonserver"
@@ -131,6 +136,7 @@ def tritonserver_command(
     shm_prefix: str | None = None,
     log_verbose: int = 0,
     extra_args: Sequence[str] = (),
+    tls: TlsSettings | None = None,
 ) -> list[str]:
     """argv for the wheel's ``tritonserver`` serving ``repo`` (a path or ``s3://...`` URL).
 
@@ -138,6 +144,9 @@ def tritonserver_command(
     ``load_model``), ``poll`` or ``none``. ``shm_prefix`` names the python backend's
     shared-memory regions; it defaults to one derived from the gRPC port so that two
     servers on one host (tests, several stacks) never collide in ``/dev/shm``.
+    With ``tls`` on, the gRPC endpoint presents its certificate and the HTTP endpoint,
+    which Triton cannot encrypt and bmcell does not use, stays closed; metrics stay
+    plain HTTP like every service's.
     """
     if model_control not in ("explicit", "poll", "none"):
         raise ValueError(f"model_control must be explicit, poll or none, got {model_control!r}")
@@ -149,6 +158,7 @@ def tritonserver_command(
         raise ValueError(f"http, grpc and metrics ports must differ, got {ports}")
     if not repo:
         raise ValueError("repo (model repository path or URL) is empty")
+    encrypted = tls is not None and tls.tls == "on"
     backends = Path(backend_dir) if backend_dir is not None else backend_directory()
     prefix = shm_prefix or f"bmcell_triton_{grpc_port}_"
     argv = [
@@ -157,12 +167,13 @@ def tritonserver_command(
         f"--model-control-mode={model_control}",
         f"--backend-directory={backends}",
         f"--backend-config=python,shm-region-prefix-name={prefix}",
-        "--allow-http=true",
+        f"--allow-http={'false' if encrypted else 'true'}",
         f"--http-address={address}",
         f"--http-port={http_port}",
         "--allow-grpc=true",
         f"--grpc-address={address}",
         f"--grpc-port={grpc_port}",
+        *_grpc_tls_args(tls),
         "--allow-metrics=true",
         "--allow-gpu-metrics=false",
         f"--metrics-address={address}",
@@ -180,23 +191,52 @@ def tritonserver_command(
     return argv
 
 
-def wait_ready(grpc_url: str, timeout_s: float = 60.0, *, models: Sequence[str] = ()) -> None:
+def _grpc_tls_args(tls: TlsSettings | None) -> list[str]:
+    if tls is None or tls.tls == "off":
+        return []
+    missing = [f for f in ("tls_ca", "tls_cert", "tls_key") if getattr(tls, f) is None]
+    if missing:
+        raise ConfigError(f"BMCELL_{missing[0].upper()} is required when BMCELL_TLS=on (Triton)")
+    return [
+        "--grpc-use-ssl=true",
+        f"--grpc-server-cert={tls.tls_cert}",
+        f"--grpc-server-key={tls.tls_key}",
+        f"--grpc-root-cert={tls.tls_ca}",
+    ]
+
+
+def client(grpc_url: str, tls: TlsSettings | None = None, **kwargs: Any):
+    """A ``tritonclient.grpc`` client that verifies Triton against BMCELL_TLS_CA."""
+    import tritonclient.grpc as grpcclient
+
+    tls = tls or bmcell_tls.settings()
+    if tls.tls == "on":
+        kwargs.update(ssl=True, root_certificates=str(bmcell_tls.ca_file(tls)))
+    return grpcclient.InferenceServerClient(url=grpc_url, **kwargs)
+
+
+def wait_ready(
+    grpc_url: str,
+    timeout_s: float = 60.0,
+    *,
+    models: Sequence[str] = (),
+    tls: TlsSettings | None = None,
+) -> None:
     """Block until the server at ``grpc_url`` (``host:port``) is live and ready.
 
     With ``models``, also wait for each to be ready. Raises ``TimeoutError`` naming
     the URL and the last error seen, so a failed start says why.
     """
-    import tritonclient.grpc as grpcclient
     from tritonclient.utils import InferenceServerException
 
     deadline = time.monotonic() + timeout_s
     last = "no answer yet"
-    client = grpcclient.InferenceServerClient(url=grpc_url)
+    server = client(grpc_url, tls)
     try:
         while True:
             try:
-                if client.is_server_live() and client.is_server_ready():
-                    pending = [m for m in models if not client.is_model_ready(m)]
+                if server.is_server_live() and server.is_server_ready():
+                    pending = [m for m in models if not server.is_model_ready(m)]
                     if not pending:
                         return
                     last = f"models not ready: {pending}"
@@ -208,4 +248,4 @@ def wait_ready(grpc_url: str, timeout_s: float = 60.0, *, models: Sequence[str] 
                 raise TimeoutError(f"Triton at {grpc_url} not ready after {timeout_s}s: {last}")
             time.sleep(0.2)
     finally:
-        client.close()
+        server.close()

@@ -16,6 +16,8 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from bmcell import tls
+from bmcell.settings import TlsSettings
 from bmcell.stack import accounts
 from bmcell.stack.config import StackConfig
 
@@ -48,9 +50,17 @@ def port_open(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def grpc_serving(addr: str, service: str = "") -> bool:
+def stack_tls(cfg: StackConfig) -> TlsSettings:
+    """The TLS settings the stack hands its processes (files made by ``Stack.up``)."""
+    if cfg.tls == "off":
+        return TlsSettings(tls="off", tls_ca=None, tls_cert=None, tls_key=None)
+    files = tls.material_paths(cfg.tls_dir)
+    return TlsSettings(tls="on", tls_ca=files.ca, tls_cert=files.cert, tls_key=files.key)
+
+
+def grpc_serving(addr: str, service: str = "", *, tls_settings: TlsSettings) -> bool:
     try:
-        with grpc.insecure_channel(addr) as ch:
+        with tls.grpc_channel(addr, tls=tls_settings) as ch:
             resp = health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=2
             )
@@ -61,9 +71,18 @@ def grpc_serving(addr: str, service: str = "") -> bool:
 
 def service_env(cfg: StackConfig) -> dict[str, str]:
     """The BMCELL_* settings every service and the CLI get for this stack."""
+    encryption = stack_tls(cfg)
     return {
+        "BMCELL_TLS": encryption.tls,
+        **{f"PG{key.upper()}": value for key, value in pg_tls_options(cfg).items()},
+        **{
+            f"BMCELL_{name.upper()}": str(getattr(encryption, name))
+            for name in ("tls_ca", "tls_cert", "tls_key")
+            if getattr(encryption, name) is not None
+        },
         "BMCELL_DATABASE_URL": f"postgresql://bmcell@{cfg.addr('postgres')}/bmcell",
         "BMCELL_S3_ENDPOINT": cfg.addr("s3"),
+        "BMCELL_S3_SECURE": str(encryption.tls == "on").lower(),
         "BMCELL_S3_ACCESS_KEY": S3_ACCESS_KEY,
         "BMCELL_S3_SECRET_KEY": S3_SECRET_KEY,
         "BMCELL_TRITON_URL": cfg.addr("triton_grpc"),
@@ -73,11 +92,31 @@ def service_env(cfg: StackConfig) -> dict[str, str]:
         "BMCELL_SELECTOR_ADDR": cfg.addr("selector"),
         "BMCELL_TRAINER_ADDR": cfg.addr("trainer"),
         "BMCELL_ROUNDS_ADDR": cfg.addr("rounds"),
-        "BMCELL_LABELAPI_URL": f"http://{cfg.addr('labelapi')}",
+        "BMCELL_LABELAPI_URL": labelapi_url(cfg),
         "BMCELL_TRITON_REPOSITORY": str(cfg.run_dir / "triton-repo"),
         # One machine, loopback only: gRPC reflection stays open to tools like grpcurl.
         "BMCELL_ENV": "development",
     }
+
+
+def admin_database_url(cfg: StackConfig) -> str:
+    """The stack's database for ``stack up``'s own connections, with libpq's TLS
+    options in the URL (the services get them as PGSSL* variables instead)."""
+    url = service_env(cfg)["BMCELL_DATABASE_URL"]
+    options = "&".join(f"{k}={v}" for k, v in pg_tls_options(cfg).items())
+    return f"{url}?{options}" if options else url
+
+
+def labelapi_url(cfg: StackConfig) -> str:
+    return f"{tls.http_scheme(stack_tls(cfg))}://{cfg.addr('labelapi')}"
+
+
+def arrow_s3_trust(cfg: StackConfig) -> dict[str, str]:
+    """Ray Train writes checkpoints through pyarrow's S3 client, which has no CA option
+    in Python but reads OpenSSL's ``SSL_CERT_FILE``: set for the processes that use it
+    (the trainer and Ray's), not for all, since it replaces the system's CAs."""
+    encryption = stack_tls(cfg)
+    return {"SSL_CERT_FILE": str(encryption.tls_ca)} if encryption.tls == "on" else {}
 
 
 # --- Postgres ---------------------------------------------------------------------
@@ -106,6 +145,16 @@ def _pg_user() -> str | None:
     return "postgres"
 
 
+def pg_tls_options(cfg: StackConfig) -> dict[str, str]:
+    """libpq's own settings (``PGSSLMODE``, ``PGSSLROOTCERT`` in a process's environment):
+    encrypted, and the server must show a certificate of the stack's CA for the host
+    dialled. Environment rather than the URL, so code that derives one database's URL
+    from another's keeps working."""
+    if cfg.tls == "off":
+        return {}
+    return {"sslmode": "verify-full", "sslrootcert": str(tls.material_paths(cfg.tls_dir).ca)}
+
+
 def postgres(cfg: StackConfig) -> Component:
     data = cfg.run_dir / "postgres"
     sock = Path(tempfile.gettempdir()) / f"bmcell-pg-{cfg.port('postgres')}"
@@ -120,8 +169,11 @@ def postgres(cfg: StackConfig) -> Component:
     def prepare() -> None:
         sock.mkdir(exist_ok=True)
         chown(sock)
-        if (data / "PG_VERSION").exists():
-            return
+        if not (data / "PG_VERSION").exists():
+            initdb()
+        encrypt_connections()
+
+    def initdb() -> None:
         data.mkdir(parents=True, exist_ok=True)
         data.chmod(0o700)
         chown(data)
@@ -143,6 +195,27 @@ def postgres(cfg: StackConfig) -> Component:
             capture_output=True,
         )
 
+    def encrypt_connections() -> None:
+        """With TLS on, TCP connections must use it (``hostssl``), and Postgres presents
+        the stack's server certificate, copied where the postgres account can read it
+        (the run folder's tls/ is the invoking user's alone)."""
+        encrypted = cfg.tls == "on"
+        if encrypted:
+            files = tls.material_paths(cfg.tls_dir)
+            for src, name in ((files.cert, "server.crt"), (files.key, "server.key")):
+                dst = data / name
+                dst.write_bytes(src.read_bytes())
+                dst.chmod(0o600)
+                chown(dst)
+        hba = data / "pg_hba.conf"
+        lines = []
+        for line in hba.read_text().splitlines():
+            kind, _, rest = line.partition(" ")
+            if kind in ("host", "hostssl"):
+                line = ("hostssl " if encrypted else "host ") + rest.lstrip()
+            lines.append(line)
+        hba.write_text("\n".join(lines) + "\n")
+
     def ready() -> bool:
         import psycopg
 
@@ -153,6 +226,7 @@ def postgres(cfg: StackConfig) -> Component:
                 user="bmcell",
                 dbname="postgres",
                 connect_timeout=2,
+                **pg_tls_options(cfg),
             ):
                 return True
         except psycopg.Error:
@@ -167,6 +241,7 @@ def postgres(cfg: StackConfig) -> Component:
             user="bmcell",
             dbname="postgres",
             autocommit=True,
+            **pg_tls_options(cfg),
         ) as conn:
             if not conn.execute("SELECT 1 FROM pg_database WHERE datname = 'bmcell'").fetchone():
                 conn.execute("CREATE DATABASE bmcell")
@@ -183,6 +258,8 @@ def postgres(cfg: StackConfig) -> Component:
             f"listen_addresses={cfg.host}",
             "-c",
             f"unix_socket_directories={sock}",
+            "-c",
+            f"ssl={cfg.tls}",
             "-c",
             "max_connections=200",
             "-c",
@@ -209,6 +286,14 @@ def weed_binary() -> Path:
     return binary
 
 
+def _s3_tls_args(cfg: StackConfig) -> list[str]:
+    """The S3 gateway serves HTTPS only with the stack's server certificate."""
+    encryption = stack_tls(cfg)
+    if encryption.tls == "off":
+        return []
+    return [f"-s3.cert.file={encryption.tls_cert}", f"-s3.key.file={encryption.tls_key}"]
+
+
 def s3(cfg: StackConfig) -> Component:
     """SeaweedFS's master, volume server, filer and S3 gateway in one process.
 
@@ -227,8 +312,14 @@ def s3(cfg: StackConfig) -> Component:
     def ready() -> bool:
         # The gateway answers before the volume server has joined the master, and a
         # write in that gap fails with "no writable volumes": wait for both.
+        encryption = stack_tls(cfg)
         try:
-            gateway = httpx.get(f"http://{cfg.addr('s3')}/healthz", timeout=2)
+            gateway = httpx.get(
+                f"{tls.http_scheme(encryption)}://{cfg.addr('s3')}/healthz",
+                timeout=2,
+                verify=tls.httpx_verify(encryption),
+            )
+            # The master's own HTTP port: loopback only, SeaweedFS-internal.
             topology = httpx.get(f"http://{cfg.addr('s3_master')}/dir/status", timeout=2)
         except httpx.HTTPError:
             return False
@@ -264,6 +355,7 @@ def s3(cfg: StackConfig) -> Component:
             "-s3.port.lance=0",
             f"-metricsPort={cfg.port('s3_metrics')}",
             f"-metricsIp={cfg.host}",
+            *_s3_tls_args(cfg),
         ],
         # The S3 gateway's one identity: requests signed with other keys are refused.
         env={"AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY},
@@ -290,7 +382,7 @@ def triton(cfg: StackConfig) -> Component:
 
     def ready() -> bool:
         try:
-            tr.wait_ready(cfg.addr("triton_grpc"), timeout_s=0.5)
+            tr.wait_ready(cfg.addr("triton_grpc"), timeout_s=0.5, tls=stack_tls(cfg))
         except TimeoutError:
             return False
         return True
@@ -303,6 +395,7 @@ def triton(cfg: StackConfig) -> Component:
             grpc_port=cfg.port("triton_grpc"),
             metrics_port=cfg.port("triton_metrics"),
             address=cfg.host,
+            tls=stack_tls(cfg),
         ),
         env=tr.tritonserver_env(dict(os.environ)),
         ports={
@@ -327,12 +420,15 @@ def ray(cfg: StackConfig) -> Component:
     def ready() -> bool:
         if not port_open(cfg.host, cfg.port("ray")):
             return False
-        out = subprocess.run(
-            [str(Path(sys.executable).parent / "ray"), "status", "--address", cfg.addr("ray")],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        try:
+            out = subprocess.run(
+                [str(Path(sys.executable).parent / "ray"), "status", "--address", cfg.addr("ray")],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+        except subprocess.TimeoutExpired:  # a loaded machine: not ready yet, not a crash
+            return False
         return out.returncode == 0
 
     return Component(
@@ -362,6 +458,7 @@ def ray(cfg: StackConfig) -> Component:
         env={
             "RAY_USAGE_STATS_ENABLED": "0",
             "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+            **arrow_s3_trust(cfg),
         },
         ports={"gcs": cfg.port("ray")},
         ready=ready,
@@ -378,6 +475,7 @@ def grpc_service(cfg: StackConfig, name: str, full_name: str) -> Component:
     secrets = accounts.tokens(cfg, [name])
     env = {
         **service_env(cfg),
+        **(arrow_s3_trust(cfg) if name == "trainer" else {}),
         "BMCELL_GRPC_PORT": str(cfg.port(name)),
         "BMCELL_METRICS_PORT": str(cfg.port(f"{name}_metrics")),
         "BMCELL_HOST": cfg.host,
@@ -388,9 +486,9 @@ def grpc_service(cfg: StackConfig, name: str, full_name: str) -> Component:
         argv=[sys.executable, "-m", f"services.{name}"],
         env=env,
         ports={"grpc": cfg.port(name), "metrics": cfg.port(f"{name}_metrics")},
-        ready=lambda: grpc_serving(cfg.addr(name), full_name),
+        ready=lambda: grpc_serving(cfg.addr(name), full_name, tls_settings=stack_tls(cfg)),
         # Before the service starts, its account (and the developer's operator) exist.
-        prepare=lambda: accounts.provision(service_env(cfg)["BMCELL_DATABASE_URL"], secrets),
+        prepare=lambda: accounts.provision(admin_database_url(cfg), secrets),
         grpc_service=full_name,
     )
 
@@ -400,9 +498,12 @@ def labelapi(cfg: StackConfig) -> Component:
 
     def ready() -> bool:
         try:
-            return httpx.get(f"http://{cfg.addr('labelapi')}/healthz", timeout=2).status_code == 200
+            resp = httpx.get(
+                f"{labelapi_url(cfg)}/healthz", timeout=2, verify=tls.httpx_verify(stack_tls(cfg))
+            )
         except httpx.HTTPError:
             return False
+        return resp.status_code == 200
 
     return Component(
         name="labelapi",
@@ -454,10 +555,20 @@ def prometheus_config(cfg: StackConfig, scrape_interval_s: int = 2) -> dict:
                 "job_name": job,
                 "static_configs": [{"targets": [target]}],
                 "scrape_timeout": f"{scrape_interval_s}s",
+                **(_https_scrape(cfg) if job == "labelapi" else {}),
             }
             for job, target in prometheus_scrape_targets(cfg).items()
         ],
     }
+
+
+def _https_scrape(cfg: StackConfig) -> dict:
+    """The labeling API serves /metrics on its HTTPS port; every other /metrics port is
+    plain HTTP (metrics stay open and carry no patient data)."""
+    encryption = stack_tls(cfg)
+    if encryption.tls == "off":
+        return {}
+    return {"scheme": "https", "tls_config": {"ca_file": str(encryption.tls_ca)}}
 
 
 def prometheus(cfg: StackConfig) -> Component:

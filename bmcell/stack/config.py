@@ -7,6 +7,7 @@ example the test suite's, runs beside a developer's by changing one number.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -55,7 +56,9 @@ PORT_OFFSETS: dict[str, int] = {
 
 
 class StackConfig(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="BMCELL_STACK_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="BMCELL_STACK_", extra="ignore", populate_by_name=True
+    )
 
     run_dir: Path = Field(REPO / ".run", description="data, logs and state of the stack")
     # Below the kernel's ephemeral range (32768-60999 on Linux): a port there can be
@@ -67,6 +70,8 @@ class StackConfig(BaseSettings):
     ray_object_store_mb: int = Field(512, ge=78)
     ready_timeout_s: float = Field(120.0, gt=0)
     with_prometheus: bool = False
+    # The same variable every process reads: off makes the whole stack plaintext.
+    tls: Literal["on", "off"] = Field("on", validation_alias="BMCELL_TLS")
 
     def port(self, name: str) -> int:
         return self.port_base + PORT_OFFSETS[name]
@@ -81,6 +86,11 @@ class StackConfig(BaseSettings):
     @property
     def state_file(self) -> Path:
         return self.run_dir / "stack.json"
+
+    @property
+    def tls_dir(self) -> Path:
+        """The local CA (its key never leaves this folder) and the server certificate."""
+        return self.run_dir / "tls"
 
     @property
     def env_file(self) -> Path:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from bmcell import tls
 from bmcell.errors import ConfigError
 from bmcell.stack import accounts
 from bmcell.stack import components as comp
@@ -95,6 +96,8 @@ class Stack:
         experiment points services at another database)."""
         cfg = self.config
         cfg.logs_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.tls == "on":
+            tls.ensure_local_ca(cfg.tls_dir, [cfg.host])
         state = self._load_state()
         self._write_env_file()
         for c in self.components():

@@ -12,7 +12,7 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from bmcell import log
+from bmcell import log, triton
 from bmcell.errors import InvalidArgument, Unavailable
 from bmcell.modelrepo import INPUT_NAME, OUTPUT_NAME
 
@@ -25,7 +25,7 @@ class Triton:
         self.url = url
         self.timeout_s = timeout_s
         self.retries = retries
-        self.client = grpcclient.InferenceServerClient(url=url)
+        self.client = triton.client(url)
 
     def _call(self, what: str, fn, *args, **kwargs):
         delay = 0.1

@@ -44,6 +44,9 @@ def s3_options(settings: TrainerSettings) -> dict[str, Any]:
         "s3_access_key": settings.s3_access_key.get_secret_value(),
         "s3_secret_key": settings.s3_secret_key.get_secret_value(),
         "s3_secure": settings.s3_secure,
+        # Workers verify the store with the same CA file (same path on every node).
+        "tls": settings.tls,
+        "tls_ca": str(settings.tls_ca) if settings.tls_ca else None,
         "s3_region": settings.s3_region,
         "data_bucket": settings.data_bucket,
         "models_bucket": settings.models_bucket,

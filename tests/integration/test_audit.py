@@ -25,7 +25,7 @@ import torch
 from click.testing import CliRunner
 from psycopg.rows import dict_row
 
-from bmcell import audit, modelstore, users
+from bmcell import audit, modelstore, tls, users
 from bmcell import db as dbmod
 from bmcell.auth import Principal, acting_as, authenticate
 from bmcell.cli.main import cli
@@ -262,12 +262,12 @@ def test_labelapi_writes_one_row_per_change_with_the_caller(
     settings, db, store = rt
     crops, _ = synth_crops(2, seed=3)
     cells = seed_cells(db, store, crops, lab=people["lab"])
-    url = f"http://{stack.config.addr('labelapi')}"
+    url = stack.env()["BMCELL_LABELAPI_URL"]
 
     def call(who: str, method: str, path: str, **kwargs) -> tuple[httpx.Response, list[tuple]]:
         rid = f"audit-{uuid.uuid4().hex[:12]}"
         headers = {"Authorization": f"Bearer {people[who]['token']}", "X-Request-ID": rid}
-        with httpx.Client(base_url=url, timeout=60) as c:
+        with httpx.Client(base_url=url, timeout=60, verify=tls.httpx_verify()) as c:
             response = c.request(method, path, headers=headers, **kwargs)
         assert response.headers["x-request-id"] == rid
         return response, summary(rows_where(db, "request_id = %s", rid))
@@ -329,6 +329,7 @@ def test_labelapi_writes_one_row_per_change_with_the_caller(
         f"{url}/v1/cells/{cell}",
         headers={"Authorization": f"Bearer {people['admin']['token']}"},
         timeout=30,
+        verify=tls.httpx_verify(),
     ).json()["history"]
     assert [(h["action"], h["actor"]) for h in history] == [
         ("label.review", reviewer),
@@ -342,7 +343,7 @@ def test_labelapi_writes_one_row_per_change_with_the_caller(
 @pytest.fixture(scope="module")
 def channels(stack: Stack) -> Iterator[dict[str, grpc.Channel]]:
     names = ("segmenter", "classifier", "rounds", "trainer")
-    chans = {n: grpc.insecure_channel(stack.config.addr(n)) for n in names}
+    chans = {n: tls.grpc_channel(stack.config.addr(n)) for n in names}
     yield chans
     for ch in chans.values():
         ch.close()

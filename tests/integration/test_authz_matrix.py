@@ -35,7 +35,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from PIL import Image
 from psycopg import sql
 
-from bmcell import policy
+from bmcell import policy, tls
 from bmcell import users as user_repo
 from bmcell.auth import ALL_LAB_ROLES, authenticate, current_principal
 from bmcell.db import Database
@@ -384,7 +384,7 @@ def test_grpc_matrix(world: World, stack: Stack, rt) -> None:
         f"bmcell.v1.{full.split('.')[-1]}": stack.config.addr(n)
         for n, full in GRPC_SERVICES.items()
     }
-    channels = {svc: grpc.insecure_channel(a) for svc, a in addr.items()}
+    channels = {svc: tls.grpc_channel(a) for svc, a in addr.items()}
     cells = [
         (m, c, expected(policy.GRPC[m], c)) for m in requests for c in (*NO_TOKEN, *ROLE_CALLERS)
     ]
@@ -420,7 +420,9 @@ def test_http_matrix(world: World, stack: Stack, rt) -> None:
         (r, c, expected(policy.HTTP[r], c)) for r in requests for c in (*NO_TOKEN, *ROLE_CALLERS)
     ]
     failures: list[str] = []
-    with httpx.Client(base_url=f"http://{stack.config.addr('labelapi')}", timeout=60) as client:
+    with httpx.Client(
+        base_url=stack.env()["BMCELL_LABELAPI_URL"], timeout=60, verify=tls.httpx_verify()
+    ) as client:
 
         def send(route: str, caller: str, which: int) -> httpx.Response:
             method = route.split(" ")[0]

@@ -16,11 +16,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from bmcell import db as dbmod
+from bmcell import tls
 from bmcell.errors import NotFound
 from bmcell.grpc_client import bearer
 from bmcell.settings import Settings, load
 from bmcell.stack import Stack
-from bmcell.stack.components import GRPC_SERVICES
+from bmcell.stack.components import GRPC_SERVICES, labelapi_url
 from bmcell.storage import ObjectStore
 from tests.conftest import free_port
 
@@ -55,7 +56,7 @@ def test_status_json_from_the_cli(stack: Stack) -> None:
 
 @pytest.mark.parametrize("name", sorted(GRPC_SERVICES))
 def test_grpc_health_serving(stack: Stack, name: str) -> None:
-    with grpc.insecure_channel(stack.config.addr(name)) as ch:
+    with tls.grpc_channel(stack.config.addr(name)) as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         for service in ("", GRPC_SERVICES[name]):
             resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
@@ -118,7 +119,7 @@ def test_call_every_service_through_reflection(
 ) -> None:
     full = GRPC_SERVICES[name]
     method_name, fields, expected_error = REFLECTION_CALLS[name]
-    with grpc.insecure_channel(stack.config.addr(name)) as ch:
+    with tls.grpc_channel(stack.config.addr(name)) as ch:
         pool = _reflect(ch, full)
         service = pool.FindServiceByName(full)
         method = service.methods_by_name[method_name]
@@ -165,7 +166,9 @@ def test_metrics_endpoint_counts_calls(stack: Stack, operator_channel) -> None:
 
 
 def test_labelapi_publishes_openapi(stack: Stack) -> None:
-    resp = httpx.get(f"http://{stack.config.addr('labelapi')}/openapi.json", timeout=5)
+    resp = httpx.get(
+        f"{labelapi_url(stack.config)}/openapi.json", timeout=5, verify=tls.httpx_verify()
+    )
     assert resp.status_code == 200
     assert resp.json()["info"]["title"] == "bmcell labeling API"
 
@@ -233,7 +236,9 @@ def test_object_store_content_addressed(stack_env: dict[str, str]) -> None:
     assert key == f"test/{digest[:2]}/{digest}.bin"
     assert store.put_content_addressed("test", data, suffix=".bin") == (key, digest)
     assert store.get(key) == data
-    assert httpx.get(store.presigned_url(key, expires_s=60), timeout=5).content == data
+    presigned = store.presigned_url(key, expires_s=60)
+    assert presigned.startswith("https://")
+    assert httpx.get(presigned, timeout=5, verify=tls.httpx_verify()).content == data
     store.delete(key)
     with pytest.raises(NotFound, match=key):
         store.get(key)

@@ -22,9 +22,11 @@ import pytest
 from PIL import Image
 from psycopg.rows import dict_row
 
+from bmcell import tls
 from bmcell import users as user_repo
 from bmcell.settings import Settings, load
 from bmcell.stack import Stack
+from bmcell.stack.components import labelapi_url
 from bmcell.storage import ObjectStore
 
 pytestmark = pytest.mark.integration
@@ -114,7 +116,7 @@ class Seeder:
 
 @pytest.fixture(scope="module")
 def api_url(stack: Stack) -> str:
-    return f"http://{stack.config.addr('labelapi')}"
+    return labelapi_url(stack.config)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +139,7 @@ def seed(db: psycopg.Connection, store: ObjectStore) -> Seeder:
 
 def client(url: str, token: str | None) -> httpx.Client:
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    return httpx.Client(base_url=url, headers=headers, timeout=30)
+    return httpx.Client(base_url=url, headers=headers, timeout=30, verify=tls.httpx_verify())
 
 
 # --- identity --------------------------------------------------------------------
@@ -162,7 +164,7 @@ def test_tokens_expire_revoke_and_name_the_problem(seed: Seeder, api_url: str) -
         ({"Authorization": "Basic abc"}, "missing or malformed Authorization"),
         ({"Authorization": "Bearer bmc_nope"}, "token is not known"),
     ]:
-        resp = httpx.get(f"{api_url}/v1/me", headers=headers)
+        resp = httpx.get(f"{api_url}/v1/me", headers=headers, verify=tls.httpx_verify())
         assert resp.status_code == 401 and problem in resp.json()["error"], resp.text
 
     brief, short = seed.user("brief", "reviewer", [lab], expires_days=0.0001)
@@ -586,7 +588,7 @@ def test_export_and_metrics(reviewer_lab: dict, api_url: str) -> None:
             ]
             == 0
         )
-    text = httpx.get(f"{api_url}/metrics").text
+    text = httpx.get(f"{api_url}/metrics", verify=tls.httpx_verify()).text
     for series in (
         'bmcell_review_backlog_tasks{kind="al"}',
         'bmcell_labels_recorded_total{cell_class="LY",source="cst_corrected"}',
@@ -599,10 +601,10 @@ def test_export_and_metrics(reviewer_lab: dict, api_url: str) -> None:
 
 
 def test_reviewer_page_and_openapi_are_served(api_url: str) -> None:
-    page = httpx.get(f"{api_url}/")
+    page = httpx.get(f"{api_url}/", verify=tls.httpx_verify())
     assert page.status_code == 200 and "bmcell reviewer" in page.text
-    assert httpx.get(f"{api_url}/static/app.js").status_code == 200
-    paths = httpx.get(f"{api_url}/openapi.json").json()["paths"]
+    assert httpx.get(f"{api_url}/static/app.js", verify=tls.httpx_verify()).status_code == 200
+    paths = httpx.get(f"{api_url}/openapi.json", verify=tls.httpx_verify()).json()["paths"]
     assert {"/v1/tasks/next", "/v1/tasks/{task_id}/submit", "/v1/labels/export"} <= set(paths)
 
 
@@ -611,7 +613,10 @@ def test_bodies_over_the_limit_are_refused_before_authentication(api_url: str) -
     big = b'{"kind": "initial", "cell_ids": [' + b"1," * (limit // 2) + b"1]}"
     # No token at all: the size is refused first, so authentication never read the body.
     resp = httpx.post(
-        f"{api_url}/v1/tasks", content=big, headers={"Content-Type": "application/json"}
+        f"{api_url}/v1/tasks",
+        content=big,
+        headers={"Content-Type": "application/json"},
+        verify=tls.httpx_verify(),
     )
     assert resp.status_code == 413, resp.text
     assert "BMCELL_MAX_BODY_BYTES" in resp.json()["error"]
@@ -622,14 +627,19 @@ def test_bodies_over_the_limit_are_refused_before_authentication(api_url: str) -
 
     try:
         resp = httpx.post(
-            f"{api_url}/v1/tasks", content=chunked(), headers={"Content-Type": "application/json"}
+            f"{api_url}/v1/tasks",
+            content=chunked(),
+            headers={"Content-Type": "application/json"},
+            verify=tls.httpx_verify(),
         )
     except (httpx.WriteError, httpx.RemoteProtocolError, httpx.ReadError):
         pass  # the server answered 413 and closed while the client was still sending
     else:
         assert resp.status_code == 413 and "BMCELL_MAX_BODY_BYTES" in resp.json()["error"]
     # A small body without a token is the usual 401.
-    small = httpx.post(f"{api_url}/v1/tasks", json={"kind": "initial", "cell_ids": [1]})
+    small = httpx.post(
+        f"{api_url}/v1/tasks", json={"kind": "initial", "cell_ids": [1]}, verify=tls.httpx_verify()
+    )
     assert small.status_code == 401
 
 

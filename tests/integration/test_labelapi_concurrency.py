@@ -21,6 +21,7 @@ import httpx
 import psycopg
 import pytest
 
+from bmcell import tls
 from tests.conftest import free_port
 from tests.integration import test_labelapi as shared
 from tests.integration.test_labelapi import Seeder, client
@@ -54,12 +55,13 @@ def short_lease_api(stack_env: dict[str, str]) -> Iterator[str]:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    url = f"http://127.0.0.1:{port}"
+    VERIFY = tls.httpx_verify()
+    url = f"{tls.http_scheme()}://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
         while True:
             try:
-                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                if httpx.get(f"{url}/healthz", timeout=2, verify=VERIFY).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
@@ -216,7 +218,7 @@ def test_twenty_reviewers_two_thousand_tasks(
     expired = [
         ln
         for url in (api_url, short_lease_api)
-        for ln in httpx.get(f"{url}/metrics").text.splitlines()
+        for ln in httpx.get(f"{url}/metrics", verify=tls.httpx_verify()).text.splitlines()
         if ln.startswith("bmcell_labelapi_leases_expired_total{")
     ]
     assert sum(float(ln.rsplit(" ", 1)[1]) for ln in expired) >= N_ABANDON

@@ -15,8 +15,9 @@ import grpc
 import httpx
 import pytest
 
+from bmcell import tls
 from bmcell.stack import Stack, StackConfig
-from bmcell.stack.components import GRPC_SERVICES
+from bmcell.stack.components import GRPC_SERVICES, labelapi_url
 from bmcell.stack.config import REPO
 from bmcell.v1 import (
     classifier_pb2,
@@ -106,7 +107,8 @@ def test_grpc_and_http_calls_show_up_in_promql(prom_stack: Stack, operator_chann
         stub = classifier_pb2_grpc.ClassifierStub(ch)
         for _ in range(CLASSIFIER_LISTS):
             stub.ListModels(classifier_pb2.ListModelsRequest(), timeout=10)
-    assert httpx.get(f"http://{cfg.addr('labelapi')}/healthz", timeout=5).status_code == 200
+    healthz = httpx.get(f"{labelapi_url(cfg)}/healthz", timeout=5, verify=tls.httpx_verify())
+    assert healthz.status_code == 200
 
     def counted() -> None:
         misses = query(

@@ -11,11 +11,12 @@ import uuid
 import httpx
 import pytest
 
-from bmcell import modelstore
+from bmcell import modelstore, tls
 from bmcell import users as user_repo
 from bmcell.db import Database
 from bmcell.settings import Settings, load
 from bmcell.stack import Stack
+from bmcell.stack.components import labelapi_url
 from bmcell.taxonomy import DEFAULT_TAXONOMY
 from bmcell.v1 import classifier_pb2, classifier_pb2_grpc
 from tests.integration.seed import seed_cells, synth_crops
@@ -180,12 +181,14 @@ def body_top1(sp: dict, body: dict) -> dict[int, str]:
 
 def test_http_report_scoped_by_lab(specimen, stack: Stack) -> None:
     sp = specimen
-    url = f"http://{stack.config.addr('labelapi')}"
+    url = labelapi_url(stack.config)
     path = f"/v1/specimens/{sp['lab']}/{sp['specimen']}/report"
 
     def get(token: str | None, p: str = path, **params) -> httpx.Response:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.get(url + p, headers=headers, params=params, timeout=60)
+        return httpx.get(
+            url + p, headers=headers, params=params, timeout=60, verify=tls.httpx_verify()
+        )
 
     for role in ("reviewer", "uploader"):
         resp = get(sp["tokens"][(role, sp["lab"])])
@@ -212,5 +215,5 @@ def test_http_report_scoped_by_lab(specimen, stack: Stack) -> None:
     assert unknown.status_code == 404 and unknown.json()["field"] == "specimen"
     bad = get(sp["tokens"][("reviewer", sp["lab"])], min_confidence=2)
     assert bad.status_code == 422
-    spec_doc = httpx.get(url + "/openapi.json", timeout=30).json()
+    spec_doc = httpx.get(url + "/openapi.json", timeout=30, verify=tls.httpx_verify()).json()
     assert "/v1/specimens/{lab}/{specimen}/report" in spec_doc["paths"]

@@ -19,10 +19,12 @@ from collections.abc import Iterator
 import pytest
 from PIL import Image
 
+from bmcell import tls
 from bmcell.db import Database
 from bmcell.review_sim import TruthIndex, simulate_reviews
 from bmcell.settings import Settings, load
 from bmcell.stack import Stack
+from bmcell.stack.components import labelapi_url
 from bmcell.storage import ObjectStore
 from bmcell.taxonomy import DEFAULT_TAXONOMY
 from tests.integration.seed import seed_cells
@@ -36,7 +38,7 @@ def rt(stack: Stack) -> Iterator[tuple[Database, ObjectStore, str]]:
     settings = load(Settings)
     db = Database(settings).open()
     store = ObjectStore(settings).ensure_buckets()
-    yield db, store, f"http://{stack.config.addr('labelapi')}"
+    yield db, store, labelapi_url(stack.config)
     db.close()
 
 
@@ -267,7 +269,6 @@ def test_manifest_truth_through_the_segmenter(
     rt, stack: Stack, operator_token: str, tmp_path
 ) -> None:
     """Synthetic fields uploaded to the segmenter map back to the manifest's classes."""
-    import grpc
 
     from bmcell.grpc_client import bearer
     from bmcell.synth import generate_dataset
@@ -285,7 +286,7 @@ def test_manifest_truth_through_the_segmenter(
         )
         yield segmenter_pb2.UploadRequest(chunk=data)
 
-    with grpc.insecure_channel(stack.config.addr("segmenter")) as ch:
+    with tls.grpc_channel(stack.config.addr("segmenter")) as ch:
         stub = segmenter_pb2_grpc.SegmenterStub(ch)
         for rec in spec.fields:
             path = tmp_path / rec.image

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from bmcell import grpc_client
+from bmcell import grpc_client, tls
 from bmcell.db import Database
 from bmcell.review_sim import ReviewStats, TruthIndex, ensure_reviewers, simulate_reviews
 from bmcell.scenario import Reviewers, run_round
@@ -163,7 +163,10 @@ class Reviewer:
         self.name = name
         self.truth = truth
         self.client = httpx.Client(
-            base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+            base_url=url,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=30,
+            verify=tls.httpx_verify(),
         )
 
     def lease(self) -> dict:

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image, PngImagePlugin
 
 from bmcell import db as dbmod
-from bmcell import paging
+from bmcell import paging, tls
 from bmcell.grpc_client import bearer
 from bmcell.settings import Settings, load
 from bmcell.stack import Stack
@@ -68,7 +68,7 @@ class _AsOperator:
 
 @pytest.fixture(scope="module")
 def stub(stack: Stack, operator_token: str):
-    with grpc.insecure_channel(stack.config.addr("segmenter")) as ch:
+    with tls.grpc_channel(stack.config.addr("segmenter")) as ch:
         yield _AsOperator(segmenter_pb2_grpc.SegmenterStub(ch), operator_token)
 
 
@@ -407,7 +407,7 @@ def test_without_weights_serves_but_refuses_uploads(stack: Stack, operator_token
         text=True,
     )
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        with tls.grpc_channel(f"127.0.0.1:{port}") as ch:
             grpc.channel_ready_future(ch).result(timeout=90)
             health = health_pb2_grpc.HealthStub(ch)
             deadline = time.monotonic() + 60
@@ -495,7 +495,7 @@ def test_stalled_uploads_are_cut_off_and_concurrency_is_capped(
     )
     released = threading.Event()
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        with tls.grpc_channel(f"127.0.0.1:{port}") as ch:
             grpc.channel_ready_future(ch).result(timeout=90)
             seg = segmenter_pb2_grpc.SegmenterStub(ch)
             auth = bearer(operator_token)

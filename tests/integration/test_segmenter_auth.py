@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bmcell import tls
 from bmcell import users as user_repo
 from bmcell.db import Database
 from bmcell.grpc_client import bearer
@@ -98,7 +99,7 @@ def world(rt: tuple[Settings, Database, ObjectStore]) -> World:
 
 @pytest.fixture(scope="module")
 def channel(stack: Stack) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(stack.config.addr("segmenter")) as ch:
+    with tls.grpc_channel(stack.config.addr("segmenter")) as ch:
         yield ch
 
 

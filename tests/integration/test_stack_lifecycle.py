@@ -45,9 +45,11 @@ def test_up_twice_then_down_leaves_nothing() -> None:
         store = _store(base, run_dir)
         key, _ = store.put_content_addressed("cells", KEPT, suffix=".png")
 
+        ca = (run_dir / "tls" / "ca.crt").read_bytes()
         again = _cli("up", env=env)
         assert again.returncode == 0, again.stderr
         assert "already running" in again.stderr
+        assert (run_dir / "tls" / "ca.crt").read_bytes() == ca  # clients keep trusting it
         status2 = json.loads(_cli("status", "--json", env=env).stdout)
         assert {name: c["pid"] for name, c in status2.items()} == pids
     finally:
@@ -88,5 +90,8 @@ def _store(base: int, run_dir) -> ObjectStore:
         s3_endpoint=env["BMCELL_S3_ENDPOINT"],
         s3_access_key=env["BMCELL_S3_ACCESS_KEY"],
         s3_secret_key=env["BMCELL_S3_SECRET_KEY"],
+        s3_secure=env["BMCELL_S3_SECURE"],
+        tls=env["BMCELL_TLS"],
+        tls_ca=env.get("BMCELL_TLS_CA"),
     )
     return ObjectStore(settings).ensure_buckets()

@@ -38,11 +38,11 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
-from bmcell import integrity, modelstore
+from bmcell import integrity, modelstore, tls
 from bmcell.grpc_client import bearer
 from bmcell.integrity import VERSION_FILES
 from bmcell.stack import Stack
-from bmcell.stack.components import GRPC_SERVICES
+from bmcell.stack.components import GRPC_SERVICES, labelapi_url
 from bmcell.stack.config import REPO
 from bmcell.storage import content_key
 from bmcell.synth import lab_style, render_field, specimen_mix
@@ -106,7 +106,7 @@ def wait_for(what: str, probe: Callable[[], object], timeout_s: float) -> None:
 
 @pytest.fixture(scope="module")
 def upload(stack: Stack, operator_token: str):
-    with grpc.insecure_channel(stack.config.addr("segmenter")) as ch:
+    with tls.grpc_channel(stack.config.addr("segmenter")) as ch:
         stub = segmenter_pb2_grpc.SegmenterStub(ch)
 
         def call(data: bytes, specimen: str | None = None) -> segmenter_pb2.UploadResponse:
@@ -254,7 +254,7 @@ def test_concurrent_registrations_keep_both_versions_intact(rt) -> None:
 
 def health(stack: Stack, name: str) -> int:
     try:
-        with grpc.insecure_channel(stack.config.addr(name)) as ch:
+        with tls.grpc_channel(stack.config.addr(name)) as ch:
             return (
                 health_pb2_grpc.HealthStub(ch)
                 .Check(health_pb2.HealthCheckRequest(), timeout=3)
@@ -269,9 +269,10 @@ class Load:
 
     def __init__(self, stack: Stack, token: str, stub) -> None:
         self.http = httpx.Client(
-            base_url=f"http://{stack.config.addr('labelapi')}",
+            base_url=labelapi_url(stack.config),
             headers={"Authorization": f"Bearer {token}"},
             timeout=30,
+            verify=tls.httpx_verify(),
         )
         self.stub, self.token = stub, token
         self.answers: list[tuple[float, int, str]] = []  # (time, HTTP status, gRPC code)

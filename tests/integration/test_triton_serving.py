@@ -26,9 +26,10 @@ import tritonclient.grpc as grpcclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
-from bmcell import modelrepo, triton
+from bmcell import modelrepo, tls, triton
 from bmcell.network import CellClassifier, WithSoftmax
 from bmcell.preprocess import batch_from_crops
+from bmcell.settings import TlsSettings
 from bmcell.taxonomy import DEFAULT_TAXONOMY
 
 pytestmark = pytest.mark.integration
@@ -98,9 +99,10 @@ class Server:
     repo: Path
     models: dict[int, CellClassifier]
     log: Path
+    tls: TlsSettings
 
     def client(self) -> grpcclient.InferenceServerClient:
-        return grpcclient.InferenceServerClient(url=self.grpc_url)
+        return triton.client(self.grpc_url, self.tls)
 
     def export(self, version: int, seed: int) -> None:
         model = _model(seed)
@@ -123,14 +125,17 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     repo.mkdir()
     log = base / "tritonserver.log"
     http_port, grpc_port, metrics_port = _free_ports(3)
+    files = tls.ensure_local_ca(base / "tls", ["127.0.0.1"])  # served as the stack serves it
+    encryption = TlsSettings(tls="on", tls_ca=files.ca, tls_cert=files.cert, tls_key=files.key)
     argv = triton.tritonserver_command(
         str(repo),
         http_port,
         grpc_port,
         metrics_port,
         backend_dir=triton.backend_directory(base / "backends"),
+        tls=encryption,
     )
-    srv = Server(grpc_url=f"127.0.0.1:{grpc_port}", repo=repo, models={}, log=log)
+    srv = Server(grpc_url=f"127.0.0.1:{grpc_port}", repo=repo, models={}, log=log, tls=encryption)
     srv.export(1, seed=1)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -143,10 +148,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
         )
     try:
         try:
-            triton.wait_ready(srv.grpc_url, timeout_s=60)
+            triton.wait_ready(srv.grpc_url, timeout_s=60, tls=encryption)
             with srv.client() as client:
                 client.load_model(MODEL)
-            triton.wait_ready(srv.grpc_url, timeout_s=60, models=[MODEL])
+            triton.wait_ready(srv.grpc_url, timeout_s=60, models=[MODEL], tls=encryption)
         except Exception as exc:
             raise RuntimeError(
                 f"tritonserver failed to start (exit code {proc.poll()}): {exc}\n"

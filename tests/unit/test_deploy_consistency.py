@@ -180,13 +180,15 @@ def test_compose_and_k8s_run_the_same_images() -> None:
 def test_triton_reads_its_repository_from_the_s3_store_with_explicit_control() -> None:
     bucket = st.Settings.model_fields["models_bucket"].default
     (container,) = k8s_objects()[("Deployment", "triton")]["spec"]["template"]["spec"]["containers"]
-    k8s_s3 = k8s_objects()[("ConfigMap", "bmcell-config")]["data"]["BMCELL_S3_ENDPOINT"]
-    compose_s3 = compose()["x-bmcell-env"]["BMCELL_S3_ENDPOINT"]
-    for args, endpoint in (
-        (container["args"], k8s_s3),
-        (compose()["services"]["triton"]["command"], compose_s3),
+    k8s_env = k8s_objects()[("ConfigMap", "bmcell-config")]["data"]
+    compose_env = compose()["x-bmcell-env"]
+    for args, env in (
+        (container["args"], k8s_env),
+        (compose()["services"]["triton"]["command"], compose_env),
     ):
-        assert f"--model-repository=s3://{endpoint}/{bucket}" in args
+        # Over HTTPS when the services reach the store that way (Triton's s3://https://).
+        scheme = "https://" if env["BMCELL_S3_SECURE"].split()[0] == "true" else ""
+        assert f"--model-repository=s3://{scheme}{env['BMCELL_S3_ENDPOINT']}/{bucket}" in args
         assert "--model-control-mode=explicit" in args
     env_names = {e["name"] for e in container["env"]}
     assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= env_names

@@ -17,7 +17,14 @@ DEPLOY = REPO / "deploy"
 BASE = DEPLOY / "k8s" / "base"
 OVERLAY = DEPLOY / "k8s" / "overlays" / "production"
 # Custom resources whose schemas ship with their operators, not with Kubernetes.
-CRD_KINDS = {"RayCluster", "ServiceMonitor", "PodMonitor", "PrometheusRule"}
+CRD_KINDS = {
+    "RayCluster",
+    "ServiceMonitor",
+    "PodMonitor",
+    "PrometheusRule",
+    "Certificate",
+    "Issuer",
+}
 POD_KINDS = {"Deployment", "StatefulSet", "Job"}
 
 
@@ -145,19 +152,54 @@ def test_every_pod_is_hardened_and_has_resources() -> None:
             assert "/tmp" in mounts, f"{name}: a read-only root needs a writable /tmp"
 
 
-def test_grpc_services_use_grpc_probes_on_their_port() -> None:
+def test_grpc_services_probe_their_tls_port() -> None:
+    """The kubelet's gRPC probe cannot speak TLS: probes run bmcell.healthcheck, which
+    dials BMCELL_GRPC_PORT (set to the container's grpc port) with the mounted CA."""
     probed = set()
     for obj in base_objects():
         if obj["kind"] != "Deployment":
             continue
         c = obj["spec"]["template"]["spec"]["containers"][0]
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             assert probe in c, f"{obj['metadata']['name']} has no {probe}"
             if obj["metadata"]["name"] in GRPC_SERVICES:
-                assert c[probe]["grpc"]["port"] == ports["grpc"], obj["metadata"]["name"]
+                command = c[probe]["exec"]["command"]
+                service = GRPC_SERVICES[obj["metadata"]["name"]]
+                assert command == ["python", "-m", "bmcell.healthcheck", service], command
+                assert env["BMCELL_GRPC_PORT"] == str(ports["grpc"])
                 probed.add(obj["metadata"]["name"])
     assert probed == set(GRPC_SERVICES)
+
+
+def test_every_server_mounts_its_own_certificate() -> None:
+    objects = {(o["kind"], o["metadata"]["name"]): o for o in base_objects()}
+    config = objects[("ConfigMap", "bmcell-config")]["data"]
+    assert config["BMCELL_TLS"] == "on"
+    servers = [*GRPC_SERVICES, "labelapi", "triton", "seaweedfs-s3"]
+    for name in servers:
+        spec = objects[("Deployment", name)]["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        mounts = {m["mountPath"]: m["name"] for m in spec["containers"][0]["volumeMounts"]}
+        secret = volumes[mounts["/etc/bmcell/tls"]]["secret"]["secretName"]
+        assert secret == f"bmcell-tls-{name}"
+        cert = objects[("Certificate", secret)]["spec"]
+        assert cert["secretName"] == secret
+        assert {name, f"{name}.bmcell.svc.cluster.local"} <= set(cert["dnsNames"])
+        assert "127.0.0.1" in cert["ipAddresses"]  # in-pod probes
+        assert cert["issuerRef"]["name"] == "bmcell-ca-issuer"
+    for key in ("BMCELL_TLS_CA", "BMCELL_TLS_CERT", "BMCELL_TLS_KEY"):
+        assert config[key].startswith("/etc/bmcell/tls/"), key
+    database_url = objects[("Secret", "bmcell-credentials")]["stringData"]["BMCELL_DATABASE_URL"]
+    assert "sslmode=verify-full" in database_url and "sslrootcert=" in database_url
+    postgres = objects[("StatefulSet", "postgres")]["spec"]["template"]["spec"]["containers"][0]
+    assert "ssl=on" in postgres["args"]
+    assert config["BMCELL_S3_SECURE"].split()[0] == "true"
+    gateway = objects[("Deployment", "seaweedfs-s3")]["spec"]["template"]["spec"]["containers"][0]
+    assert "-cert.file=/etc/bmcell/tls/tls.crt" in gateway["args"]
+    hba = objects[("ConfigMap", "postgres-hba")]["data"]["pg_hba.conf"]
+    assert not [ln for ln in hba.splitlines() if ln.split()[:1] == ["host"]]  # TLS only
 
 
 def test_secrets_hold_placeholders_only() -> None:
