@@ -11,14 +11,18 @@ a method without a rule PERMISSION_DENIED too. The handler then runs inside
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from typing import Any
 
 import grpc
 
-from bmcell import log, policy
+from bmcell import audit, log, policy
 from bmcell.auth import Principal, acting_as, bearer_token
-from bmcell.errors import BmcellError
+from bmcell.errors import BmcellError, request_id
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 _LOG = log.get(__name__)
 
@@ -57,7 +61,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         def unary_response(behavior: Callable[..., Any]) -> Callable[..., Any]:
             def wrapper(request, context):
                 principal = check(context)
-                with acting_as(principal):
+                with _as_caller(principal, context):
                     return behavior(request, context)
 
             return wrapper
@@ -67,7 +71,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
                 principal = check(context)
                 # gRPC drains a response stream in the thread that started it, so the
                 # principal stays set for every message the handler yields.
-                with acting_as(principal):
+                with _as_caller(principal, context):
                     yield from behavior(request, context)
 
             return wrapper
@@ -79,3 +83,13 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if handler.unary_stream:
             return handler._replace(unary_stream=stream_response(handler.unary_stream))
         return handler._replace(stream_stream=stream_response(handler.stream_stream))
+
+
+def _as_caller(principal: Principal, context: grpc.ServicerContext) -> ExitStack:
+    """The handler's scope: acting as ``principal``, its audit rows tagged with the
+    call's ``x-request-id`` metadata (or a new id), the same id as the labeling API's."""
+    given = dict(context.invocation_metadata()).get("x-request-id", "")
+    scope = ExitStack()
+    scope.enter_context(acting_as(principal))
+    scope.enter_context(audit.request_scope(given if _REQUEST_ID.match(given) else request_id()))
+    return scope

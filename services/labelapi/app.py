@@ -15,7 +15,6 @@ from __future__ import annotations
 import mimetypes
 import re
 import time
-import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
 from pathlib import Path
@@ -196,7 +195,7 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
     async def tag_request_id(request: Request, call_next):
         """Audit rows of a request carry its id: the client's X-Request-ID, or a new one."""
         given = request.headers.get("x-request-id", "")
-        rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        rid = given if _REQUEST_ID.match(given) else request_id()
         with audit.request_scope(rid):
             response = await call_next(request)
         response.headers["X-Request-ID"] = rid
