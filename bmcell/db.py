@@ -105,6 +105,10 @@ class Database:
             kwargs={"row_factory": dict_row},
             name=name,
             open=False,
+            # A connection that sat idle through a Postgres restart is dead: test each
+            # one as it leaves the pool (an empty query) and replace it, so the first
+            # call after an outage is served instead of failing.
+            check=ConnectionPool.check_connection,
         )
         self._down = threading.Event()  # the last call found Postgres unreachable
 

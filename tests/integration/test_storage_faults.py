@@ -199,6 +199,7 @@ def test_lost_crop_and_mask_are_reported_and_restored(rt, upload) -> None:
     for key in lost:
         store.delete(key)
     status, report = storage_check("--repair")
+    assert status == (1 if report["after"]["findings"] else 0)
     assert lost <= keys(report["check"]["findings"], "missing")
     assert lost <= {f["key"] for f in report["repair"]["restored"]}
     assert not lost & keys(report["after"]["findings"], "missing")
