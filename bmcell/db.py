@@ -105,6 +105,10 @@ class Database:
             kwargs={"row_factory": dict_row},
             name=name,
             open=False,
+            # A connection that sat idle through a Postgres restart is dead: test each
+            # one as it leaves the pool (an empty query) and replace it, so the first
+            # call after an outage is served instead of failing.
+            check=ConnectionPool.check_connection,
         )
         self._down = threading.Event()  # the last call found Postgres unreachable
 
@@ -121,14 +125,14 @@ class Database:
         self.pool.close()
 
     @contextmanager
-    def connection(self) -> Iterator[psycopg.Connection]:
+    def connection(self, timeout_s: float | None = None) -> Iterator[psycopg.Connection]:
         """A pooled connection; Unavailable when Postgres is down or the pool is exhausted.
 
         After a failure, callers wait at most ``OUTAGE_WAIT_S`` for a connection (not the
         pool's usual 30 s) until one call succeeds again: while Postgres is known to be
         down, a request answers "unavailable" at once instead of queueing behind it.
         """
-        timeout = OUTAGE_WAIT_S if self._down.is_set() else None
+        timeout = OUTAGE_WAIT_S if self._down.is_set() else timeout_s
         try:
             with self.pool.connection(timeout=timeout) as conn:
                 yield conn
@@ -138,8 +142,9 @@ class Database:
         self._down.clear()
 
     def ping(self) -> None:
-        """Raise Unavailable unless Postgres answers a query now (health checks)."""
-        with self.connection() as conn:
+        """Raise Unavailable unless Postgres answers a query within ``OUTAGE_WAIT_S``
+        (health checks; a failure also makes every later call fail fast, see above)."""
+        with self.connection(timeout_s=OUTAGE_WAIT_S) as conn:
             conn.execute("SELECT 1")
 
     @contextmanager
