@@ -21,6 +21,7 @@ import grpc
 from bmcell import audit, log, policy
 from bmcell.auth import Principal, acting_as, bearer_token
 from bmcell.errors import BmcellError, request_id
+from bmcell.grpc_wrap import rewrap
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
@@ -76,13 +77,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
 
             return wrapper
 
-        if handler.unary_unary:
-            return handler._replace(unary_unary=unary_response(handler.unary_unary))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=unary_response(handler.stream_unary))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=stream_response(handler.unary_stream))
-        return handler._replace(stream_stream=stream_response(handler.stream_stream))
+        return rewrap(handler, unary_response, stream_response)
 
 
 def _as_caller(principal: Principal, context: grpc.ServicerContext) -> ExitStack:

@@ -31,6 +31,7 @@ from bmcell.auth import authenticate
 from bmcell.db import Database
 from bmcell.errors import BmcellError, ConfigError, request_id
 from bmcell.grpc_auth import AuthInterceptor
+from bmcell.grpc_wrap import rewrap
 from bmcell.settings import ServiceSettings
 
 _LOG = log.get(__name__)
@@ -126,13 +127,7 @@ class ErrorAndMetricsInterceptor(grpc.ServerInterceptor):
 
             return wrapper
 
-        if handler.unary_unary:
-            return handler._replace(unary_unary=unary_response(handler.unary_unary))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=unary_response(handler.stream_unary))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=stream_response(handler.unary_stream))
-        return handler._replace(stream_stream=stream_response(handler.stream_stream))
+        return rewrap(handler, unary_response, stream_response)
 
 
 def _is_abort(context: grpc.ServicerContext) -> bool:
