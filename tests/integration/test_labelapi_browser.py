@@ -3,17 +3,22 @@ see the next cell."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import tempfile
 from collections.abc import Iterator
 
 import psycopg
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
+from bmcell import tls
 from tests.integration import test_labelapi as shared
 from tests.integration.test_labelapi import Seeder
 
@@ -32,12 +37,25 @@ CHROME_FLAGS = (
 )
 
 
+def _trust_the_stack() -> tuple[str, ...]:
+    """Chromium's flag that trusts the stack's server key, and only it: the page is
+    served over HTTPS by a certificate of the stack's own CA, which no browser knows."""
+    settings = tls.settings()
+    if not tls.enabled(settings):
+        return ()
+    cert = x509.load_pem_x509_certificate(settings.tls_cert.read_bytes())
+    spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    pin = base64.b64encode(hashlib.sha256(spki).digest()).decode()
+    return (f"--ignore-certificate-errors-spki-list={pin}",)
+
+
 @pytest.fixture
-def browser() -> Iterator[webdriver.Chrome]:
+def browser(stack_env) -> Iterator[webdriver.Chrome]:
     with tempfile.TemporaryDirectory(prefix="bmcell-chrome-") as profile:
         options = webdriver.ChromeOptions()
         options.binary_location = "/usr/bin/chromium"
-        for flag in (*CHROME_FLAGS, f"--user-data-dir={profile}", "--window-size=1200,900"):
+        flags = (*CHROME_FLAGS, *_trust_the_stack(), f"--user-data-dir={profile}")
+        for flag in (*flags, "--window-size=1200,900"):
             options.add_argument(flag)
         driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
         try:

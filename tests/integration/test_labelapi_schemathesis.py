@@ -10,13 +10,16 @@ server never answers 5xx: a refusal must be a 4xx naming the problem.
 
 from __future__ import annotations
 
+import httpx
 import pytest
+import requests
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
+from bmcell import tls
 from tests.integration.test_labelapi import Seeder, api_url, db, seed, store  # noqa: F401
 
 pytestmark = pytest.mark.integration
@@ -24,7 +27,8 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def api_schema(api_url: str):  # noqa: F811
-    return schemathesis.openapi.from_url(f"{api_url}/openapi.json")
+    contract = httpx.get(f"{api_url}/openapi.json", timeout=30, verify=tls.httpx_verify())
+    return schemathesis.openapi.from_dict(contract.raise_for_status().json())
 
 
 @pytest.fixture
@@ -58,6 +62,8 @@ def test_no_generated_request_gets_a_server_error(
 
 
 def _fuzz(operation, base_url: str, token: str) -> None:
+    session = requests.Session()
+    session.verify = str(tls.ca_file()) if tls.enabled() else True  # the stack's CA
     cases = st.one_of(
         operation.as_strategy(GenerationMode.POSITIVE),
         operation.as_strategy(GenerationMode.NEGATIVE),
@@ -74,6 +80,7 @@ def _fuzz(operation, base_url: str, token: str) -> None:
     def call(case) -> None:
         case.call_and_validate(
             base_url=base_url,
+            session=session,
             headers={"Authorization": f"Bearer {token}"},
             checks=[not_a_server_error],
             timeout=30,

@@ -15,7 +15,7 @@ import grpc
 import httpx
 import pytest
 
-from bmcell import tls
+from bmcell import grpc_client, tls
 from bmcell.stack import Stack, StackConfig
 from bmcell.stack.components import GRPC_SERVICES, labelapi_url
 from bmcell.stack.config import REPO
@@ -43,6 +43,8 @@ def prom_stack() -> Iterator[Stack]:
     saved = dict(os.environ)
     try:
         s.up()
+        # Its own CA and database: clients of this stack verify and authenticate there.
+        os.environ.update(s.env())
         yield s
     finally:
         os.environ.clear()
@@ -95,15 +97,16 @@ def test_every_job_is_scraped_and_up(prom_stack: Stack) -> None:
     eventually(all_up)
 
 
-def test_grpc_and_http_calls_show_up_in_promql(prom_stack: Stack, operator_channel) -> None:
+def test_grpc_and_http_calls_show_up_in_promql(prom_stack: Stack) -> None:
     cfg = prom_stack.config
-    with operator_channel(cfg.addr("selector")) as ch:
+    token = prom_stack.operator_token()
+    with grpc_client.channel(cfg.addr("selector"), token=token) as ch:
         stub = selector_pb2_grpc.SelectorStub(ch)
         for i in range(SELECTOR_MISSES):
             with pytest.raises(grpc.RpcError) as err:
                 stub.GetSelection(selector_pb2.GetSelectionRequest(round_id=990000 + i), timeout=10)
             assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    with operator_channel(cfg.addr("classifier")) as ch:
+    with grpc_client.channel(cfg.addr("classifier"), token=token) as ch:
         stub = classifier_pb2_grpc.ClassifierStub(ch)
         for _ in range(CLASSIFIER_LISTS):
             stub.ListModels(classifier_pb2.ListModelsRequest(), timeout=10)
