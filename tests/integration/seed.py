@@ -10,8 +10,11 @@ import io
 import uuid
 
 import numpy as np
+import psycopg
+import torch
 from PIL import Image
 
+from bmcell import db as dbmod
 from bmcell.db import Database
 from bmcell.storage import ObjectStore
 from bmcell.synth import lab_style, render_crop
@@ -118,3 +121,31 @@ def small_bootstrap(
         gate=0.01,  # a handful of labels: the gate's arithmetic, not the study's bar
         selection=selector_pb2.SelectionParameters(seed=5, labs=[lab]),
     )
+
+
+def migrate_before(conn: psycopg.Connection, version: str) -> None:
+    """Bring an empty database to the schema just before migration ``version``, as the
+    runner would have left it, so a test can fill it and then apply the rest."""
+    conn.execute(
+        "CREATE TABLE schema_migrations (version text PRIMARY KEY, name text NOT NULL, "
+        "checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+    )
+    for m in (m for m in dbmod.migrations() if m.version < version):
+        conn.execute(m.sql)
+        conn.execute(
+            "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+            (m.version, m.name, m.checksum),
+        )
+
+
+class MeanColour(torch.nn.Module):
+    """Logits from a crop's mean colour through seeded random weights: a small model
+    to register and serve."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lin = torch.nn.Linear(3, DEFAULT_TAXONOMY.num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x.mean((2, 3)))

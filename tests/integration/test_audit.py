@@ -21,7 +21,6 @@ import grpc
 import httpx
 import psycopg
 import pytest
-import torch
 from click.testing import CliRunner
 from psycopg.rows import dict_row
 
@@ -48,7 +47,7 @@ from bmcell.v1 import (
 )
 from services.rounds import store as rounds_store
 from services.trainer import jobs
-from tests.integration.seed import seed_cells, synth_crops
+from tests.integration.seed import MeanColour, migrate_before, seed_cells, synth_crops
 from tests.integration.test_foundation import _fresh_database
 from tests.integration.test_segmenter_auth import _fresh_png, _requests
 
@@ -138,18 +137,8 @@ def test_migration_keeps_old_rows_readable_and_revokes_changes_from_other_roles(
 ) -> None:
     url = _fresh_database(stack_env)
     role = f"audit_services_{TAG}"
-    earlier = [m for m in dbmod.migrations() if m.version < "0007"]
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(
-            "CREATE TABLE schema_migrations (version text PRIMARY KEY, name text NOT NULL, "
-            "checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        for m in earlier:
-            conn.execute(m.sql)
-            conn.execute(
-                "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
-                (m.version, m.name, m.checksum),
-            )
+        migrate_before(conn, "0007")
         ana = conn.execute(
             "INSERT INTO users (name, role) VALUES ('ana', 'reviewer') RETURNING id"
         ).fetchone()[0]
@@ -161,7 +150,7 @@ def test_migration_keeps_old_rows_readable_and_revokes_changes_from_other_roles(
         conn.execute(f"CREATE ROLE {role}")
         conn.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE, TRUNCATE ON audit_log TO {role}")
     try:
-        assert dbmod.migrate(url) == [m.version for m in dbmod.migrations() if m not in earlier]
+        assert dbmod.migrate(url) == [m.version for m in dbmod.migrations() if m.version >= "0007"]
         with psycopg.connect(url, autocommit=True) as conn:
             old = conn.execute(
                 "SELECT actor_kind, actor_name, actor_role FROM audit_log ORDER BY id"
@@ -452,16 +441,6 @@ def test_training_start_and_cancel_are_audited(rt: Rt, people: dict, channels: d
     }
 
 
-class Probe(torch.nn.Module):
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.lin = torch.nn.Linear(3, DEFAULT_TAXONOMY.num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x.mean((2, 3)))
-
-
 def test_model_activation_and_rollback_are_audited(rt: Rt, people: dict, channels: dict) -> None:
     settings, db, store = rt
     name = settings.model_name
@@ -475,7 +454,13 @@ def test_model_activation_and_rollback_are_audited(rt: Rt, people: dict, channel
     found = stub.ListModels(classifier_pb2.ListModelsRequest(), metadata=meta, timeout=30)
     a, b = (
         modelstore.register_version(
-            db, store, Probe(s).eval(), DEFAULT_TAXONOMY, 64, model_name=name, note=f"audit {s}"
+            db,
+            store,
+            MeanColour(s).eval(),
+            DEFAULT_TAXONOMY,
+            64,
+            model_name=name,
+            note=f"audit {s}",
         )
         for s in (1, 2)
     )

@@ -28,6 +28,7 @@ from bmcell.storage import ObjectStore
 from bmcell.synth import lab_style, render_field, specimen_mix
 from bmcell.v1 import segmenter_pb2, segmenter_pb2_grpc
 from tests.conftest import free_port
+from tests.integration.seed import migrate_before
 
 pytestmark = pytest.mark.integration
 
@@ -211,18 +212,8 @@ def test_dedupe_per_lab_migration_keeps_existing_fields(stack: Stack) -> None:
     the same bytes may be stored once per lab, and a row whose lab is not its
     specimen's is refused."""
     url = _fresh_database(stack)
-    earlier = [m for m in dbmod.migrations() if m.version < "0005"]
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(
-            "CREATE TABLE schema_migrations (version text PRIMARY KEY, name text NOT NULL, "
-            "checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
-        )
-        for m in earlier:
-            conn.execute(m.sql)
-            conn.execute(
-                "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
-                (m.version, m.name, m.checksum),
-            )
+        migrate_before(conn, "0005")
         labs = [
             conn.execute("INSERT INTO labs (code) VALUES (%s) RETURNING id", (code,)).fetchone()[0]
             for code in ("old-a", "old-b")

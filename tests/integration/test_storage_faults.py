@@ -48,6 +48,7 @@ from bmcell.storage import content_key
 from bmcell.synth import lab_style, render_field, specimen_mix
 from bmcell.taxonomy import DEFAULT_TAXONOMY
 from bmcell.v1 import segmenter_pb2, segmenter_pb2_grpc
+from tests.integration.seed import MeanColour
 from tests.integration.test_rounds_restart import _reap, pid_of, signal_service
 
 pytestmark = pytest.mark.integration
@@ -207,16 +208,6 @@ def test_lost_crop_and_mask_are_reported_and_restored(rt, upload) -> None:
 
 
 # --- two registrations at once -------------------------------------------------------------
-
-
-class MeanColour(torch.nn.Module):
-    def __init__(self, seed: int) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.lin = torch.nn.Linear(3, DEFAULT_TAXONOMY.num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.lin(x.mean((2, 3)))
 
 
 def test_concurrent_registrations_keep_both_versions_intact(rt) -> None:
