@@ -22,9 +22,7 @@ from rich.console import Console
 
 from bmcell import scenario
 from bmcell.cli.rounds import history_rows
-from bmcell.db import Database
 from bmcell.review_sim import TruthIndex
-from bmcell.settings import Settings, load
 from bmcell.stack import Stack, StackConfig
 from bmcell.stack.config import REPO
 from bmcell.studyreport import RoundResult, plot_figure1, table1_rows, write_table
@@ -94,22 +92,22 @@ def demo(
     )
     stack.up()
     os.environ.update(stack.env())
-    settings = load(Settings)
-    db = Database(settings).open()
     env = stack.env()
     experiment = f"demo-{int(time.time())}"
 
     manifest = scenario.synthesize(out / "synth", labs, specimens, fields, seed, size, say)
-    say("operator 'demo-operator' gets an API token for the labs' uploads and the rounds")
-    token = scenario.operator_token(db, "demo-operator")
-    scenario.upload(manifest, say, token)
-    test_specimens = scenario.mark_test_specimens(db, manifest, per_lab=1, say=say)
-    truth = TruthIndex.from_manifest(manifest, db)
+    say("the stack's admin makes operator 'demo-operator' (labeling API /v1/users)")
+    admin = stack.admin_token()
+    token = scenario.person_token(env["BMCELL_LABELAPI_URL"], admin, "demo-operator")
+    test_specimens = scenario.upload(manifest, say, token, test_per_lab=1)
+    truth = TruthIndex.from_manifest(
+        manifest, scenario.segmenter_cells(env["BMCELL_SEGMENTER_ADDR"], token)
+    )
     reviewers = scenario.Reviewers(count=4, error_rate=0.02, difficult_rate=0.01, seed=seed)
     common = {
         "token": token,
         "labelapi_url": env["BMCELL_LABELAPI_URL"],
-        "db": db,
+        "admin_token": admin,
         "truth": truth,
         "reviewers": reviewers,
         "say": say,
@@ -186,7 +184,6 @@ def demo(
             check=True,
         )
     rep = json.loads((out / f"report-{specimen.id}.json").read_text())
-    db.close()
 
     click.echo("\nround | strategy | state | model | val acc | test acc | added | cumulative")
     for row in rows:

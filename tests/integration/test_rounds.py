@@ -20,7 +20,7 @@ EXPERIMENT = "rounds-test"
 
 
 @pytest.fixture(scope="module")
-def world(stack: Stack, operator_token: str):
+def world(stack: Stack, operator_token: str, admin_token: str):
     settings = load(Settings)
     db = Database(settings).open()
     store = ObjectStore(settings).ensure_buckets()
@@ -32,7 +32,12 @@ def world(stack: Stack, operator_token: str):
     truth = TruthIndex.from_mapping(
         dict(zip(train_ids + test_ids, train_truth + test_truth, strict=True))
     )
-    yield {**stack.env(), "token": operator_token}, db, truth, set(test_ids)
+    yield (
+        {**stack.env(), "token": operator_token, "admin_token": admin_token},
+        db,
+        truth,
+        set(test_ids),
+    )
     db.close()
 
 
@@ -42,7 +47,7 @@ def _run(env, db, truth, request: rounds_pb2.StartRoundRequest) -> rounds_pb2.Ro
         request,
         token=env["token"],
         labelapi_url=env["BMCELL_LABELAPI_URL"],
-        db=db,
+        admin_token=env["admin_token"],
         truth=truth,
         reviewers=Reviewers(count=3, error_rate=0.0, difficult_rate=0.0),
         say=print,
