@@ -166,7 +166,7 @@ def test_truth_index_loads_a_fallback_mapping(tmp_path: Path) -> None:
     listed = tmp_path / "list.json"
     listed.write_text(json.dumps([{"cell_id": 8, "class": "LY"}]))
     assert TruthIndex.load(listed).truth(8) == "LY"
-    with pytest.raises(ValueError, match="Postgres"):
+    with pytest.raises(ValueError, match="needs the segmenter"):
         manifest = tmp_path / "m" / "manifest.json"
         manifest.parent.mkdir()
         manifest.write_text(json.dumps({"version": 1, "specimens": []}))
