@@ -72,7 +72,16 @@ def round_group() -> None:
 @click.option("--test-per-class", type=int, default=0)
 @click.option("--initial-reviews", type=int, default=0, help="Bootstrap: agreeing reviews needed.")
 @click.option("--test-reviews", type=int, default=0)
+@click.option("--wave-size", type=int, default=0, help="Bootstrap: cells per labelling wave.")
+@click.option("--max-waves", type=int, default=0, help="Bootstrap: at most this many waves.")
+@click.option(
+    "--gate",
+    type=float,
+    default=0.0,
+    help="Bootstrap: validation accuracy the initial model needs (0: the study's 0.80).",
+)
 @click.option("--wait/--no-wait", default=False, help="Follow the round until it ends.")
+@click.option("--json", "as_json", is_flag=True, help="Print the created round as JSON.")
 def start(
     strategy: str,
     experiment: str,
@@ -90,7 +99,11 @@ def start(
     test_per_class: int,
     initial_reviews: int,
     test_reviews: int,
+    wave_size: int,
+    max_waves: int,
+    gate: float,
     wait: bool,
+    as_json: bool,
 ) -> None:
     """Create the next round; the rounds service drives it to its end."""
     selection = selector_pb2.SelectionParameters(
@@ -116,11 +129,19 @@ def start(
                 test_per_class=test_per_class,
                 initial_reviews=initial_reviews,
                 test_reviews=test_reviews,
+                wave_size=wave_size,
+                max_waves=max_waves,
+                gate=gate,
             )
         )
-    click.echo(f"round {r.number} of {r.experiment!r} started (id {r.round_id}, {r.strategy})")
+    if as_json:
+        click.echo(json.dumps(MessageToDict(r, preserving_proto_field_name=True)))
+    else:
+        click.echo(f"round {r.number} of {r.experiment!r} started (id {r.round_id}, {r.strategy})")
     if wait:
-        follow(r.round_id)
+        r = follow(r.round_id)
+        if as_json:
+            click.echo(json.dumps(MessageToDict(r, preserving_proto_field_name=True)))
 
 
 def follow(round_id: int, poll_s: float = 2.0) -> rounds_pb2.Round:
