@@ -192,13 +192,21 @@ def revoke(conn: psycopg.Connection, *, name: str | None, token_prefix: str | No
     return len(rows)
 
 
-def list_users(conn: psycopg.Connection) -> list[dict]:
-    return conn.execute(
-        """SELECT u.name, u.role, u.disabled_at,
+_USERS = """SELECT u.name, u.role, u.disabled_at,
                   ARRAY(SELECT l.code FROM user_labs ul JOIN labs l ON l.id = ul.lab_id
                          WHERE ul.user_id = u.id ORDER BY l.code) AS labs,
                   (SELECT count(*) FROM api_tokens t
                     WHERE t.user_id = u.id AND t.revoked_at IS NULL
                       AND (t.expires_at IS NULL OR t.expires_at > now())) AS live_tokens
-             FROM users u ORDER BY u.name"""
-    ).fetchall()
+             FROM users u"""
+
+
+def list_users(conn: psycopg.Connection) -> list[dict]:
+    return conn.execute(_USERS + " ORDER BY u.name").fetchall()
+
+
+def get_user(conn: psycopg.Connection, name: str) -> dict:
+    row = conn.execute(_USERS + " WHERE u.name = %s", (name,)).fetchone()
+    if row is None:
+        raise NotFound(f"user {name!r} does not exist", field="name")
+    return row

@@ -16,6 +16,7 @@ from bmcell import audit
 from bmcell.cli.audit import audit_command
 from bmcell.cli.demo import demo
 from bmcell.cli.experiment import experiment
+from bmcell.cli.labs import labs, specimens
 from bmcell.cli.models import classify, models
 from bmcell.cli.report import report
 from bmcell.cli.review import review
@@ -62,6 +63,8 @@ cli.add_command(demo)
 cli.add_command(experiment)
 register_segmenter(cli)
 cli.add_command(users)
+cli.add_command(labs)
+cli.add_command(specimens)
 cli.add_command(audit_command)
 cli.add_command(review)
 cli.add_command(report)

@@ -160,7 +160,7 @@ def pool(conn: psycopg.Connection, *, test: bool, labs: list[str]) -> np.ndarray
     rows = conn.execute(
         """SELECT c.id FROM cells c JOIN specimens s ON s.id = c.specimen_id
              JOIN labs l ON l.id = c.lab_id
-            WHERE c.status = 'unlabelled' AND s.is_test = %(test)s
+            WHERE c.status = 'unlabelled' AND s.is_test = %(test)s AND s.role <> 'excluded'
               AND (cardinality(%(labs)s::text[]) = 0 OR l.code = ANY(%(labs)s))""",
         {"test": test, "labs": labs},
     ).fetchall()

@@ -34,13 +34,14 @@ def pool_cell_ids(conn: psycopg.Connection, labs: list[str]) -> np.ndarray:
     """Unlabelled cells of training specimens in scope.
 
     Excluded by status: labelled, pending review, too difficult, cut by the border.
-    Test specimens never feed training, so their cells are never candidates either.
+    Only training specimens feed training: cells of test and excluded specimens are
+    never candidates.
     """
     rows = conn.execute(
         """SELECT c.id FROM cells c
              JOIN specimens s ON s.id = c.specimen_id
              JOIN labs l ON l.id = c.lab_id
-            WHERE c.status = 'unlabelled' AND NOT s.is_test
+            WHERE c.status = 'unlabelled' AND s.role = 'training'
               AND (cardinality(%(labs)s::text[]) = 0 OR l.code = ANY(%(labs)s))""",
         {"labs": labs},
     ).fetchall()

@@ -137,7 +137,7 @@ def labelled_cells(db: Database, max_round: int | None) -> tuple[list[LabelledCe
                       s.is_test, l.created_at, c.crop_key
                  FROM labels l
                  JOIN cells c ON c.id = l.cell_id
-                 JOIN specimens s ON s.id = c.specimen_id
+                 JOIN specimens s ON s.id = c.specimen_id AND s.role <> 'excluded'
                 WHERE %s::int IS NULL OR l.round_added <= %s::int""",
             (max_round, max_round),
         ).fetchall()

@@ -31,3 +31,8 @@ def test_each_service_gets_its_own_kept_token_and_the_cli_an_operator_token(tmp_
     assert f"BMCELL_TOKEN={operator}\n" in stack.config.env_file.read_text()
     assert stat.S_IMODE(stack.config.env_file.stat().st_mode) == 0o600
     assert accounts.tokens(stack.config, [])[accounts.OPERATOR] == operator
+    # An admin's token beside it (people and tokens), never the CLI's default one.
+    admin = stack.admin_token()
+    assert admin not in {operator, *tokens.values()}
+    assert f"BMCELL_ADMIN_TOKEN={admin}\n" in stack.config.env_file.read_text()
+    assert accounts.tokens(stack.config, [])[accounts.ADMIN] == admin

@@ -1,0 +1,206 @@
+"""Labs and specimens as managed resources, played as a new lab plays them: an admin
+creates the lab and its people with the CLI (which speaks HTTP to the labeling API,
+never to Postgres), an uploader uploads a test specimen and a training specimen, and
+an operator changes a specimen's role, refused while its cells are in use unless
+forced, and then told what the change invalidated.
+
+The CLI runs as a subprocess with only the labeling API's URL, the segmenter's
+address, the stack's CA and a token. Postgres is read here only to check the audit
+trail the calls left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+
+from bmcell import tls
+from bmcell.grpc_client import bearer
+from bmcell.stack import Stack, accounts
+from bmcell.stack.config import REPO
+from bmcell.v1 import segmenter_pb2, segmenter_pb2_grpc
+from tests.integration.test_segmenter_auth import _field_png, _fresh_png
+
+pytestmark = pytest.mark.integration
+
+# What a lab's machine has: addresses, the CA that signed the stack's certificate, a
+# token. No database or object-storage settings at all.
+CLIENT_VARS = ("BMCELL_LABELAPI_URL", "BMCELL_SEGMENTER_ADDR", "BMCELL_TLS", "BMCELL_TLS_CA")
+
+
+def _client_env(stack: Stack, token: str, home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BMCELL_", "AWS_", "PG"))}
+    env.update({k: v for k, v in stack.env().items() if k in CLIENT_VARS})
+    # An empty run folder: the CLI must not pick settings up from a stack's env file.
+    env.update(BMCELL_TOKEN=token, BMCELL_STACK_RUN_DIR=str(home), PYTHONPATH=str(REPO))
+    return env
+
+
+def bmcell(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "bmcell.cli.main", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+def _ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def _parallel(env: dict[str, str], *commands: tuple[str, ...]) -> list[str]:
+    """Commands that do not depend on each other, at once (each CLI start is seconds);
+    their stdout, each checked for success."""
+    with ThreadPoolExecutor(len(commands)) as pool:
+        return [_ok(r) for r in pool.map(lambda args: bmcell(env, *args), commands)]
+
+
+def test_a_new_lab_through_the_cli_and_http(stack: Stack, rt, tmp_path: Path) -> None:
+    _, db, _ = rt
+    tag = uuid.uuid4().hex[:6]
+    lab, test_spec, train_spec = f"lab-{tag}", f"t-{tag}", f"r-{tag}"
+    uploader, reviewer = f"up-{tag}", f"rev-{tag}"
+    admin = _client_env(stack, stack.admin_token(), tmp_path)
+
+    # The admin creates the lab and its people, with nothing but a token.
+    _ok(bmcell(admin, "labs", "add", lab, "--name", "Lab of the test"))
+    dup = bmcell(admin, "labs", "add", lab)
+    assert dup.returncode == 1 and "409" in dup.stderr and "already exists" in dup.stderr
+    _parallel(
+        admin,
+        ("users", "add", uploader, "--role", "uploader", "--lab", lab),
+        ("users", "add", reviewer, "--role", "reviewer", "--lab", lab),
+    )
+    up_token, rev_token = (
+        out.strip()
+        for out in _parallel(admin, ("users", "token", uploader), ("users", "token", reviewer))
+    )
+    assert up_token.startswith("bmc_") and rev_token.startswith("bmc_")
+
+    # The uploader uploads a test specimen and a training one (the default role).
+    fields = {spec: tmp_path / f"{spec}.png" for spec in (test_spec, train_spec)}
+    fields[test_spec].write_bytes(_fresh_png())
+    fields[train_spec].write_bytes(_field_png(int(uuid.uuid4().int % 10**9), size=512))
+    up = _client_env(stack, up_token, tmp_path)
+    _parallel(
+        up,
+        ("upload", "--lab", lab, "--specimen", test_spec, "--role", "test", str(fields[test_spec])),
+        ("upload", "--lab", lab, "--specimen", train_spec, str(fields[train_spec])),
+    )
+    listed = json.loads(_ok(bmcell(up, "specimens", "list", "--lab", lab, "--json")))
+    assert {(s["code"], s["role"], s["fields"]) for s in listed} == {
+        (test_spec, "test", 1),
+        (train_spec, "training", 1),
+    }
+
+    api = stack.env()["BMCELL_LABELAPI_URL"]
+    operator = stack.operator_token()
+
+    def call(token: str, method: str, path: str, **kw) -> httpx.Response:
+        with httpx.Client(base_url=api, timeout=60, verify=tls.httpx_verify()) as c:
+            return c.request(method, path, headers={"Authorization": f"Bearer {token}"}, **kw)
+
+    # The lab's own people see their lab; a reviewer may not create labs.
+    assert [lab_["code"] for lab_ in call(rev_token, "GET", "/v1/labs").json()["labs"]] == [lab]
+    denied = call(rev_token, "POST", "/v1/labs", json={"code": f"x-{tag}"})
+    assert denied.status_code == 403 and "reviewer" in denied.json()["error"]
+    assert call(rev_token, "GET", "/v1/users").status_code == 403
+
+    # Cells carry their field's digest, so a client can place them on its own files.
+    with tls.grpc_channel(stack.config.addr("segmenter")) as ch:
+        cells = (
+            segmenter_pb2_grpc.SegmenterStub(ch)
+            .ListCells(
+                segmenter_pb2.ListCellsRequest(lab=lab, specimen=train_spec),
+                metadata=bearer(up_token),
+                timeout=60,
+            )
+            .cells
+        )
+    digest = hashlib.sha256(fields[train_spec].read_bytes()).hexdigest()
+    assert cells and {c.field_sha256 for c in cells} == {digest}
+    free = [c.cell_id for c in cells if c.status == "unlabelled"]
+    assert len(free) >= 2, "the training field needs two cells in the pool"
+
+    # An upload never changes a specimen's role.
+    again = tmp_path / "again.png"
+    again.write_bytes(_fresh_png())
+    moved = bmcell(up, "upload", "--lab", lab, "--specimen", test_spec, "--role", "training",
+                   str(again))  # fmt: skip
+    assert moved.returncode == 1
+    assert "FAILED_PRECONDITION" in moved.stderr and "set-role" in moved.stderr
+
+    # One cell gets a training label through the labeling API, another an open task.
+    made = call(operator, "POST", "/v1/tasks",
+                json={"kind": "initial", "cell_ids": free[:2], "required_reviews": 1})  # fmt: skip
+    assert made.status_code == 201 and len(made.json()["created"]) == 2, made.text
+    task = call(rev_token, "POST", f"/v1/tasks/next?lab={lab}&kind=initial").json()
+    answer = {"lease_token": task["lease_token"], "answer": "correct", "class_code": "LY"}
+    done = call(rev_token, "POST", f"/v1/tasks/{task['task_id']}/submit", json=answer)
+    assert done.json()["status"] == "labelled", done.text
+    labelled = task["cell"]["id"]
+
+    # Bad input is named; a used specimen's role change is refused, then forced.
+    path = f"/v1/specimens/{lab}/{train_spec}/role"
+    bad = call(operator, "PUT", path, json={"role": "holdout"})
+    assert bad.status_code == 400 and bad.json()["field"] == "role"
+    assert "holdout" in bad.json()["error"]
+    nowhere = call(operator, "PUT", f"/v1/specimens/no-{tag}/{train_spec}/role",
+                   json={"role": "test"})  # fmt: skip
+    assert nowhere.status_code == 404 and nowhere.json()["field"] == "lab"
+    assert call(rev_token, "PUT", path, json={"role": "test"}).status_code == 403
+
+    op = _client_env(stack, operator, tmp_path)
+    refused = bmcell(op, "specimens", "set-role", lab, train_spec, "excluded")
+    assert refused.returncode == 1 and "409" in refused.stderr
+    assert "1 training label" in refused.stderr and "force" in refused.stderr
+    forced = json.loads(
+        _ok(bmcell(op, "specimens", "set-role", lab, train_spec, "excluded", "--force", "--json"))
+    )
+    assert forced["specimen"]["role"] == "excluded" and forced["changed"]
+    assert forced["invalidated"] == {
+        "training_labels": 1,
+        "validation_labels": 0,
+        "test_labels": 0,
+        "model_versions": [],
+        "labels_withdrawn": 1,
+        "open_tasks_cancelled": 1,
+    }
+    # Its cells are out of everything: no label, no new task.
+    assert call(operator, "GET", f"/v1/cells/{labelled}").json()["label"] is None
+    skipped = call(operator, "POST", "/v1/tasks", json={"kind": "initial", "cell_ids": free[:1]})
+    assert skipped.json() == {"created": [], "skipped_cells": free[:1]}
+    roles = call(up_token, "GET", f"/v1/specimens?lab={lab}&role=excluded").json()["specimens"]
+    assert [s["code"] for s in roles] == [train_spec]
+
+    # Every change names its actor.
+    with db.connection() as conn:
+        rows = conn.execute(
+            """SELECT action, entity_id, actor_kind, actor_name, before, after, detail
+                 FROM audit_log
+                WHERE (entity = 'lab' AND entity_id = %s) OR (entity = 'user' AND entity_id = ANY(%s))
+                   OR (entity = 'specimen' AND entity_id LIKE %s) ORDER BY id""",
+            (lab, [uploader, reviewer], f"{lab}/%"),
+        ).fetchall()
+    people = [(r["action"], r["actor_name"]) for r in rows if r["action"] != "specimen.set_role"]
+    assert sorted(people) == sorted(
+        [("lab.add", accounts.ADMIN)]
+        + [("user.add", accounts.ADMIN), ("token.issue", accounts.ADMIN)] * 2
+    )
+    (change,) = [r for r in rows if r["action"] == "specimen.set_role"]
+    assert change["actor_name"] == accounts.OPERATOR and change["actor_kind"] == "person"
+    assert change["before"] == {"role": "training"} and change["after"] == {"role": "excluded"}
+    assert change["detail"]["force"] is True
+    assert change["detail"]["invalidated"] == forced["invalidated"]
