@@ -352,7 +352,7 @@ def ensure_user(api: httpx.Client, name: str, role: str, labs: Sequence[str]) ->
     granted = set(user.get("labs") or ())
     if role in ("reviewer", "uploader") and not set(labs) <= granted:
         _check(
-            _request(api, "PUT", f"/v1/users/{name}", json={"labs": sorted(granted | set(labs))})
+            _request(api, "PATCH", f"/v1/users/{name}", json={"labs": sorted(granted | set(labs))})
         )
 
 
