@@ -228,7 +228,7 @@ def test_disagreement_goes_to_the_simulated_adjudicator(rt, admin_token: str) ->
     assert set(status.values()) <= {"labelled", "difficult"} and len(labels) == 12
 
 
-def test_cli_simulates_from_a_truth_file(rt, tmp_path) -> None:
+def test_cli_simulates_from_a_truth_file(rt, admin_token: str, tmp_path) -> None:
     db, store, url = rt
     lab, cells, truth, _ = make_tasks(db, store, 9)
     path = tmp_path / "truth.json"
@@ -254,7 +254,7 @@ def test_cli_simulates_from_a_truth_file(rt, tmp_path) -> None:
             "--seed",
             "3",
         ],
-        env=dict(os.environ),
+        env={**os.environ, "BMCELL_ADMIN_TOKEN": admin_token},
         capture_output=True,
         text=True,
         timeout=300,
