@@ -121,10 +121,12 @@ class TruthIndex:
         *,
         manifest: Manifest | None = None,
         cells: CellSource | None = None,
+        labs: Mapping[str, str] | None = None,
     ) -> None:
         self._known: dict[int, str | None] = {int(k): v for k, v in (mapping or {}).items()}
         self._manifest = manifest
         self._cells = cells
+        self._labs = dict(labs or {})
         self._lock = threading.Lock()
         self._refreshed_at = -REFRESH_EVERY_S
         self._by_sha: dict[str, FieldRecord] = {}
@@ -143,11 +145,18 @@ class TruthIndex:
         return cls({int(k): v for k, v in mapping.items()})
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest | str | Path, cells: CellSource) -> TruthIndex:
-        """Truth for every cell of the manifest's uploaded fields; see the module doc."""
+    def from_manifest(
+        cls,
+        manifest: Manifest | str | Path,
+        cells: CellSource,
+        labs: Mapping[str, str] | None = None,
+    ) -> TruthIndex:
+        """Truth for every cell of the manifest's uploaded fields; see the module doc.
+        ``labs`` maps a manifest lab to the lab its specimens were uploaded to, where
+        the two differ."""
         if not isinstance(manifest, Manifest):
             manifest = load_manifest(manifest)
-        index = cls(manifest=manifest, cells=cells)
+        index = cls(manifest=manifest, cells=cells, labs=labs)
         index.refresh()
         return index
 
@@ -209,7 +218,7 @@ class TruthIndex:
             self._refreshed_at = time.monotonic()
         rows: list[Mapping] = []
         for spec in self._manifest.specimens:
-            rows += list(self._cells(spec.lab, spec.id))
+            rows += list(self._cells(self._labs.get(spec.lab, spec.lab), spec.id))
         self._place(rows)
 
     def _place(self, cells: list[Mapping]) -> None:

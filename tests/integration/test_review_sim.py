@@ -316,6 +316,7 @@ def test_manifest_truth_through_the_segmenter(
     index = TruthIndex.from_manifest(
         tmp_path / "manifest.json",
         segmenter_cells(stack.config.addr("segmenter"), operator_token),
+        labs={spec.lab: lab},
     )
     placed = {c: index.truth(c) for c in counted if index.truth(c) is not None}
     assert len(placed) >= 0.6 * len(counted), (len(placed), len(counted))
