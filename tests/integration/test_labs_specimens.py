@@ -5,8 +5,9 @@ an operator changes a specimen's role, refused while its cells are in use unless
 forced, and then told what the change invalidated.
 
 The CLI runs as a subprocess with only the labeling API's URL, the segmenter's
-address, the stack's CA and a token. Postgres is read here only to check the audit
-trail the calls left.
+address, the stack's CA and a token. Postgres is touched here only to check the audit
+trail the calls left, and to stand in for a finished training job (one row) that
+trained on the specimen's cells.
 """
 
 from __future__ import annotations
@@ -164,6 +165,13 @@ def test_a_new_lab_through_the_cli_and_http(stack: Stack, rt, tmp_path: Path) ->
     done = call(rev_token, "POST", f"/v1/tasks/{task['task_id']}/submit", json=answer)
     assert done.json()["status"] == "labelled", done.text
     labelled = task["cell"]["id"]
+    # ...and a model was trained on it (a finished job's stored plan lists the cell).
+    with db.transaction() as conn:
+        conn.execute(
+            """INSERT INTO training_jobs (id, state, config, epochs, model_version)
+               VALUES (%s, 'succeeded', %s, 1, 7)""",
+            (f"test-{tag}", json.dumps({"train": [["cells/x.png", 0, labelled]]})),
+        )
 
     # Bad input is named; a used specimen's role change is refused, then forced.
     path = f"/v1/specimens/{lab}/{train_spec}/role"
@@ -188,7 +196,7 @@ def test_a_new_lab_through_the_cli_and_http(stack: Stack, rt, tmp_path: Path) ->
         "training_labels": 1,
         "validation_labels": 0,
         "test_labels": 0,
-        "model_versions": [],
+        "model_versions": [7],
         "labels_withdrawn": 1,
         "open_tasks_cancelled": 1,
     }
