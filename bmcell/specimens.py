@@ -84,8 +84,8 @@ def list_labs(conn: psycopg.Connection, principal: Principal) -> list[dict]:
 
 def add_lab(conn: psycopg.Connection, code: str, name: str) -> dict:
     check_code(code)
-    if len(name) > MAX_NAME:
-        raise InvalidArgument(f"longer than {MAX_NAME} characters", field="name")
+    if len(name) > MAX_NAME or not name.isprintable():
+        raise InvalidArgument(f"must be at most {MAX_NAME} printable characters", field="name")
     row = conn.execute(
         "INSERT INTO labs (code, name) VALUES (%s, %s) ON CONFLICT (code) DO NOTHING RETURNING id",
         (code, name),
@@ -97,6 +97,7 @@ def add_lab(conn: psycopg.Connection, code: str, name: str) -> dict:
 
 
 def _lab_id(conn: psycopg.Connection, principal: Principal, code: str) -> int:
+    check_code(code, field="lab")
     row = conn.execute("SELECT id FROM labs WHERE code = %s", (code,)).fetchone()
     if row is None or not principal.sees_lab(row["id"]):
         raise NotFound(f"lab {code!r} does not exist", field="lab")
@@ -144,6 +145,7 @@ def set_role(
     """Give a specimen a new role: ``{"specimen", "changed", "invalidated"}`` (see the
     module doc for what is refused and what a forced change withdraws)."""
     check_role(role)
+    check_code(specimen, field="specimen")
     lab_id = _lab_id(conn, principal, lab)
     row = conn.execute(
         "SELECT id, role FROM specimens WHERE lab_id = %s AND code = %s FOR UPDATE",

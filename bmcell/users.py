@@ -26,8 +26,10 @@ class IssuedToken:
 
 def add_user(conn: psycopg.Connection, name: str, role: str, lab_codes: list[str]) -> int:
     _check_role_labs(role, lab_codes)
-    if not 1 <= len(name) <= 100:
-        raise InvalidArgument(f"user name {name!r} must have 1 to 100 characters", field="name")
+    if not 1 <= len(name) <= 100 or not name.isprintable():
+        raise InvalidArgument(
+            f"user name {name!r} must have 1 to 100 printable characters", field="name"
+        )
     lab_ids = _lab_ids(conn, lab_codes)
     row = conn.execute(
         "INSERT INTO users (name, role) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING RETURNING id",

@@ -5,8 +5,9 @@ an operator changes a specimen's role, refused while its cells are in use unless
 forced, and then told what the change invalidated.
 
 The CLI runs as a subprocess with only the labeling API's URL, the segmenter's
-address, the stack's CA and a token. Postgres is read here only to check the audit
-trail the calls left.
+address, the stack's CA and a token. Postgres is touched here only to check the audit
+trail the calls left, and to stand in for a finished training job (one row) that
+trained on the specimen's cells.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 
@@ -60,11 +62,21 @@ def _ok(result: subprocess.CompletedProcess) -> str:
     return result.stdout
 
 
-def _parallel(env: dict[str, str], *commands: tuple[str, ...]) -> list[str]:
-    """Commands that do not depend on each other, at once (each CLI start is seconds);
-    their stdout, each checked for success."""
+def _parallel(env: dict[str, str], *commands: tuple[str, ...]) -> list:
+    """Commands that do not depend on each other, at once (each CLI start is seconds)."""
     with ThreadPoolExecutor(len(commands)) as pool:
-        return [_ok(r) for r in pool.map(lambda args: bmcell(env, *args), commands)]
+        return list(pool.map(lambda args: bmcell(env, *args), commands))
+
+
+def _upload_refused(segmenter, token: str, lab: str, specimen: str, role: str) -> grpc.RpcError:
+    header = segmenter_pb2.UploadHeader(lab=lab, specimen=specimen, role=role)
+    messages = [
+        segmenter_pb2.UploadRequest(header=header),
+        segmenter_pb2.UploadRequest(chunk=_fresh_png()),
+    ]
+    with pytest.raises(grpc.RpcError) as refused:
+        segmenter.Upload(iter(messages), metadata=bearer(token), timeout=60)
+    return refused.value
 
 
 def test_a_new_lab_through_the_cli_and_http(stack: Stack, rt, tmp_path: Path) -> None:
@@ -76,16 +88,20 @@ def test_a_new_lab_through_the_cli_and_http(stack: Stack, rt, tmp_path: Path) ->
 
     # The admin creates the lab and its people, with nothing but a token.
     _ok(bmcell(admin, "labs", "add", lab, "--name", "Lab of the test"))
-    dup = bmcell(admin, "labs", "add", lab)
-    assert dup.returncode == 1 and "409" in dup.stderr and "already exists" in dup.stderr
-    _parallel(
+    *added, dup = _parallel(
         admin,
         ("users", "add", uploader, "--role", "uploader", "--lab", lab),
         ("users", "add", reviewer, "--role", "reviewer", "--lab", lab),
+        ("labs", "add", lab),
     )
+    for result in added:
+        _ok(result)
+    # A refusal is one line naming the status and the field, and exit status 1.
+    assert dup.returncode == 1
+    assert dup.stderr.strip() == f"error: 409 (code): lab {lab!r} already exists"
     up_token, rev_token = (
-        out.strip()
-        for out in _parallel(admin, ("users", "token", uploader), ("users", "token", reviewer))
+        _ok(r).strip()
+        for r in _parallel(admin, ("users", "token", uploader), ("users", "token", reviewer))
     )
     assert up_token.startswith("bmc_") and rev_token.startswith("bmc_")
 
@@ -94,11 +110,12 @@ def test_a_new_lab_through_the_cli_and_http(stack: Stack, rt, tmp_path: Path) ->
     fields[test_spec].write_bytes(_fresh_png())
     fields[train_spec].write_bytes(_field_png(int(uuid.uuid4().int % 10**9), size=512))
     up = _client_env(stack, up_token, tmp_path)
-    _parallel(
+    for result in _parallel(
         up,
         ("upload", "--lab", lab, "--specimen", test_spec, "--role", "test", str(fields[test_spec])),
         ("upload", "--lab", lab, "--specimen", train_spec, str(fields[train_spec])),
-    )
+    ):
+        _ok(result)
     listed = json.loads(_ok(bmcell(up, "specimens", "list", "--lab", lab, "--json")))
     assert {(s["code"], s["role"], s["fields"]) for s in listed} == {
         (test_spec, "test", 1),
@@ -118,54 +135,59 @@ def test_a_new_lab_through_the_cli_and_http(stack: Stack, rt, tmp_path: Path) ->
     assert denied.status_code == 403 and "reviewer" in denied.json()["error"]
     assert call(rev_token, "GET", "/v1/users").status_code == 403
 
-    # Cells carry their field's digest, so a client can place them on its own files.
     with tls.grpc_channel(stack.config.addr("segmenter")) as ch:
-        cells = (
-            segmenter_pb2_grpc.SegmenterStub(ch)
-            .ListCells(
-                segmenter_pb2.ListCellsRequest(lab=lab, specimen=train_spec),
-                metadata=bearer(up_token),
-                timeout=60,
-            )
-            .cells
-        )
+        segmenter = segmenter_pb2_grpc.SegmenterStub(ch)
+        # Cells carry their field's digest, so a client can place them on its own files.
+        request = segmenter_pb2.ListCellsRequest(lab=lab, specimen=train_spec)
+        cells = segmenter.ListCells(request, metadata=bearer(up_token), timeout=60).cells
+        # An upload never changes a specimen's role, and names the roles it knows.
+        moved = _upload_refused(segmenter, up_token, lab, test_spec, "training")
+        assert moved.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "bmcell specimens set-role" in moved.details()
+        unknown = _upload_refused(segmenter, up_token, lab, test_spec, "holdout")
+        assert unknown.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "header.role" in unknown.details()
     digest = hashlib.sha256(fields[train_spec].read_bytes()).hexdigest()
     assert cells and {c.field_sha256 for c in cells} == {digest}
     free = [c.cell_id for c in cells if c.status == "unlabelled"]
     assert len(free) >= 2, "the training field needs two cells in the pool"
 
-    # An upload never changes a specimen's role.
-    again = tmp_path / "again.png"
-    again.write_bytes(_fresh_png())
-    moved = bmcell(up, "upload", "--lab", lab, "--specimen", test_spec, "--role", "training",
-                   str(again))  # fmt: skip
-    assert moved.returncode == 1
-    assert "FAILED_PRECONDITION" in moved.stderr and "set-role" in moved.stderr
-
     # One cell gets a training label through the labeling API, another an open task.
-    made = call(operator, "POST", "/v1/tasks",
-                json={"kind": "initial", "cell_ids": free[:2], "required_reviews": 1})  # fmt: skip
+    made = call(
+        operator,
+        "POST",
+        "/v1/tasks",
+        json={"kind": "initial", "cell_ids": free[:2], "required_reviews": 1},
+    )
     assert made.status_code == 201 and len(made.json()["created"]) == 2, made.text
     task = call(rev_token, "POST", f"/v1/tasks/next?lab={lab}&kind=initial").json()
     answer = {"lease_token": task["lease_token"], "answer": "correct", "class_code": "LY"}
     done = call(rev_token, "POST", f"/v1/tasks/{task['task_id']}/submit", json=answer)
     assert done.json()["status"] == "labelled", done.text
     labelled = task["cell"]["id"]
+    # ...and a model was trained on it (a finished job's stored plan lists the cell).
+    with db.transaction() as conn:
+        conn.execute(
+            """INSERT INTO training_jobs (id, state, config, epochs, model_version)
+               VALUES (%s, 'succeeded', %s, 1, 7)""",
+            (f"test-{tag}", json.dumps({"train": [["cells/x.png", 0, labelled]]})),
+        )
 
     # Bad input is named; a used specimen's role change is refused, then forced.
     path = f"/v1/specimens/{lab}/{train_spec}/role"
     bad = call(operator, "PUT", path, json={"role": "holdout"})
     assert bad.status_code == 400 and bad.json()["field"] == "role"
     assert "holdout" in bad.json()["error"]
-    nowhere = call(operator, "PUT", f"/v1/specimens/no-{tag}/{train_spec}/role",
-                   json={"role": "test"})  # fmt: skip
+    nowhere = call(
+        operator, "PUT", f"/v1/specimens/no-{tag}/{train_spec}/role", json={"role": "test"}
+    )
     assert nowhere.status_code == 404 and nowhere.json()["field"] == "lab"
     assert call(rev_token, "PUT", path, json={"role": "test"}).status_code == 403
+    refused = call(operator, "PUT", path, json={"role": "excluded"})
+    assert refused.status_code == 409 and refused.json()["field"] == "role"
+    assert "1 training label" in refused.json()["error"] and "force" in refused.json()["error"]
 
     op = _client_env(stack, operator, tmp_path)
-    refused = bmcell(op, "specimens", "set-role", lab, train_spec, "excluded")
-    assert refused.returncode == 1 and "409" in refused.stderr
-    assert "1 training label" in refused.stderr and "force" in refused.stderr
     forced = json.loads(
         _ok(bmcell(op, "specimens", "set-role", lab, train_spec, "excluded", "--force", "--json"))
     )
@@ -174,7 +196,7 @@ def test_a_new_lab_through_the_cli_and_http(stack: Stack, rt, tmp_path: Path) ->
         "training_labels": 1,
         "validation_labels": 0,
         "test_labels": 0,
-        "model_versions": [],
+        "model_versions": [7],
         "labels_withdrawn": 1,
         "open_tasks_cancelled": 1,
     }
