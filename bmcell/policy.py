@@ -108,6 +108,9 @@ HTTP: dict[str, Rule] = {
     "GET /v1/labels/export": Rule(REVIEW | OPERATE, "request"),
     "GET /v1/rounds/current/progress": Rule(PEOPLE, "request"),
     "GET /v1/specimens/{lab}/{specimen}/report": Rule(PEOPLE, "request"),
+    # Predicts the specimen's cells that lack a prediction (what the report needs).
+    "POST /v1/specimens/{lab}/{specimen}/predict": Rule(PEOPLE, "request"),
+    "POST /v1/specimens/{lab}/{specimen}/report/verify": Rule(REVIEW, "request"),
 }
 
 
