@@ -18,8 +18,8 @@ the number of cells. Before any model passed the gate the routes answer 409.
 A specimen outside the caller's labs answers 404, as if it did not exist.
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: the routes' ``Caller`` is a local
+# (app.py's dependency, passed in), which FastAPI must see evaluated, not as a string.
 import json
 from collections.abc import Callable, Iterator
 from datetime import UTC
