@@ -253,6 +253,17 @@ def http_requests(w: World) -> dict[str, tuple[dict, dict]]:
         "GET /v1/specimens/{lab}/{specimen}/report": same(
             f"/v1/specimens/{lab}/{w.specimen_a}/report"
         ),
+        "POST /v1/specimens/{lab}/{specimen}/predict": same(
+            f"/v1/specimens/{lab}/{w.specimen_a}/predict"
+        ),
+        "POST /v1/specimens/{lab}/{specimen}/report/verify": (
+            {"url": f"/v1/specimens/{lab}/{w.specimen_a}/report/verify", "json": {}},
+            # A digest no report has: refused 409, so no sign-off is stored.
+            {
+                "url": f"/v1/specimens/{lab}/{w.specimen_a}/report/verify",
+                "json": {"digest": "0" * 64},
+            },
+        ),
     }
 
 

@@ -286,7 +286,7 @@ def test_fresh_specimen_report_with_only_a_token(
         f"{url}/v1/tasks/next", headers={"Authorization": f"Bearer {reviewer}"},
         params={"kind": "initial", "lab": lab},
     ).json()  # fmt: skip
-    assert task["cell_id"] == target
+    assert task["cell"]["id"] == target
     done = client.post(
         f"{url}/v1/tasks/{task['task_id']}/submit",
         headers={"Authorization": f"Bearer {reviewer}"},
