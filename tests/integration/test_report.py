@@ -350,19 +350,20 @@ def test_fresh_specimen_report_with_only_a_token(
     assert stale["stale"] and "stale" in stale["text"]
 
     # The CLI with only the API's URL and a token: no database, no object storage.
+    # One call (the CLI takes long to start on a busy machine): the old subcommand's
+    # name, --api, the token from BMCELL_TOKEN, the HTML page to --out.
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("BMCELL_DATABASE", "BMCELL_S3", "PG", "BMCELL_STACK"))
+        if not k.startswith(
+            ("BMCELL_DATABASE", "BMCELL_S3", "PG", "BMCELL_STACK", "BMCELL_LABELAPI")
+        )
     }
     env |= {"BMCELL_STACK_RUN_DIR": str(tmp_path / "no-stack"), "BMCELL_TOKEN": uploader}
     out = tmp_path / "r.html"
-    res = bmcell("report", "--api", url, lab, spec, "--out", str(out), env=env)
+    res = bmcell("report", "specimen", "--api", url, lab, spec, "--out", str(out), env=env)
     assert res.returncode == 0, res.stderr
-    assert "0 cell(s) to predict" in res.stderr and "stale" in out.read_text()
-    res = bmcell("report", "specimen", lab, spec, "--json", env=env | {"BMCELL_LABELAPI_URL": url})
-    assert res.returncode == 0, res.stderr
-    cli_body = json.loads(res.stdout)
-    assert cli_body["classes"] == call("GET", "/report", uploader).json()["classes"]
-    nope = bmcell("report", "--api", url, "--token", uploader, fresh["other"], spec, env=env)
-    assert nope.returncode == 1 and "404" in nope.stderr
+    assert "0 cell(s) to predict" in res.stderr
+    cli_page = out.read_text()
+    assert "stale" in cli_page
+    assert f"<b id=nucleated>{report['cells']['nucleated']}</b>" in cli_page

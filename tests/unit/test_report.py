@@ -238,3 +238,19 @@ def test_html_is_self_contained_prints_on_a4_with_every_present_class() -> None:
     assert "id=apart" in page and "bare nucleus" in page
     text = rep.to_text(body)
     assert "MB" in text and "PEB" in text and "apart" in text and "not verified" in text
+
+
+def test_cli_needs_only_an_api_url_and_a_token(monkeypatch) -> None:
+    from click.testing import CliRunner
+
+    from bmcell.cli.report import report
+
+    for var in ("BMCELL_LABELAPI_URL", "BMCELL_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    runner = CliRunner()
+    no_api = runner.invoke(report, ["lab-a", "s1", "--token", "t"])
+    assert no_api.exit_code == 2 and "BMCELL_LABELAPI_URL" in no_api.output
+    no_token = runner.invoke(report, ["lab-a", "s1", "--api", "https://x"])
+    assert no_token.exit_code == 2 and "BMCELL_TOKEN" in no_token.output
+    one_name = runner.invoke(report, ["s1", "--api", "https://x", "--token", "t"])
+    assert one_name.exit_code == 2 and "LAB SPECIMEN" in one_name.output
