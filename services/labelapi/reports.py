@@ -104,18 +104,17 @@ def register(
     app: FastAPI,
     runtime: Runtime[LabelApiSettings],
     caller: Any,
-    *,
-    predictor: Predictor | None = None,
 ) -> None:
     """Add the report routes to ``app``; ``caller`` is the app's authorized-caller
     dependency type (``Annotated[Principal, Depends(...)]``)."""
     settings = runtime.settings
     db = runtime.db
-    predictor = predictor or Predictor(settings)
+    predictor = Predictor(settings)
     Caller = caller  # noqa: N806 - a type alias, as in app.py
 
     def missing(principal: Principal, lab: str, specimen: str) -> tuple[dict, dict, list[int]]:
-        """The specimen, the active model and the cells to predict (404 / 409 first)."""
+        """The specimen (404 outside the caller's labs), the active model ({} when
+        none) and the cells it must predict."""
         lab_ids_for_codes(db, principal, [lab])  # 404 outside the caller's labs
         with db.connection() as conn:
             spec = rep.find_specimen(conn, specimen, lab, visible=principal.sees_lab)
