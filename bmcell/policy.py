@@ -120,6 +120,9 @@ HTTP: dict[str, Rule] = {
     "POST /v1/users": Rule(ADMIN, "none"),
     "PATCH /v1/users/{name}": Rule(ADMIN, "none"),
     "POST /v1/users/{name}/tokens": Rule(ADMIN, "none"),
+    # Predicts the specimen's cells that lack a prediction (what the report needs).
+    "POST /v1/specimens/{lab}/{specimen}/predict": Rule(PEOPLE, "request"),
+    "POST /v1/specimens/{lab}/{specimen}/report/verify": Rule(REVIEW, "request"),
 }
 
 

@@ -26,7 +26,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import (
     FileResponse,
-    HTMLResponse,
     JSONResponse,
     PlainTextResponse,
     StreamingResponse,
@@ -36,7 +35,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
-from bmcell import audit, log, policy, report, specimens, users
+from bmcell import audit, log, policy, specimens, users
 from bmcell import metrics as shared_metrics
 from bmcell.auth import ROLES, Principal, acting_as, authenticate, lab_ids_for_codes
 from bmcell.errors import (
@@ -50,7 +49,7 @@ from bmcell.errors import (
 from bmcell.runtime import Runtime
 from bmcell.settings import LabelApiSettings
 from bmcell.taxonomy import DEFAULT_TAXONOMY
-from services.labelapi import labels, metrics, queue
+from services.labelapi import labels, metrics, queue, reports
 from services.labelapi.limits import BodyLimit
 
 STATIC = Path(__file__).parent / "static"
@@ -550,33 +549,8 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
             "expires_at": _iso(issued.expires_at),
         }
 
-    @app.get(
-        "/v1/specimens/{lab}/{specimen}/report",
-        summary="A specimen's differential count (JSON, or a self-contained HTML page)",
-        responses={200: {"content": {"application/json": {}, "text/html": {}}}},
-    )
-    def specimen_report(
-        lab: str,
-        specimen: str,
-        caller: Caller,
-        format: Literal["json", "html"] = "json",
-        min_confidence: Annotated[float, Query(ge=0, le=1)] = report.DEFAULT_MIN_CONFIDENCE,
-        per_class: Annotated[int, Query(ge=0, le=100)] = report.DEFAULT_PER_CLASS,
-    ) -> Response:
-        lab_ids_for_codes(db, caller, [lab])  # 404 outside the caller's labs
-        with db.connection() as conn:
-            body = report.specimen_report(
-                conn,
-                specimen,
-                lab=lab,
-                model_name=settings.model_name,
-                min_confidence=min_confidence,
-                visible=caller.sees_lab,
-            )
-        if format == "json":
-            return JSONResponse(report.public(body))
-        thumbs = report.thumbnails(body, runtime.store.get, per_class) if per_class else {}
-        return HTMLResponse(report.render_html(body, thumbs, per_class=per_class))
+    # Differential counts: their own module (predict on demand, read, sign off).
+    reports.register(app, runtime, Caller)
 
     return app
 

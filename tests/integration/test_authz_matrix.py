@@ -278,6 +278,17 @@ def http_requests(w: World) -> dict[str, tuple[dict, dict]]:
             {"url": f"/v1/users/{person}/tokens", "json": {}},
             {"url": f"/v1/users/{person}-nobody/tokens", "json": {}},  # no such user: 404
         ),
+        "POST /v1/specimens/{lab}/{specimen}/predict": same(
+            f"/v1/specimens/{lab}/{w.specimen_a}/predict"
+        ),
+        "POST /v1/specimens/{lab}/{specimen}/report/verify": (
+            {"url": f"/v1/specimens/{lab}/{w.specimen_a}/report/verify", "json": {}},
+            # A digest no report has: refused 409, so no sign-off is stored.
+            {
+                "url": f"/v1/specimens/{lab}/{w.specimen_a}/report/verify",
+                "json": {"digest": "0" * 64},
+            },
+        ),
     }
 
 
