@@ -119,7 +119,14 @@ class RoundsServicer(rounds_pb2_grpc.RoundsServicer):
             training_job=r["params"].get("training_job", ""),
             created_at=r["created_at"].isoformat(),
             updated_at=r["updated_at"].isoformat(),
-            promoted=bool(mv and mv["state"] in ("active", "retired") and mv["activated_at"]),
+            # This round's own version went into service (not one a round with
+            # nothing to add kept).
+            promoted=bool(
+                mv
+                and mv["round_id"] == r["id"]
+                and mv["state"] in ("active", "retired")
+                and mv["activated_at"]
+            ),
             short_classes=list(r["short_classes"]),
             test_balanced_accuracy=float(metrics.get("test_balanced_accuracy") or 0.0),
             test_macro_f1=float(metrics.get("test_macro_f1") or 0.0),

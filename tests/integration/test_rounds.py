@@ -128,7 +128,7 @@ def test_bootstrap_then_cst_al_round(world) -> None:
     # The bootstrap reviewed the whole pool: a round finds nothing and trains nothing.
     empty = _run(env, db, truth, cst_al)
     assert empty.state == "published" and "nothing to add" in empty.message, empty.message
-    assert empty.model_in == empty.model_out == boot.model_out
+    assert empty.model_in == empty.model_out == boot.model_out and not empty.promoted
     assert _jobs(db, empty.round_id) == []
 
     crops, codes = synth_crops(40, seed=23)
