@@ -216,7 +216,7 @@ class RoundDriver:
         elif state == "predicting":
             self._predicting(r)
         elif state == "selecting":
-            self._bootstrap_wave(r)
+            self._bootstrap_wave(r, first=True)
         elif state == "reviewing":
             self._reviewing(r, bootstrap)
         elif state == "training":
@@ -278,7 +278,7 @@ class RoundDriver:
         if bootstrap:
             short = self._bootstrap_short(r)
             if short is None:
-                self._bootstrap_wave(r)
+                self._bootstrap_wave(r, first=False)
                 return
             with self.db.connection() as conn:
                 labelled = sum(store.label_counts(conn, r["experiment"], ("initial",)).values())
@@ -323,9 +323,11 @@ class RoundDriver:
             return short
         return None
 
-    def _bootstrap_wave(self, r: dict) -> None:
+    def _bootstrap_wave(self, r: dict, *, first: bool) -> None:
         """Another batch of random cells for reviewers: training specimens as 'initial',
         test specimens as 'test' (never used for training), where a class is short.
+        A round's first wave always labels training cells: a bootstrap started again
+        after a missed gate is asked for more initial cells, quotas met or not.
         The wave, its number and the round's move to 'reviewing' commit together."""
         p = bootstrap_params(r["params"])
         labs = p.get("labs") or []
@@ -344,7 +346,7 @@ class RoundDriver:
                 seed=int(p["seed"]),
                 wave=wave,
                 size=int(p["wave_size"]),
-                want_train=bool(short_train),
+                want_train=first or bool(short_train),
                 want_test=bool(short_test),
             )
             n_train = store.insert_bootstrap_tasks(
