@@ -74,6 +74,7 @@ GRPC: dict[str, Rule] = {
     "/bmcell.v1.Rounds/StartRound": Rule(OPERATE, "all_labs"),
     "/bmcell.v1.Rounds/GetRound": Rule(OPERATE, "all_labs"),
     "/bmcell.v1.Rounds/ListRounds": Rule(OPERATE, "all_labs"),
+    "/bmcell.v1.Rounds/RetryRound": Rule(OPERATE, "all_labs"),
 }
 
 # Standard services every server carries. Health stays open for load balancers and

@@ -1,4 +1,4 @@
-"""``bmcell round start | status | history``: the study's rounds, driven by the rounds service."""
+"""``bmcell round start | status | retry | history``: the study's rounds, driven by the rounds service."""
 
 from __future__ import annotations
 
@@ -161,6 +161,10 @@ def follow(round_id: int, poll_s: float = 2.0) -> rounds_pb2.Round:
                 console.print(f"round {r.number}: {r.state} {r.message}")
                 last = r.state
             if r.state in TERMINAL:
+                if r.model_out:
+                    console.print(f"round {r.number}: model v{r.model_out}: {figures(r)}")
+                if r.short_classes:
+                    console.print(f"round {r.number}: short of quota: {', '.join(r.short_classes)}")
                 return r
             time.sleep(poll_s)
 
@@ -180,12 +184,39 @@ def status(experiment: str, round_id: int, as_json: bool) -> None:
     click.echo(f"  tasks: {dict(r.tasks_by_state)}")
     click.echo(f"  labels added: {r.labels_added}")
     if r.model_out:
-        click.echo(
-            f"  model v{r.model_out}: validation {r.validation_accuracy:.3f}, "
-            f"test {r.test_accuracy:.3f}"
-        )
+        click.echo(f"  model v{r.model_out}: {figures(r)}")
+    if r.short_classes:
+        click.echo(f"  short of quota: {', '.join(r.short_classes)}")
     if r.message:
         click.echo(f"  {r.message}")
+    if r.state == "failed":
+        click.echo(
+            f"  retry: bmcell round retry {r.round_id}"
+            if r.failed_step
+            else "  a retry cannot help: start a new round"
+        )
+
+
+def figures(r: rounds_pb2.Round) -> str:
+    """Accuracy beside balanced accuracy and macro-F1, naming the test set."""
+    line = f"validation {r.validation_accuracy:.3f}, test {r.test_accuracy:.3f}"
+    if r.test_balanced_accuracy or r.test_macro_f1:
+        line += f" (balanced {r.test_balanced_accuracy:.3f}, macro-F1 {r.test_macro_f1:.3f})"
+    if r.test_set:
+        line += f" on {r.test_set}"
+    return line
+
+
+@round_group.command("retry")
+@click.argument("round_id", type=int)
+@click.option("--wait/--no-wait", default=False, help="Follow the round until it ends.")
+def retry(round_id: int, wait: bool) -> None:
+    """Start failed round ROUND_ID again from the step that failed."""
+    with rpc_errors():
+        r = _stub().RetryRound(rounds_pb2.RetryRoundRequest(round_id=round_id))
+    click.echo(f"round {r.number} of {r.experiment!r} (id {r.round_id}): {r.state} again")
+    if wait:
+        follow(r.round_id)
 
 
 def history_rows(rounds: list[rounds_pb2.Round]) -> list[dict]:
@@ -202,6 +233,9 @@ def history_rows(rounds: list[rounds_pb2.Round]) -> list[dict]:
                 "model": r.model_out,
                 "validation_accuracy": round(r.validation_accuracy, 4),
                 "test_accuracy": round(r.test_accuracy, 4),
+                "test_balanced_accuracy": round(r.test_balanced_accuracy, 4),
+                "test_macro_f1": round(r.test_macro_f1, 4),
+                "test_set": r.test_set,
                 "added": r.labels_added,
                 "cumulative_added": cumulative,
             }
@@ -250,6 +284,8 @@ def history(experiment: str, fmt: str) -> None:
             "model",
             "validation_accuracy",
             "test_accuracy",
+            "test_balanced_accuracy",
+            "test_macro_f1",
             "added",
             "cumulative_added",
         ):
@@ -265,6 +301,8 @@ def history(experiment: str, fmt: str) -> None:
                         "model",
                         "validation_accuracy",
                         "test_accuracy",
+                        "test_balanced_accuracy",
+                        "test_macro_f1",
                         "added",
                         "cumulative_added",
                     )

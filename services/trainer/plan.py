@@ -103,7 +103,8 @@ def make_plan(
     round_id: int | None,
     overrides: Overrides,
 ) -> Plan:
-    round_number = jobs.round_row(db, round_id)["number"] if round_id is not None else None
+    round_row = jobs.round_row(db, round_id) if round_id is not None else None
+    round_number = round_row["number"] if round_row else None
     active = jobs.active_version(db, settings.model_name)
     taxonomy = Taxonomy.from_json(active["taxonomy"]) if active else DEFAULT_TAXONOMY
     init_key = state_dict_key(settings.model_name, active["version"]) if active else None
@@ -118,7 +119,10 @@ def make_plan(
         init_key = None
     cap = overrides.per_class_cap or settings.per_class_cap
 
-    cells, crop_keys = jobs.labelled_cells(db, round_number)
+    # Labels count only within their round's experiment.
+    cells, crop_keys = jobs.labelled_cells(
+        db, round_number, round_row["experiment"] if round_row else None
+    )
     known = {c.cell_id: c for c in cells if c.class_code in taxonomy.codes}
     validation = sorted(c.cell_id for c in known.values() if c.source == "validation")
     test = sorted(c.cell_id for c in known.values() if c.source == "test")

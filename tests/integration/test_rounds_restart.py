@@ -400,7 +400,9 @@ def test_round_survives_each_service_killed_mid_round(
     # One training job, resumed after the kill, each epoch once in its history.
     assert len(jobs) == 1, [(j["id"], j["state"]) for j in jobs]
     job = jobs[0]
-    assert job["state"] == "succeeded" and job["published"], job["message"]
+    # "published" is the trainer's word for "promoted": a gate-rejected version is not.
+    assert job["state"] == "succeeded", job["message"]
+    assert job["published"] == r.promoted, (job["message"], r.message)
     history = job["history"]
     assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1)), history
     assert runner.worker_pids(store, job["id"])[0]["pid"] != worker_pid
