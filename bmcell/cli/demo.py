@@ -184,12 +184,18 @@ def demo(
         )
     rep = json.loads((out / f"report-{specimen.id}.json").read_text())
 
-    click.echo("\nround | strategy | state | model | val acc | test acc | added | cumulative")
+    test_set = next((r.test_set for r in reversed(rounds) if r.test_set), "the test specimens")
+    click.echo(f"\ntest accuracy on {test_set}; balanced = mean of per-class recalls")
+    click.echo(
+        "round | strategy  | state     | model | val acc | test acc | balanced | macro-F1 "
+        "| added | cumulative"
+    )
     for row in rows:
         click.echo(
             f"{row['round']:>5} | {row['strategy']:<9} | {row['state']:<9} | "
             f"v{row['model']:<4} | {row['validation_accuracy']:.3f}   | "
-            f"{row['test_accuracy']:.3f}    | {row['added']:>5} | {row['cumulative_added']}"
+            f"{row['test_accuracy']:.3f}    | {row['test_balanced_accuracy']:.3f}    | "
+            f"{row['test_macro_f1']:.3f}    | {row['added']:>5} | {row['cumulative_added']}"
         )
     click.echo(f"\ndifferential count of {specimen.lab}/{specimen.id}:")
     click.echo(

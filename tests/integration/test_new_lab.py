@@ -185,8 +185,16 @@ def test_a_new_lab_runs_the_loop_through_public_calls(empty_stack: Stack, tmp_pa
         verify=lab.base["BMCELL_TLS_CA"],
         timeout=600,
     ) as http:
-        resp = http.get(f"/v1/specimens/{code}/{training.id}/report", params={"format": "json"})
+        base = f"/v1/specimens/{code}/{training.id}"
+        with http.stream("POST", f"{base}/predict") as resp:  # progress lines, then done
+            assert resp.status_code == 200, resp.read()
+            progress = [json.loads(line) for line in resp.iter_lines() if line.strip()]
+        assert progress, "predicting on demand shows progress"
+        resp = http.get(f"{base}/report", params={"format": "json"})
         assert resp.status_code == 200, resp.text
         report = resp.json()
-    assert report["counted"] > 0, report
-    assert not report.get("unclassified"), report
+    cells = report["cells"]
+    assert cells["nucleated"] > 0 and cells["unclassified"] == 0, cells
+    assert cells["reviewed"] + cells["predicted"] >= cells["nucleated"], cells
+    assert abs(sum(report["percentages"].values()) - 100.0) < 1e-6, report["percentages"]
+    assert any("500" in w for w in report["warnings"]), report["warnings"]  # a small count
