@@ -136,7 +136,7 @@ def test_a_new_lab_runs_the_loop_through_public_calls(empty_stack: Stack, tmp_pa
             *files,
         )
     listed = json.loads(lab.run(uploader, "specimens", "list", "--lab", code, "--json"))
-    roles = {s["code"]: s["role"] for s in listed["specimens"]}
+    roles = {s["code"]: s["role"] for s in listed}
     assert roles == {training.id: "training", other.id: "training", test.id: "test"}
 
     # --- the operator bootstraps; reviewers answer through the labeling API -------------
