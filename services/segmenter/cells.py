@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from psycopg import Connection
 
+from bmcell import audit
 from bmcell.db import Database
 from bmcell.errors import InvalidArgument
 
@@ -98,9 +99,17 @@ def upsert_specimen(
         """INSERT INTO specimens (lab_id, code, diagnosis, role) VALUES (%s, %s, %s, %s)
            ON CONFLICT (lab_id, code) DO UPDATE
               SET diagnosis = COALESCE(NULLIF(EXCLUDED.diagnosis, ''), specimens.diagnosis)
-           RETURNING id, role""",
+           RETURNING id, role, (xmax = 0) AS created""",
         (lab_id, specimen, diagnosis, role),
     ).fetchone()
+    if row["created"]:  # who brought a specimen in, and as training or test, is history
+        audit.record(
+            conn,
+            "specimen.add",
+            "specimen",
+            f"{lab}/{specimen}",
+            after={"role": row["role"], "diagnosis": diagnosis},
+        )
     return lab_id, row["id"], row["role"]
 
 
