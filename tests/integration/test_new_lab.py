@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import time
@@ -182,7 +183,7 @@ def test_a_new_lab_runs_the_loop_through_public_calls(empty_stack: Stack, tmp_pa
     with httpx.Client(
         base_url=lab.api,
         headers={"Authorization": f"Bearer {uploader}"},
-        verify=lab.base["BMCELL_TLS_CA"],
+        verify=ssl.create_default_context(cafile=lab.base["BMCELL_TLS_CA"]),
         timeout=600,
     ) as http:
         base = f"/v1/specimens/{code}/{training.id}"
