@@ -5,7 +5,7 @@ input size; each worker and the plain loop get one intra-op thread (a Ray worker
 reserves one CPU). Ray runs go through the trainer's own code path
 (``services.trainer.runner.run``: Ray Train V2, DDP on gloo, a checkpoint to the
 S3 server every epoch), on a private stack of just the S3 server and a Ray head
-(port base 29400), which is stopped at the end. Samples/s is the median over the
+(port base 29400, ``--port-base``), which is stopped at the end. Samples/s is the median over the
 epochs after the first (the first also fetches and decodes the crops).
 
 Also measured, when ``--accuracy`` is given: round-1 training from 25 labels per
@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from bmcell import trainset
 from bmcell.network import CellClassifier
 from bmcell.settings import TrainerSettings, load
 from bmcell.stack import Stack, StackConfig
@@ -34,7 +35,7 @@ from bmcell.stack.config import REPO
 from bmcell.storage import ObjectStore
 from bmcell.synth import crop_rng, lab_style, render_crop
 from bmcell.taxonomy import DEFAULT_TAXONOMY
-from services.trainer import runner, trainset
+from services.trainer import runner
 from services.trainer.augment import augment, seeded_generator
 from services.trainer.loop import CROP_BACKGROUND, CropCache
 from services.trainer.plan import Plan
@@ -130,9 +131,10 @@ def main() -> None:
     ap.add_argument("--input-size", type=int, default=0, help="0: the trainer's default")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--accuracy", action="store_true", help="also train 25/class to the end")
+    ap.add_argument("--port-base", type=int, default=29400, help="the private stack's ports")
     args, _ = ap.parse_known_args()
 
-    cfg = StackConfig(run_dir=REPO / ".run" / "bench-trainer", port_base=29400)
+    cfg = StackConfig(run_dir=REPO / ".run" / "bench-trainer", port_base=args.port_base)
     stack = Stack(cfg)
     try:
         stack.up(only=["s3", "ray"])

@@ -3,6 +3,9 @@
 Nakamura et al. (Sci Rep 12:16736, 2022): accuracy, per-class recall and precision,
 their means, and a confusion matrix on the test set, over 16 evaluation classes
 (bare nuclei and artifacts merged; ``Taxonomy.eval_merge`` says which classes merge).
+Beside them, balanced accuracy (the mean recall: every class weighs the same, however
+many cells it has) and macro-F1 (the mean of per-class ``2TP / (2TP + FP + FN)``),
+because accuracy alone flatters a model that is good on the common classes.
 The round comparison uses one-way ANOVA with Tukey's HSD (their Table 2).
 
 Undefined ratios are NaN, never 0: a class absent from the truth has no recall and a
@@ -51,6 +54,13 @@ class Evaluation:
     precision: np.ndarray
     mean_recall: float
     mean_precision: float
+    f1: np.ndarray
+    macro_f1: float
+
+    @property
+    def balanced_accuracy(self) -> float:
+        """Mean recall over the classes present in the truth."""
+        return self.mean_recall
 
     @property
     def n(self) -> int:
@@ -63,12 +73,29 @@ class Evaluation:
             "accuracy": _json_number(self.accuracy),
             "mean_recall": _json_number(self.mean_recall),
             "mean_precision": _json_number(self.mean_precision),
+            "balanced_accuracy": _json_number(self.balanced_accuracy),
+            "macro_f1": _json_number(self.macro_f1),
             "recall": {c: _json_number(v) for c, v in zip(self.codes, self.recall, strict=True)},
             "precision": {
                 c: _json_number(v) for c, v in zip(self.codes, self.precision, strict=True)
             },
+            "f1": {c: _json_number(v) for c, v in zip(self.codes, self.f1, strict=True)},
             "confusion": self.confusion.tolist(),
         }
+
+
+def merged_hits(y_true_idx, y_pred_idx, eval_index_map) -> int:
+    """How many predictions are right once classes are merged for evaluation.
+
+    ``eval_index_map[i]`` is training class ``i``'s evaluation class
+    (``Taxonomy.eval_index_map``). The training loop picks its best epoch with this and
+    ``evaluate`` derives its accuracy from it, so the epoch chosen and the gate applied
+    to the published version read the same number.
+    """
+    to_eval = np.asarray(eval_index_map, dtype=np.int64)
+    y_true = np.asarray(y_true_idx, dtype=np.int64).ravel()
+    y_pred = np.asarray(y_pred_idx, dtype=np.int64).ravel()
+    return int((to_eval[y_true] == to_eval[y_pred]).sum())
 
 
 def evaluate(y_true_idx: np.ndarray, y_pred_idx: np.ndarray, taxonomy: Taxonomy) -> Evaluation:
@@ -94,14 +121,19 @@ def evaluate(y_true_idx: np.ndarray, y_pred_idx: np.ndarray, taxonomy: Taxonomy)
     hits = np.diag(confusion).astype(np.float64)
     recall = _ratio(hits, confusion.sum(axis=1).astype(np.float64))
     precision = _ratio(hits, confusion.sum(axis=0).astype(np.float64))
+    # 2TP / (2TP + FP + FN): 0 for a class in the truth never predicted right, undefined
+    # only for a class neither in the truth nor predicted (sklearn's convention).
+    f1 = _ratio(2 * hits, confusion.sum(axis=1) + confusion.sum(axis=0).astype(np.float64))
     return Evaluation(
         codes=codes,
         confusion=confusion,
-        accuracy=float(hits.sum() / y_true.size),
+        accuracy=merged_hits(y_true, y_pred, to_eval) / y_true.size,
         recall=recall,
         precision=precision,
         mean_recall=_defined_mean(recall),
         mean_precision=_defined_mean(precision),
+        f1=f1,
+        macro_f1=_defined_mean(f1),
     )
 
 

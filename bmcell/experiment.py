@@ -7,6 +7,13 @@ and serve the model under their own name (``<model>-<strategy>``, its bootstrap
 version copied in object storage), so versions of different strategies never mix
 in the models bucket or in Triton. Object storage is otherwise shared: cells and
 fields are content-addressed and identical for everyone.
+
+Where it reaches past the public calls: cloning the databases and renaming the
+bootstrap's model versions in each clone (:func:`clone_database`,
+:func:`copy_model`) are an operator's server-side work with Postgres and object
+storage credentials, and the confusion matrices are read from object storage.
+Everything else (people, uploads with test specimens marked, rounds, reviews,
+results) goes through the same gRPC and HTTP calls a lab uses, with tokens.
 """
 
 from __future__ import annotations
@@ -19,7 +26,6 @@ from pathlib import Path
 import psycopg
 
 from bmcell import grpc_client, modelrepo, paging, scenario, triton
-from bmcell.db import Database
 from bmcell.modelstore import state_dict_key
 from bmcell.review_sim import TruthIndex
 from bmcell.settings import Settings, load
@@ -27,7 +33,7 @@ from bmcell.stack import Stack
 from bmcell.stack.components import GRPC_SERVICES
 from bmcell.storage import ObjectStore
 from bmcell.studyreport import Effort, RoundResult, write_all
-from bmcell.v1 import rounds_pb2, rounds_pb2_grpc, selector_pb2
+from bmcell.v1 import rounds_pb2, rounds_pb2_grpc, selector_pb2, trainer_pb2, trainer_pb2_grpc
 
 SERVICES = [*GRPC_SERVICES, "labelapi"]
 BOOTSTRAP = "bootstrap"  # the experiment name of the shared start
@@ -116,17 +122,19 @@ def run(cfg: ExperimentConfig, stack: Stack, say: Say) -> dict[str, Path]:
         Settings, database_url=env["BMCELL_DATABASE_URL"], s3_endpoint=env["BMCELL_S3_ENDPOINT"]
     )
     store = ObjectStore(settings).ensure_buckets()
-    db = Database(settings).open()
     manifest = scenario.synthesize(
         cfg.out / "synth", cfg.labs, cfg.specimens, cfg.fields, cfg.seed, cfg.size, say
     )
     say("operator 'experiment-operator' gets an API token for the labs' uploads and the rounds")
     # Issued before the strategies' databases are cloned, so it works in each of them.
-    token = scenario.operator_token(db, "experiment-operator", expires_days=7)
-    scenario.upload(manifest, say, token, env)
-    scenario.mark_test_specimens(db, manifest, per_lab=1, say=say)
-    truth = TruthIndex.from_manifest(manifest, db)
-    truth.refresh()
+    admin = stack.admin_token()
+    token = scenario.person_token(
+        env["BMCELL_LABELAPI_URL"], admin, "experiment-operator", expires_days=7
+    )
+    scenario.upload(manifest, say, token, env, test_per_lab=1)
+    truth = TruthIndex.from_manifest(
+        manifest, scenario.segmenter_cells(env["BMCELL_SEGMENTER_ADDR"], token)
+    )
     # Cell ids are the same in every strategy's copy of the database: fix the answers now.
     truth = TruthIndex.from_mapping(truth.mapping())
     say(f"truth known for {len(truth)} cells; bootstrap, shared by every strategy")
@@ -134,8 +142,7 @@ def run(cfg: ExperimentConfig, stack: Stack, say: Say) -> dict[str, Path]:
     if boot is not None:
         say(f"bootstrap already published (round {boot.number}, {boot.model_out}): reused")
     else:
-        boot = _bootstrap(cfg, env, db, truth, token, say)
-    db.close()
+        boot = _bootstrap(cfg, env, admin, truth, token, say)
     if boot.state != "published":
         raise RuntimeError(f"bootstrap ended {boot.state}: {boot.message}")
     base_db = env["BMCELL_DATABASE_URL"].rsplit("/", 1)[1]
@@ -159,12 +166,10 @@ def run(cfg: ExperimentConfig, stack: Stack, say: Say) -> dict[str, Path]:
         clone_database(env["BMCELL_DATABASE_URL"], "exp_bootstrap", name)
         copy_model(store, url, settings.model_name, model)
         stack.up(only=SERVICES, extra_env={"BMCELL_DATABASE_URL": url, "BMCELL_MODEL_NAME": model})
-        sdb = Database(
-            load(Settings, database_url=url, s3_endpoint=env["BMCELL_S3_ENDPOINT"])
-        ).open()
         results = [boot_result]
+        spent = scenario.ReviewStats()
         for i in range(cfg.rounds):
-            r, _ = scenario.run_round(
+            r, stats = scenario.run_round(
                 env["BMCELL_ROUNDS_ADDR"],
                 rounds_pb2.StartRoundRequest(
                     experiment=BOOTSTRAP,
@@ -176,11 +181,12 @@ def run(cfg: ExperimentConfig, stack: Stack, say: Say) -> dict[str, Path]:
                 ),
                 token=token,
                 labelapi_url=env["BMCELL_LABELAPI_URL"],
-                db=sdb,
+                admin_token=admin,
                 truth=truth,
                 reviewers=cfg.reviewers,
                 say=say,
             )
+            spent = scenario.add_stats(spent, stats)
             results.append(
                 RoundResult(
                     round=i + 1,  # the service numbers bootstrap attempts too
@@ -192,29 +198,17 @@ def run(cfg: ExperimentConfig, stack: Stack, say: Say) -> dict[str, Path]:
                 )
             )
         by_strategy[strategy] = results
-        with sdb.connection() as conn:
-            answers = {
-                row["answer"]: row["n"]
-                for row in conn.execute(
-                    "SELECT answer, count(*) AS n FROM reviews rv JOIN review_tasks t "
-                    "ON t.id = rv.task_id WHERE t.kind IN ('cst', 'al', 'adjudication') "
-                    "AND t.round_id IS NOT NULL GROUP BY answer"
-                )
-            }
-            last = conn.execute(
-                "SELECT confusion_key FROM model_versions WHERE model_name = %s "
-                "ORDER BY version DESC LIMIT 1",
-                (model,),
-            ).fetchone()
+        # The reviews this strategy's own rounds asked for (the shared bootstrap's
+        # are nobody's cost in the comparison).
         effort[strategy] = Effort(
-            reviews=sum(answers.values()),
-            confirms=answers.get("confirm", 0),
-            corrections=answers.get("correct", 0),
-            difficult=answers.get("difficult", 0),
+            reviews=spent.reviews,
+            confirms=spent.confirms,
+            corrections=spent.corrections,
+            difficult=spent.difficult,
         )
-        if last and last["confusion_key"]:
-            confusion[strategy] = last["confusion_key"]
-        sdb.close()
+        key = _confusion_key(env["BMCELL_TRAINER_ADDR"], token, r.model_out) if cfg.rounds else ""
+        if key:
+            confusion[strategy] = key
         stack.stop(SERVICES)
         _unload(env["BMCELL_TRITON_URL"], model)
     written = write_all(by_strategy, effort, cfg.out)
@@ -238,10 +232,20 @@ def published_bootstrap(rounds_addr: str, token: str) -> rounds_pb2.Round | None
     return done[-1] if done else None
 
 
+def _confusion_key(trainer_addr: str, token: str, version: int) -> str:
+    """Object key of a version's confusion matrix (the trainer's GetModelReport, of the
+    model the services serve now)."""
+    with grpc_client.channel(trainer_addr, default_timeout_s=30, token=token) as ch:
+        report = trainer_pb2_grpc.TrainerStub(ch).GetModelReport(
+            trainer_pb2.GetModelReportRequest(version=version)
+        )
+    return report.confusion_key
+
+
 def _bootstrap(
     cfg: ExperimentConfig,
     env: dict[str, str],
-    db: Database,
+    admin: str,
     truth: TruthIndex,
     token: str,
     say: Say,
@@ -257,7 +261,7 @@ def _bootstrap(
         ),
         token=token,
         labelapi_url=env["BMCELL_LABELAPI_URL"],
-        db=db,
+        admin_token=admin,
         truth=truth,
         reviewers=cfg.reviewers,
         say=say,

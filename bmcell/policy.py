@@ -39,6 +39,7 @@ OPERATE = frozenset({"operator", "admin"})
 OPERATE_OR_SERVICE = OPERATE | {"service"}
 REVIEW = frozenset({"reviewer", "admin"})
 UPLOAD = frozenset({"uploader", "operator", "admin"})
+ADMIN = frozenset({"admin"})
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,7 @@ GRPC: dict[str, Rule] = {
     "/bmcell.v1.Rounds/StartRound": Rule(OPERATE, "all_labs"),
     "/bmcell.v1.Rounds/GetRound": Rule(OPERATE, "all_labs"),
     "/bmcell.v1.Rounds/ListRounds": Rule(OPERATE, "all_labs"),
+    "/bmcell.v1.Rounds/RetryRound": Rule(OPERATE, "all_labs"),
 }
 
 # Standard services every server carries. Health stays open for load balancers and
@@ -108,6 +110,20 @@ HTTP: dict[str, Rule] = {
     "GET /v1/labels/export": Rule(REVIEW | OPERATE, "request"),
     "GET /v1/rounds/current/progress": Rule(PEOPLE, "request"),
     "GET /v1/specimens/{lab}/{specimen}/report": Rule(PEOPLE, "request"),
+    # Labs and specimens as managed resources: everyone lists what they see, operators
+    # and admins create labs and set specimens' roles (training, test, excluded).
+    "GET /v1/labs": Rule(PEOPLE, "request"),
+    "POST /v1/labs": Rule(OPERATE, "none"),
+    "GET /v1/specimens": Rule(PEOPLE, "request"),
+    "PUT /v1/specimens/{lab}/{specimen}/role": Rule(OPERATE, "request"),
+    # People and their tokens: admins only.
+    "GET /v1/users": Rule(ADMIN, "none"),
+    "POST /v1/users": Rule(ADMIN, "none"),
+    "PATCH /v1/users/{name}": Rule(ADMIN, "none"),
+    "POST /v1/users/{name}/tokens": Rule(ADMIN, "none"),
+    # Predicts the specimen's cells that lack a prediction (what the report needs).
+    "POST /v1/specimens/{lab}/{specimen}/predict": Rule(PEOPLE, "request"),
+    "POST /v1/specimens/{lab}/{specimen}/report/verify": Rule(REVIEW, "request"),
 }
 
 

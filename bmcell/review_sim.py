@@ -7,13 +7,18 @@ each with its own user and token, against ``POST /v1/tasks/next`` and
 from a :class:`TruthIndex` (the synthetic ground truth), with injected mistakes and
 "too difficult" verdicts at the rates asked for.
 
-Truth: a cell in Postgres maps back to the synthetic manifest by its field (the
-sha256 of the uploaded file, as ``field_images.sha256``; failing that, lab,
-specimen and file name) and then by the field's instance mask
-(``*.instances.png``): the instance ids under the cell's bounding box are the
-candidates, and the one whose manifest bbox overlaps the segmented bbox best (IoU
->= 0.3) is the cell. Cells put in some other way (tests, imports) can be given a
-JSON mapping ``{cell_id: class}`` instead (:meth:`TruthIndex.load`).
+Truth: a segmented cell maps back to the synthetic manifest by its field (the
+sha256 of the uploaded file, which the segmenter's ListCells gives with every cell)
+and then by the field's instance mask (``*.instances.png``): the instance ids under
+the cell's bounding box are the candidates, and the one whose manifest bbox overlaps
+the segmented bbox best (IoU >= 0.3) is the cell. Cells put in some other way
+(tests, imports) can be given a JSON mapping ``{cell_id: class}`` instead
+(:meth:`TruthIndex.load`).
+
+Everything goes through the public interfaces a lab has: cells come from the
+segmenter's ListCells (a :data:`CellSource`), reviewers are created and given tokens
+through the labeling API's ``/v1/users`` with an admin's token. Nothing here opens
+Postgres or object storage.
 
 Determinism: every decision (difficult, error, which wrong class) is drawn from a
 generator seeded by ``(seed, task id, reviews so far)``, so the same tasks get the
@@ -35,9 +40,6 @@ import httpx
 import numpy as np
 
 from bmcell import tls
-from bmcell import users as user_repo
-from bmcell.db import Database
-from bmcell.settings import Settings
 from bmcell.storage import sha256_hex
 from bmcell.synth.manifest import CellRecord, FieldRecord, Manifest, load_manifest
 from bmcell.taxonomy import DEFAULT_TAXONOMY, Taxonomy
@@ -55,6 +57,12 @@ NEIGHBOUR_SHARE = 0.8
 MIN_IOU = 0.3
 USER_PREFIX = "sim-reviewer"
 ADJUDICATOR = "sim-adjudicator"
+#: A cell the index cannot place triggers a fresh listing at most this often.
+REFRESH_EVERY_S = 2.0
+
+#: (lab, specimen) -> that specimen's cells as mappings with id, field_id,
+#: field_sha256, x0, y0, x1, y1 (the segmenter's ListCells, see bmcell.scenario).
+CellSource = Callable[[str, str], Iterable[Mapping]]
 
 
 # --- truth ----------------------------------------------------------------------------
@@ -103,8 +111,8 @@ class TruthIndex:
     """Cell id -> true class code, from a synthetic manifest or a plain mapping.
 
     :meth:`truth` answers None for a cell it cannot place. Built from a manifest with
-    a database (:meth:`from_manifest`), it places cells uploaded after it was built
-    too, on first use; it is safe to share between threads.
+    a :data:`CellSource` (:meth:`from_manifest`), it places cells uploaded after it
+    was built too, on first use; it is safe to share between threads.
     """
 
     def __init__(
@@ -112,23 +120,23 @@ class TruthIndex:
         mapping: Mapping[int, str] | None = None,
         *,
         manifest: Manifest | None = None,
-        db: Database | None = None,
+        cells: CellSource | None = None,
+        labs: Mapping[str, str] | None = None,
     ) -> None:
         self._known: dict[int, str | None] = {int(k): v for k, v in (mapping or {}).items()}
         self._manifest = manifest
-        self._db = db
+        self._cells = cells
+        self._labs = dict(labs or {})
         self._lock = threading.Lock()
+        self._refreshed_at = -REFRESH_EVERY_S
         self._by_sha: dict[str, FieldRecord] = {}
-        self._by_name: dict[tuple[str, str, str], FieldRecord] = {}
-        self._field_of: dict[int, FieldRecord | None] = {}  # field_images.id -> record
         if manifest is not None:
             root = manifest.root or Path(".")
-            for spec, rec in manifest.fields():
+            for _spec, rec in manifest.fields():
                 path = root / rec.image
-                if path.exists():
-                    self._by_sha[sha256_hex(path.read_bytes())] = rec
-                else:  # image not here to hash: fall back to lab, specimen and file name
-                    self._by_name[(spec.lab, spec.id, Path(rec.image).name)] = rec
+                if not path.exists():
+                    raise ValueError(f"{path}: a manifest's images are needed to place its cells")
+                self._by_sha[sha256_hex(path.read_bytes())] = rec
 
     # construction ----------------------------------------------------------------------
 
@@ -137,35 +145,42 @@ class TruthIndex:
         return cls({int(k): v for k, v in mapping.items()})
 
     @classmethod
-    def from_manifest(cls, manifest: Manifest | str | Path, db: Database) -> TruthIndex:
-        """Truth for every cell of the manifest's uploaded fields; see the module doc."""
+    def from_manifest(
+        cls,
+        manifest: Manifest | str | Path,
+        cells: CellSource,
+        labs: Mapping[str, str] | None = None,
+    ) -> TruthIndex:
+        """Truth for every cell of the manifest's uploaded fields; see the module doc.
+        ``labs`` maps a manifest lab to the lab its specimens were uploaded to, where
+        the two differ."""
         if not isinstance(manifest, Manifest):
             manifest = load_manifest(manifest)
-        index = cls(manifest=manifest, db=db)
+        index = cls(manifest=manifest, cells=cells, labs=labs)
         index.refresh()
         return index
 
     @classmethod
-    def from_rows(
-        cls, manifest: Manifest, fields: Iterable[Mapping], cells: Iterable[Mapping]
-    ) -> TruthIndex:
-        """Without a database: ``fields`` rows have id, sha256, filename, lab, specimen;
-        ``cells`` rows have id, field_id, x0, y0, x1, y1."""
+    def from_rows(cls, manifest: Manifest, cells: Iterable[Mapping]) -> TruthIndex:
+        """Without a cell source: ``cells`` rows have id, field_id, field_sha256, x0,
+        y0, x1, y1 (as a :data:`CellSource` gives them)."""
         index = cls(manifest=manifest)
-        index._place(list(fields), list(cells))
+        index._place(list(cells))
         return index
 
     @classmethod
-    def load(cls, path: str | Path, db: Database | None = None) -> TruthIndex:
-        """A ``manifest.json`` (or its folder; needs ``db``) or a ``{cell_id: class}`` JSON."""
+    def load(cls, path: str | Path, cells: CellSource | None = None) -> TruthIndex:
+        """A ``manifest.json`` (or its folder; needs ``cells``) or a ``{cell_id: class}`` JSON."""
         path = Path(path)
         if path.is_dir():
             path = path / "manifest.json"
         data = json.loads(path.read_text())
         if isinstance(data, dict) and "specimens" in data and "version" in data:
-            if db is None:
-                raise ValueError(f"{path} is a synth manifest: placing its cells needs Postgres")
-            return cls.from_manifest(path, db)
+            if cells is None:
+                raise ValueError(
+                    f"{path} is a synth manifest: placing its cells needs the segmenter"
+                )
+            return cls.from_manifest(path, cells)
         if isinstance(data, dict):
             return cls.from_mapping(data)
         if isinstance(data, list):  # [{"cell_id": 1, "class": "MB"}, ...]
@@ -180,9 +195,10 @@ class TruthIndex:
         with self._lock:
             if cell_id in self._known:
                 return self._known[cell_id]
-        if self._db is None or self._manifest is None:
+            stale = time.monotonic() - self._refreshed_at >= REFRESH_EVERY_S
+        if self._cells is None or not stale:
             return None
-        self.refresh(cell_ids=[cell_id])
+        self.refresh()  # a cell uploaded since the last listing
         with self._lock:
             return self._known.setdefault(cell_id, None)
 
@@ -194,50 +210,27 @@ class TruthIndex:
         with self._lock:
             return {k: v for k, v in sorted(self._known.items()) if v is not None}
 
-    def refresh(self, cell_ids: list[int] | None = None) -> None:
-        """Place the cells (all of the manifest's uploaded fields' when None) from Postgres."""
-        if self._db is None:
+    def refresh(self) -> None:
+        """Place every cell of the manifest's specimens, listed from the cell source."""
+        if self._cells is None or self._manifest is None:
             return
-        with self._db.connection() as conn:
-            fields = conn.execute(
-                """SELECT f.id, f.sha256, f.filename, s.code AS specimen, lab.code AS lab
-                     FROM field_images f JOIN specimens s ON s.id = f.specimen_id
-                     JOIN labs lab ON lab.id = s.lab_id
-                    WHERE f.sha256 = ANY(%(shas)s)
-                       OR (%(ids)s::bigint[] IS NOT NULL AND f.id IN
-                           (SELECT field_id FROM cells WHERE id = ANY(%(ids)s)))
-                       OR (%(ids)s::bigint[] IS NULL AND f.filename = ANY(%(names)s))""",
-                {
-                    "shas": list(self._by_sha),
-                    "ids": cell_ids,
-                    "names": sorted({k[2] for k in self._by_name}),
-                },
-            ).fetchall()
-            placed = [f for f in fields if self._record_for(f) is not None]
-            cells = conn.execute(
-                """SELECT id, field_id, x0, y0, x1, y1 FROM cells
-                    WHERE field_id = ANY(%s) AND (%s::bigint[] IS NULL OR id = ANY(%s))""",
-                ([f["id"] for f in placed], cell_ids, cell_ids),
-            ).fetchall()
-        self._place(fields, cells)
+        with self._lock:
+            self._refreshed_at = time.monotonic()
+        rows: list[Mapping] = []
+        for spec in self._manifest.specimens:
+            rows += list(self._cells(self._labs.get(spec.lab, spec.lab), spec.id))
+        self._place(rows)
 
-    def _record_for(self, f: Mapping) -> FieldRecord | None:
-        rec = self._by_sha.get(str(f.get("sha256") or "").strip())
-        if rec is None:
-            rec = self._by_name.get((f.get("lab"), f.get("specimen"), f.get("filename")))
-        return rec
-
-    def _place(self, fields: list[Mapping], cells: list[Mapping]) -> None:
+    def _place(self, cells: list[Mapping]) -> None:
         assert self._manifest is not None
         root = self._manifest.root or Path(".")
-        records = {int(f["id"]): self._record_for(f) for f in fields}
         by_field: dict[int, list[Mapping]] = {}
         for c in cells:
             by_field.setdefault(int(c["field_id"]), []).append(c)
         found: dict[int, str | None] = {}
-        for field_id, rows in by_field.items():
-            rec = records.get(field_id)
-            if rec is None:
+        for rows in by_field.values():
+            rec = self._by_sha.get(str(rows[0].get("field_sha256") or "").strip())
+            if rec is None:  # a field that is not the manifest's
                 found.update({int(c["id"]): None for c in rows})
                 continue
             instances = _read_ids(root / rec.instances)
@@ -245,7 +238,6 @@ class TruthIndex:
                 hit = match_cell(rec, instances, (c["x0"], c["y0"], c["x1"], c["y1"]))
                 found[int(c["id"])] = hit.cls if hit else None
         with self._lock:
-            self._field_of.update(records)
             self._known.update(found)
 
 
@@ -312,7 +304,8 @@ def decide(
 
 
 def ensure_reviewers(
-    db: Database,
+    labelapi_url: str,
+    admin_token: str,
     n: int,
     *,
     labs: Sequence[str] | None = None,
@@ -322,36 +315,65 @@ def ensure_reviewers(
 ) -> list[tuple[str, str]]:
     """Users ``{prefix}-1..n`` (role reviewer, every lab of ``labs`` or every lab there
     is, missing lab grants added) and ``adjudicator`` (admin) if given; returns
-    (name, fresh token) pairs, the adjudicator last."""
-    out = []
-    with db.transaction() as conn:
-        rows = conn.execute(
-            "SELECT id, code FROM labs WHERE %s::text[] IS NULL OR code = ANY(%s) ORDER BY code",
-            (list(labs) if labs is not None else None,) * 2,
-        ).fetchall()
-        missing = sorted(set(labs or ()) - {r["code"] for r in rows})
+    (name, fresh token) pairs, the adjudicator last. Made through the labeling API
+    with ``admin_token``, as an admin would with `bmcell users`."""
+    with people_client(labelapi_url, admin_token) as api:
+        existing = {lab["code"] for lab in _json(_request(api, "GET", "/v1/labs"))["labs"]}
+        missing = sorted(set(labs or ()) - existing)
         if missing:
             raise ValueError(f"lab {missing[0]!r} does not exist")
-        if not rows:
-            raise ValueError("there are no labs yet: upload fields or seed cells first")
-        codes = [r["code"] for r in rows]
+        if not existing:
+            raise ValueError("there are no labs yet: `bmcell labs add` or upload fields first")
+        codes = sorted(labs) if labs is not None else sorted(existing)
+        out = []
         for i in range(1, n + 1):
             name = f"{prefix}-{i}"
-            user = conn.execute("SELECT id, role FROM users WHERE name = %s", (name,)).fetchone()
-            if user is None:
-                user_repo.add_user(conn, name, "reviewer", codes)
-            else:
-                conn.execute(
-                    """INSERT INTO user_labs (user_id, lab_id)
-                       SELECT %s, id FROM labs WHERE code = ANY(%s) ON CONFLICT DO NOTHING""",
-                    (user["id"], codes),
-                )
-            out.append((name, user_repo.issue_token(conn, name, expires_days).token))
+            ensure_user(api, name, "reviewer", codes)
+            out.append((name, issue_token(api, name, expires_days)))
         if adjudicator:
-            if not conn.execute("SELECT 1 FROM users WHERE name = %s", (adjudicator,)).fetchone():
-                user_repo.add_user(conn, adjudicator, "admin", [])
-            out.append((adjudicator, user_repo.issue_token(conn, adjudicator, expires_days).token))
+            ensure_user(api, adjudicator, "admin", [])
+            out.append((adjudicator, issue_token(api, adjudicator, expires_days)))
     return out
+
+
+def people_client(labelapi_url: str, token: str) -> httpx.Client:
+    """An HTTP client of the labeling API speaking as ``token``'s owner."""
+    # An https:// API is verified against BMCELL_TLS_CA, never the system's CAs.
+    verify = tls.httpx_verify() if labelapi_url.startswith("https://") else True
+    return httpx.Client(
+        base_url=labelapi_url,
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=60,
+        verify=verify,
+    )
+
+
+def ensure_user(api: httpx.Client, name: str, role: str, labs: Sequence[str]) -> None:
+    """User ``name`` with ``role``, granted at least ``labs`` (created when missing)."""
+    resp = _request(api, "POST", "/v1/users", json={"name": name, "role": role, "labs": list(labs)})
+    if resp.status_code != 409:
+        _check(resp)
+        return
+    users = _json(_request(api, "GET", "/v1/users"))["users"]
+    user = next(u for u in users if u["name"] == name)
+    if user["role"] != role:
+        raise ValueError(f"user {name!r} exists with role {user['role']!r}, not {role!r}")
+    granted = set(user.get("labs") or ())
+    if role in ("reviewer", "uploader") and not set(labs) <= granted:
+        _check(
+            _request(api, "PATCH", f"/v1/users/{name}", json={"labs": sorted(granted | set(labs))})
+        )
+
+
+def issue_token(api: httpx.Client, name: str, expires_days: float) -> str:
+    return _json(
+        _request(api, "POST", f"/v1/users/{name}/tokens", json={"expires_days": expires_days})
+    )["token"]
+
+
+def _json(resp: httpx.Response) -> dict:
+    _check(resp)
+    return resp.json()
 
 
 # --- the simulation -------------------------------------------------------------------
@@ -442,7 +464,7 @@ class _Coordinator:
 
 def simulate_reviews(
     labelapi_url: str,
-    db: Database | Settings,
+    admin_token: str,
     truth: TruthIndex,
     reviewers: int = 3,
     error_rate: float = 0.0,
@@ -465,7 +487,7 @@ def simulate_reviews(
     """Answer tasks through the labeling API at ``labelapi_url`` until the queue is empty.
 
     ``reviewers`` threads (users ``{user_prefix}-1..N``, role reviewer, granted
-    ``labs`` or every lab; created when missing) plus, with ``adjudicate``, one admin
+    ``labs`` or every lab; created when missing with ``admin_token``) plus, with ``adjudicate``, one admin
     thread (``adjudicator``) that answers only adjudication tasks. Each lease is
     answered from ``truth``: "difficult" with probability ``difficult_rate``, else a
     wrong class (mostly a maturation neighbour) with probability ``error_rate``, else
@@ -482,20 +504,14 @@ def simulate_reviews(
         raise ValueError("error_rate and difficult_rate must be within 0..1")
     if reviewers < 1:
         raise ValueError("reviewers must be >= 1")
-    own_db = None
-    if isinstance(db, Settings):
-        own_db = db = Database(db, name="bmcell-review-sim").open()
-    try:
-        users = ensure_reviewers(
-            db,
-            reviewers,
-            labs=labs,
-            prefix=user_prefix,
-            adjudicator=adjudicator if adjudicate and kind in (None, "adjudication") else None,
-        )
-    finally:
-        if own_db is not None:
-            own_db.close()
+    users = ensure_reviewers(
+        labelapi_url,
+        admin_token,
+        reviewers,
+        labs=labs,
+        prefix=user_prefix,
+        adjudicator=adjudicator if adjudicate and kind in (None, "adjudication") else None,
+    )
     if kind == "adjudication":
         users = users[reviewers:]  # only the admin can lease these
     started = time.monotonic()
@@ -518,15 +534,9 @@ def simulate_reviews(
             return resp.json()
         return None
 
-    # An https:// API is verified against BMCELL_TLS_CA, never the system's CAs.
-    verify = tls.httpx_verify() if labelapi_url.startswith("https://") else True
-
     def work(name: str, token: str) -> None:
         lease_kind = "adjudication" if name == adjudicator and adjudicate else kind
-        headers = {"Authorization": f"Bearer {token}"}
-        with httpx.Client(
-            base_url=labelapi_url, headers=headers, timeout=60, verify=verify
-        ) as client:
+        with people_client(labelapi_url, token) as client:
             while coord.claim():
                 generation = coord.generation
                 task = lease(client, lease_kind)

@@ -1,11 +1,13 @@
 """A synthetic multi-lab study on a running stack, step by step: what `bmcell demo` and
 `bmcell experiment` are made of.
 
-Every step goes through the system's own doors: labs upload with `bmcell upload`
-(one process per lab, concurrently, with an operator's API token), rounds are
-started and followed through the rounds service (with the same token), reviewers
-answer through the labeling API. Nothing here writes Postgres directly except what an operator would do
-by hand (issuing the upload token, marking which specimens form the test set).
+Every step goes through the system's own doors, as a lab would: an admin's token
+makes the people (the labeling API's ``/v1/users``); labs upload with `bmcell upload`
+(one process per lab, concurrently, with an operator's API token), saying which
+specimens are test specimens (``--role test``); rounds are started and followed
+through the rounds service (with the same token); reviewers answer through the
+labeling API; the truth of a segmented cell is found from the segmenter's ListCells.
+Nothing here opens Postgres or object storage.
 """
 
 from __future__ import annotations
@@ -22,12 +24,18 @@ from pathlib import Path
 
 import grpc
 
-from bmcell import audit, grpc_client, users
-from bmcell.db import Database
-from bmcell.errors import Conflict
-from bmcell.review_sim import ReviewStats, TruthIndex, simulate_reviews
+from bmcell import grpc_client, paging
+from bmcell.review_sim import (
+    CellSource,
+    ReviewStats,
+    TruthIndex,
+    ensure_user,
+    issue_token,
+    people_client,
+    simulate_reviews,
+)
 from bmcell.synth import Manifest, generate_dataset, load_manifest
-from bmcell.v1 import rounds_pb2, rounds_pb2_grpc
+from bmcell.v1 import rounds_pb2, rounds_pb2_grpc, segmenter_pb2, segmenter_pb2_grpc
 
 Say = Callable[[str], None]
 LIVE = ("created", "predicting", "selecting", "reviewing", "training", "evaluating")
@@ -66,22 +74,71 @@ def synthesize(
     return manifest
 
 
-def operator_token(db: Database, name: str, expires_days: float = 1.0) -> str:
-    """A fresh token of operator ``name``, created if new: what an admin does with
-    `bmcell users add NAME --role operator` and `bmcell users token NAME`. Operators
-    upload to any lab; a lab's first upload creates it, so no uploader can exist yet."""
-    try:
-        with db.transaction() as conn:
-            users.add_user(conn, name, "operator", [])
-    except Conflict:
-        pass  # a second run on the same stack: the operator is there already
-    with db.transaction() as conn:
-        return users.issue_token(conn, name, expires_days).token
+def person_token(
+    labelapi_url: str,
+    admin_token: str,
+    name: str,
+    role: str = "operator",
+    labs: list[str] | None = None,
+    expires_days: float = 1.0,
+) -> str:
+    """A fresh token of user ``name``, created with ``role`` if new: what an admin does
+    with `bmcell users add NAME --role ROLE` and `bmcell users token NAME`."""
+    with people_client(labelapi_url, admin_token) as api:
+        ensure_user(api, name, role, labs or [])
+        return issue_token(api, name, expires_days)
 
 
-def upload(manifest: Manifest, say: Say, token: str, env: dict[str, str] | None = None) -> None:
+def segmenter_cells(segmenter_addr: str, token: str) -> CellSource:
+    """A specimen's cells as the segmenter's ListCells gives them (page after page)."""
+
+    def cells(lab: str, specimen: str) -> list[dict]:
+        with grpc_client.channel(segmenter_addr, default_timeout_s=60, token=token) as ch:
+            stub = segmenter_pb2_grpc.SegmenterStub(ch)
+            request = segmenter_pb2.ListCellsRequest(lab=lab, specimen=specimen)
+            try:
+                found = list(paging.follow(stub.ListCells, request, "cells"))
+            except grpc.RpcError as err:
+                if err.code() == grpc.StatusCode.NOT_FOUND:
+                    return []  # not uploaded (yet)
+                raise
+        return [
+            {
+                "id": c.cell_id,
+                "field_id": c.field_id,
+                "field_sha256": c.field_sha256,
+                "x0": c.bbox.x0,
+                "y0": c.bbox.y0,
+                "x1": c.bbox.x1,
+                "y1": c.bbox.y1,
+            }
+            for c in found
+        ]
+
+    return cells
+
+
+def test_specimens(manifest: Manifest, per_lab: int) -> set[tuple[str, str]]:
+    """The last ``per_lab`` specimens of each lab: the test set (never trained on)."""
+    by_lab: dict[str, list[str]] = {}
+    for spec in manifest.specimens:
+        by_lab.setdefault(spec.lab, []).append(spec.id)
+    return {(lab, s) for lab, specs in by_lab.items() for s in sorted(specs)[-per_lab:] if per_lab}
+
+
+def upload(
+    manifest: Manifest,
+    say: Say,
+    token: str,
+    env: dict[str, str] | None = None,
+    *,
+    test_per_lab: int = 0,
+) -> list[str]:
     """Each lab uploads its specimens in its own `bmcell upload` process, all at once,
-    with ``token`` (passed as BMCELL_TOKEN, so it never shows in a process list)."""
+    with ``token`` (passed as BMCELL_TOKEN, so it never shows in a process list). The
+    last ``test_per_lab`` specimens of each lab go up with ``--role test``; returns
+    their ids."""
+    tests = test_specimens(manifest, test_per_lab)
     root = manifest.root
     assert root is not None
     by_lab: dict[str, list] = {}
@@ -106,6 +163,8 @@ def upload(manifest: Manifest, say: Say, token: str, env: dict[str, str] | None 
                     spec.id,
                     "--diagnosis",
                     spec.diagnosis,
+                    "--role",
+                    "test" if (lab, spec.id) in tests else "training",
                     "--jobs",
                     "2",
                     *files,
@@ -125,28 +184,9 @@ def upload(manifest: Manifest, say: Say, token: str, env: dict[str, str] | None 
     with ThreadPoolExecutor(len(by_lab)) as pool:
         list(pool.map(lab_uploads, sorted(by_lab)))
     say(f"  uploaded and segmented in {time.monotonic() - started:.1f}s")
-
-
-def mark_test_specimens(db: Database, manifest: Manifest, per_lab: int, say: Say) -> list[str]:
-    """The last ``per_lab`` specimens of each lab form the test set (never trained on)."""
-    chosen: list[tuple[str, str]] = []
-    by_lab: dict[str, list[str]] = {}
-    for spec in manifest.specimens:
-        by_lab.setdefault(spec.lab, []).append(spec.id)
-    for lab, specs in by_lab.items():
-        chosen += [(lab, s) for s in sorted(specs)[-per_lab:]] if per_lab else []
-    with db.transaction() as conn:
-        for lab, spec in chosen:
-            conn.execute(
-                "UPDATE specimens SET is_test = true WHERE code = %s "
-                "AND lab_id = (SELECT id FROM labs WHERE code = %s)",
-                (spec, lab),
-            )
-            audit.record(
-                conn, "specimen.mark_test", "specimen", f"{lab}/{spec}", after={"is_test": True}
-            )
-    say(f"test specimens (never used for training): {', '.join(s for _, s in chosen)}")
-    return [s for _, s in chosen]
+    if tests:
+        say(f"test specimens (never used for training): {', '.join(sorted(s for _, s in tests))}")
+    return sorted(s for _, s in tests)
 
 
 def add_stats(a: ReviewStats, b: ReviewStats) -> ReviewStats:
@@ -177,14 +217,15 @@ def run_round(
     *,
     token: str,
     labelapi_url: str,
-    db: Database,
+    admin_token: str,
     truth: TruthIndex,
     reviewers: Reviewers,
     say: Say,
     poll_s: float = 1.0,
 ) -> tuple[rounds_pb2.Round, ReviewStats]:
     """Start a round, answer its review tasks as they appear, return it when it ends.
-    ``token`` is an operator's (starting rounds is theirs, bmcell.policy)."""
+    ``token`` is an operator's (starting rounds is theirs, bmcell.policy);
+    ``admin_token`` makes the simulated reviewers."""
     stub = rounds_pb2_grpc.RoundsStub(
         grpc_client.channel(rounds_addr, default_timeout_s=60, token=token)
     )
@@ -199,7 +240,7 @@ def run_round(
         if r.state == "reviewing":
             stats = simulate_reviews(
                 labelapi_url,
-                db,
+                admin_token,
                 truth,
                 reviewers=reviewers.count,
                 error_rate=reviewers.error_rate,

@@ -180,6 +180,12 @@ class LabelApiSettings(Settings):
     max_body_bytes: int = Field(
         1024 * 1024, ge=1024, description="request body limit, enforced before authentication"
     )
+    classifier_addr: str = Field(
+        "", description="host:port of the classifier; a report predicts unclassified cells there"
+    )
+    service_token: SecretStr | None = Field(
+        None, description="this service's account token, sent on its calls to the classifier"
+    )
 
 
 S = TypeVar("S", bound=Settings)

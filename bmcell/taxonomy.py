@@ -52,6 +52,10 @@ class Taxonomy:
     eval_merge: dict[str, str] = field(default_factory=dict)
     myeloid: tuple[str, ...] = ()
     erythroid: tuple[str, ...] = ()
+    # A differential count's blast percentage counts these; the classes left out of
+    # its percentages (bare nuclei, artifacts: not nucleated cells, ICSH) are reported apart.
+    blasts: tuple[str, ...] = ()
+    not_counted: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         codes = [c.code for c in self.classes]
@@ -97,6 +101,8 @@ class Taxonomy:
             "eval_merge": self.eval_merge,
             "myeloid": list(self.myeloid),
             "erythroid": list(self.erythroid),
+            "blasts": list(self.blasts),
+            "not_counted": list(self.not_counted),
         }
 
     @classmethod
@@ -107,6 +113,8 @@ class Taxonomy:
             eval_merge=dict(data.get("eval_merge", {})),
             myeloid=tuple(data.get("myeloid", ())),
             erythroid=tuple(data.get("erythroid", ())),
+            blasts=tuple(data.get("blasts", ())),
+            not_counted=tuple(data.get("not_counted", ())),
         )
 
     @classmethod
@@ -120,4 +128,6 @@ DEFAULT_TAXONOMY = Taxonomy(
     eval_merge={"BN": "BN+ART", "ART": "BN+ART"},
     myeloid=("MB", "PMC", "MC", "MMC", "Band", "Seg", "EO", "BA", "MO"),
     erythroid=("PEB", "PCEB", "OEB"),
+    blasts=("MB",),
+    not_counted=("BN", "ART"),
 )

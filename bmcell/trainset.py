@@ -130,16 +130,21 @@ def validation_split(
     per_class: int = 50,
     seed: int = 0,
     eval_merge: Mapping[str, str] | None = None,
+    keep_in_training: int = 0,
 ) -> list[Hashable]:
     """Choose the validation set once: ``per_class`` cells per evaluation class.
 
     Candidates from test specimens are never chosen. Classes are grouped by
     ``eval_merge`` (``Taxonomy.eval_merge``; codes absent from it stand for
     themselves), so the study's 50 per evaluation class puts BN and ART together.
-    Each class draws from its candidates sorted by cell id with a generator seeded
-    by ``(seed, crc32(class))``: the same candidates and seed give the same split,
-    and one class's new candidates do not move another class's choice. A class with
-    fewer candidates gives all of them.
+    Each evaluation class walks its candidates, sorted by cell id, in an order drawn
+    by a generator seeded with ``(seed, crc32(class))``: the same candidates and seed
+    give the same split, and one class's new candidates do not move another class's
+    choice.
+
+    ``keep_in_training`` cells of every (training) class stay out of the split, so a
+    rare class is never moved wholly into validation: the bootstrap passes its
+    initial quota. A class with fewer spare candidates gives what it can spare.
 
     The trainer stores the split with the run and passes it to
     :func:`assemble_training_set` as ``exclude_ids`` every round; it never calls
@@ -148,21 +153,35 @@ def validation_split(
     """
     if per_class < 0:
         raise ValueError(f"per_class must be >= 0, got {per_class}")
+    if keep_in_training < 0:
+        raise ValueError(f"keep_in_training must be >= 0, got {keep_in_training}")
     if seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed}")
     merge = eval_merge or {}
     cells = [
         c for c in _unique(list(candidate_cells)) if not c.is_test_specimen and c.source != "test"
     ]
-    by_class: dict[str, list[Hashable]] = {}
+    spare: dict[str, int] = {}
+    by_class: dict[str, list[tuple[Hashable, str]]] = {}
     for c in cells:
-        by_class.setdefault(merge.get(c.class_code, c.class_code), []).append(c.cell_id)
+        spare[c.class_code] = spare.get(c.class_code, 0) + 1
+        by_class.setdefault(merge.get(c.class_code, c.class_code), []).append(
+            (c.cell_id, c.class_code)
+        )
+    spare = {code: max(0, n - keep_in_training) for code, n in spare.items()}
     chosen: list[Hashable] = []
     for code, members in by_class.items():
-        pool = np.sort(np.asarray(members))
+        members.sort(key=lambda m: m[0])
         rng = np.random.Generator(np.random.PCG64([seed, zlib.crc32(code.encode())]))
-        take = min(per_class, pool.size)
-        chosen.extend(rng.choice(pool, size=take, replace=False).tolist())
+        taken = 0
+        for i in rng.permutation(len(members)):
+            if taken == per_class:
+                break
+            cell_id, cls = members[int(i)]
+            if spare[cls]:
+                spare[cls] -= 1
+                chosen.append(cell_id)
+                taken += 1
     return sorted(chosen)
 
 

@@ -26,8 +26,10 @@ class IssuedToken:
 
 def add_user(conn: psycopg.Connection, name: str, role: str, lab_codes: list[str]) -> int:
     _check_role_labs(role, lab_codes)
-    if not 1 <= len(name) <= 100:
-        raise InvalidArgument(f"user name {name!r} must have 1 to 100 characters", field="name")
+    if not 1 <= len(name) <= 100 or not name.isprintable():
+        raise InvalidArgument(
+            f"user name {name!r} must have 1 to 100 printable characters", field="name"
+        )
     lab_ids = _lab_ids(conn, lab_codes)
     row = conn.execute(
         "INSERT INTO users (name, role) VALUES (%s, %s) ON CONFLICT (name) DO NOTHING RETURNING id",
@@ -192,13 +194,21 @@ def revoke(conn: psycopg.Connection, *, name: str | None, token_prefix: str | No
     return len(rows)
 
 
-def list_users(conn: psycopg.Connection) -> list[dict]:
-    return conn.execute(
-        """SELECT u.name, u.role, u.disabled_at,
+_USERS = """SELECT u.name, u.role, u.disabled_at,
                   ARRAY(SELECT l.code FROM user_labs ul JOIN labs l ON l.id = ul.lab_id
                          WHERE ul.user_id = u.id ORDER BY l.code) AS labs,
                   (SELECT count(*) FROM api_tokens t
                     WHERE t.user_id = u.id AND t.revoked_at IS NULL
                       AND (t.expires_at IS NULL OR t.expires_at > now())) AS live_tokens
-             FROM users u ORDER BY u.name"""
-    ).fetchall()
+             FROM users u"""
+
+
+def list_users(conn: psycopg.Connection) -> list[dict]:
+    return conn.execute(_USERS + " ORDER BY u.name").fetchall()
+
+
+def get_user(conn: psycopg.Connection, name: str) -> dict:
+    row = conn.execute(_USERS + " WHERE u.name = %s", (name,)).fetchone()
+    if row is None:
+        raise NotFound(f"user {name!r} does not exist", field="name")
+    return row

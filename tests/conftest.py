@@ -64,13 +64,16 @@ def rt(stack: Stack) -> Iterator[tuple[Settings, Database, ObjectStore]]:
 
 
 @pytest.fixture(scope="session")
-def operator_token(stack: Stack) -> str:
-    """An operator's API token: uploads to any lab, lists every lab's cells."""
-    db = Database(load(Settings), name="test-operator").open()
-    try:
-        return scenario.operator_token(db, "test-operator")
-    finally:
-        db.close()
+def admin_token(stack: Stack) -> str:
+    """The embedded stack's admin: makes labs, people and tokens."""
+    return stack.admin_token()
+
+
+@pytest.fixture(scope="session")
+def operator_token(stack: Stack, admin_token: str) -> str:
+    """An operator's API token: uploads to any lab, lists every lab's cells (made
+    through the labeling API, as an admin would)."""
+    return scenario.person_token(stack.env()["BMCELL_LABELAPI_URL"], admin_token, "test-operator")
 
 
 @pytest.fixture(scope="session")

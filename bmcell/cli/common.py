@@ -1,7 +1,9 @@
 """What commands share: a service's address, the caller's API token (``BMCELL_TOKEN``
 or ``bmcell --token``; ``bmcell stack up`` writes an operator's into
-``.run/stack.env``), error reporting, and a Postgres transaction for the commands that
-talk to the database directly (``users``, ``audit``)."""
+``.run/stack.env``), error reporting, the labeling API's HTTP client
+(``BMCELL_LABELAPI_URL``; ``labs``, ``specimens``, ``users``), and a Postgres
+transaction for the commands that talk to the database directly (``audit``,
+``users revoke | service``)."""
 
 from __future__ import annotations
 
@@ -13,10 +15,11 @@ from typing import TypeVar
 
 import click
 import grpc
+import httpx
 import psycopg
 
 from bmcell import db as dbmod
-from bmcell import grpc_client
+from bmcell import grpc_client, tls
 from bmcell.errors import BmcellError
 from bmcell.settings import Settings, load
 
@@ -57,6 +60,41 @@ def rpc_errors() -> Iterator[None]:
     except grpc.RpcError as exc:
         click.echo(f"error: {exc.code().name}: {exc.details()}", err=True)
         sys.exit(1)
+
+
+LABELAPI_VAR = "BMCELL_LABELAPI_URL"
+
+
+@contextmanager
+def labelapi(token: str | None = None) -> Iterator[httpx.Client]:
+    """A client of the labeling API whose requests carry the caller's token; an https://
+    API is verified against BMCELL_TLS_CA (the stack's CA), never the system's CAs."""
+    url = address(LABELAPI_VAR)
+    verify = tls.httpx_verify() if url.startswith("https://") else True
+    headers = {"Authorization": f"Bearer {api_token(token)}"}
+    with httpx.Client(base_url=url, headers=headers, timeout=60, verify=verify) as client:
+        yield client
+
+
+def api_call(client: httpx.Client, method: str, path: str, **kw) -> dict:
+    """The JSON answer of one call; a refusal or failure prints one line (status, the
+    server's message and the field it names) and exits 1."""
+    try:
+        resp = client.request(method, path, **kw)
+    except httpx.HTTPError as exc:
+        click.echo(f"error: {method} {client.base_url}{path}: {exc}", err=True)
+        sys.exit(1)
+    if resp.status_code >= 400:
+        try:
+            body = resp.json()
+            message = body.get("error") or resp.text
+            field = body.get("field")
+        except ValueError:
+            message, field = resp.text.strip() or resp.reason_phrase, None
+        where = f" ({field})" if field else ""
+        click.echo(f"error: {resp.status_code}{where}: {message}", err=True)
+        sys.exit(1)
+    return resp.json()
 
 
 @contextmanager

@@ -22,9 +22,7 @@ from rich.console import Console
 
 from bmcell import scenario
 from bmcell.cli.rounds import history_rows
-from bmcell.db import Database
 from bmcell.review_sim import TruthIndex
-from bmcell.settings import Settings, load
 from bmcell.stack import Stack, StackConfig
 from bmcell.stack.config import REPO
 from bmcell.studyreport import RoundResult, plot_figure1, table1_rows, write_table
@@ -94,22 +92,22 @@ def demo(
     )
     stack.up()
     os.environ.update(stack.env())
-    settings = load(Settings)
-    db = Database(settings).open()
     env = stack.env()
     experiment = f"demo-{int(time.time())}"
 
     manifest = scenario.synthesize(out / "synth", labs, specimens, fields, seed, size, say)
-    say("operator 'demo-operator' gets an API token for the labs' uploads and the rounds")
-    token = scenario.operator_token(db, "demo-operator")
-    scenario.upload(manifest, say, token)
-    test_specimens = scenario.mark_test_specimens(db, manifest, per_lab=1, say=say)
-    truth = TruthIndex.from_manifest(manifest, db)
+    say("the stack's admin makes operator 'demo-operator' (labeling API /v1/users)")
+    admin = stack.admin_token()
+    token = scenario.person_token(env["BMCELL_LABELAPI_URL"], admin, "demo-operator")
+    test_specimens = scenario.upload(manifest, say, token, test_per_lab=1)
+    truth = TruthIndex.from_manifest(
+        manifest, scenario.segmenter_cells(env["BMCELL_SEGMENTER_ADDR"], token)
+    )
     reviewers = scenario.Reviewers(count=4, error_rate=0.02, difficult_rate=0.01, seed=seed)
     common = {
         "token": token,
         "labelapi_url": env["BMCELL_LABELAPI_URL"],
-        "db": db,
+        "admin_token": admin,
         "truth": truth,
         "reviewers": reviewers,
         "say": say,
@@ -167,6 +165,7 @@ def demo(
 
     specimen = next(s for s in manifest.specimens if s.id not in test_specimens)
     say(f"differential count of {specimen.lab}/{specimen.id} with the active model")
+    # Through the labeling API with the stack's operator token, as a lab would.
     for fmt in ("json", "html"):
         subprocess.run(
             [
@@ -174,26 +173,29 @@ def demo(
                 "-m",
                 "bmcell.cli.main",
                 "report",
-                "specimen",
-                specimen.id,
-                "--lab",
                 specimen.lab,
-                "--format",
-                fmt,
+                specimen.id,
+                *(["--json"] if fmt == "json" else []),
                 "--out",
                 str(out / f"report-{specimen.id}.{fmt}"),
             ],
+            env={**os.environ, "BMCELL_TOKEN": token},  # not on the command line
             check=True,
         )
     rep = json.loads((out / f"report-{specimen.id}.json").read_text())
-    db.close()
 
-    click.echo("\nround | strategy | state | model | val acc | test acc | added | cumulative")
+    test_set = next((r.test_set for r in reversed(rounds) if r.test_set), "the test specimens")
+    click.echo(f"\ntest accuracy on {test_set}; balanced = mean of per-class recalls")
+    click.echo(
+        "round | strategy  | state     | model | val acc | test acc | balanced | macro-F1 "
+        "| added | cumulative"
+    )
     for row in rows:
         click.echo(
             f"{row['round']:>5} | {row['strategy']:<9} | {row['state']:<9} | "
             f"v{row['model']:<4} | {row['validation_accuracy']:.3f}   | "
-            f"{row['test_accuracy']:.3f}    | {row['added']:>5} | {row['cumulative_added']}"
+            f"{row['test_accuracy']:.3f}    | {row['test_balanced_accuracy']:.3f}    | "
+            f"{row['test_macro_f1']:.3f}    | {row['added']:>5} | {row['cumulative_added']}"
         )
     click.echo(f"\ndifferential count of {specimen.lab}/{specimen.id}:")
     click.echo(

@@ -8,21 +8,20 @@ operator's API token too (``BMCELL_TOKEN``; your own, or ``--token``, wins).
 
 from __future__ import annotations
 
+import importlib
 import os
 
 import click
 
 from bmcell import audit
 from bmcell.cli.audit import audit_command
-from bmcell.cli.demo import demo
-from bmcell.cli.experiment import experiment
+from bmcell.cli.labs import labs, specimens
 from bmcell.cli.models import classify, models
 from bmcell.cli.report import report
 from bmcell.cli.review import review
 from bmcell.cli.rounds import round_group
 from bmcell.cli.segmenter import register as register_segmenter
 from bmcell.cli.stack import stack
-from bmcell.cli.storage import storage
 from bmcell.cli.synth import synth
 from bmcell.cli.train import register as register_train
 from bmcell.cli.users import users
@@ -39,7 +38,34 @@ def load_stack_env() -> None:
             os.environ[key] = value
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """Commands named in ``lazy`` ("name" -> "module:attribute") are imported only when
+    run (or listed by --help): the demo and the experiment pull in torch and scipy,
+    seconds of start-up every other command should not pay."""
+
+    def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy and name not in self.commands:
+            module, attr = self.lazy[name].split(":")
+            self.add_command(getattr(importlib.import_module(module), attr), name)
+        return super().get_command(ctx, name)
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy={
+        "demo": "bmcell.cli.demo:demo",
+        "experiment": "bmcell.cli.experiment:experiment",
+        "storage": "bmcell.cli.storage:storage",
+    },
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.version_option(package_name="bmcell")
 @click.option(
     "--token",
@@ -55,13 +81,12 @@ def cli(token: str | None) -> None:
 
 
 cli.add_command(stack)
-cli.add_command(storage)
 cli.add_command(synth)
 cli.add_command(round_group)
-cli.add_command(demo)
-cli.add_command(experiment)
 register_segmenter(cli)
 cli.add_command(users)
+cli.add_command(labs)
+cli.add_command(specimens)
 cli.add_command(audit_command)
 cli.add_command(review)
 cli.add_command(report)

@@ -1,146 +1,151 @@
-"""``bmcell report specimen S``: a specimen's differential count.
+"""``bmcell report LAB SPECIMEN``: a specimen's differential count from the labeling API.
 
-Reads Postgres (``BMCELL_DATABASE_URL``) and object storage (``BMCELL_S3_*``, for the
-HTML gallery's thumbnails). When ``BMCELL_CLASSIFIER_ADDR`` is set, cells of the
-specimen with no prediction of the active model version are first sent through the
-classifier's ``PredictPool`` (with a deadline, ``--predict-timeout``); if that fails
-the report still comes out, counting those cells as unclassified.
+Needs only the labeling API's URL (``--api``, default ``BMCELL_LABELAPI_URL``) and a
+token (``--token``, default ``BMCELL_TOKEN``); the API's certificate is checked
+against ``BMCELL_TLS_CA`` (bmcell.tls). No database or object storage is opened.
+
+First ``POST .../predict``: the API has the classifier predict the specimen's cells
+that have neither a reviewer's label nor a prediction of the active model version,
+and streams progress, shown here on stderr. Then ``GET .../report`` as HTML
+(``--out FILE.html``), JSON (``--json``) or, with neither, a table on stdout.
+``--verify`` signs the count off (a reviewer's or admin's token) after reading it.
+``bmcell report specimen LAB SPECIMEN`` (the old subcommand's name) still works.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import click
+import httpx
 
-from bmcell import db as dbmod
 from bmcell import report as rep
-from bmcell.errors import BmcellError
-from bmcell.settings import Settings, load
+from bmcell import tls
 
-ADDR_VAR = "BMCELL_CLASSIFIER_ADDR"
+URL_VAR = "BMCELL_LABELAPI_URL"
+TOKEN_VAR = "BMCELL_TOKEN"
 
 
-def _predict_missing(
-    database: dbmod.Database, spec: dict, model: dict, model_name: str, timeout_s: float
-) -> None:
-    import grpc
+class ApiError(click.ClickException):
+    """A refused call: the API's message, exit 1."""
 
-    from bmcell.grpc_client import channel
-    from bmcell.v1 import classifier_pb2, classifier_pb2_grpc
+    exit_code = 1
 
-    with database.connection() as conn:
-        missing = rep.unpredicted_cells(conn, spec["id"], model_name, model["version"])
-    if not missing:
-        return
-    click.echo(f"classifying {len(missing)} cell(s) without a prediction ...", err=True)
+
+def _refusal(resp: httpx.Response) -> ApiError:
     try:
-        # PredictPool is an operator's call (bmcell.policy): without such a token the
-        # report still comes out, as the warning below says.
-        token = os.environ.get("BMCELL_TOKEN")
-        with channel(os.environ[ADDR_VAR], default_timeout_s=timeout_s, token=token) as ch:
-            stub = classifier_pb2_grpc.ClassifierStub(ch)
-            request = classifier_pb2.PredictPoolRequest(
-                cell_ids=missing, model_version=model["version"]
+        message = resp.json().get("error") or resp.text
+    except ValueError:
+        message = resp.text
+    return ApiError(f"{resp.status_code}: {message}")
+
+
+def _show_progress(resp: httpx.Response) -> None:
+    """Print the predict stream's lines as they come; an error line fails the command."""
+    for line in resp.iter_lines():
+        if not line.strip():
+            continue
+        msg = json.loads(line)
+        if "to_predict" in msg:
+            click.echo(
+                f"{msg['lab']}/{msg['specimen']}: {msg['to_predict']} cell(s) to predict "
+                f"with model version {msg['model_version']}",
+                err=True,
             )
-            for _ in stub.PredictPool(request, timeout=timeout_s):
-                pass
-    except grpc.RpcError as exc:
-        code = exc.code().name if exc.code() is not None else "UNKNOWN"
-        click.echo(
-            f"warning: PredictPool failed ({code}: {exc.details()}); "
-            "those cells are reported as unclassified",
-            err=True,
-        )
+        elif "error" in msg:
+            raise ApiError(f"prediction failed: {msg['error']}")
+        elif msg.get("finished"):
+            click.echo(f"predicted {msg['predicted']} cell(s)", err=True)
+        else:
+            click.echo(f"  {msg['done']}/{msg['total']} cells", err=True)
 
 
-@click.group()
-def report() -> None:
-    """Differential counts."""
-
-
-@report.command("specimen")
-@click.argument("specimen")
-@click.option("--lab", help="Lab code (needed when the specimen code exists in several labs).")
+@click.command()
+@click.argument("names", nargs=-1, required=True, metavar="[specimen] LAB SPECIMEN")
+@click.option("--api", envvar=URL_VAR, help=f"Labeling API base URL (default: {URL_VAR}).")
+@click.option("--token", "api_token", help=f"Your API token (default: {TOKEN_VAR}).")
 @click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["text", "json", "html"]),
-    default="text",
-    show_default=True,
+    "--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the report here."
 )
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write to a file.")
+@click.option("--json", "as_json", is_flag=True, help="JSON instead of HTML / the table.")
 @click.option(
     "--min-confidence",
     default=rep.DEFAULT_MIN_CONFIDENCE,
     show_default=True,
     type=click.FloatRange(0, 1),
-    help="Cells whose top-1 probability is below this are listed for review.",
+    help="Predicted cells below this top-1 probability are listed for review.",
 )
 @click.option(
     "--per-class",
     default=rep.DEFAULT_PER_CLASS,
     show_default=True,
-    type=click.IntRange(0, 500),
-    help="Gallery thumbnails per class (HTML).",
+    type=click.IntRange(0, 100),
+    help="Gallery thumbnails per class in the HTML (0: none).",
 )
-@click.option(
-    "--predict/--no-predict",
-    default=True,
-    show_default=True,
-    help=f"Classify unpredicted cells first when {ADDR_VAR} is set.",
-)
-@click.option("--predict-timeout", default=120.0, show_default=True, type=click.FloatRange(1))
-def specimen(
-    specimen: str,
-    lab: str | None,
-    fmt: str,
+@click.option("--verify", is_flag=True, help="Sign the count off (reviewer or admin).")
+@click.option("--timeout", default=1800.0, show_default=True, type=click.FloatRange(min=1))
+def report(
+    names: tuple[str, ...],
+    api: str | None,
+    api_token: str | None,
     out: Path | None,
+    as_json: bool,
     min_confidence: float,
     per_class: int,
-    predict: bool,
-    predict_timeout: float,
+    verify: bool,
+    timeout: float,
 ) -> None:
-    """Counts, percentages, M:E ratio and low-confidence cells of SPECIMEN."""
-    try:
-        settings = load(Settings)
-        database = dbmod.Database(settings, name="bmcell-report").open()
-    except BmcellError as exc:
-        raise click.ClickException(str(exc)) from exc
-    try:
-        with database.connection() as conn:
-            spec = rep.find_specimen(conn, specimen, lab)
-            model = rep.active_model(conn, settings.model_name)
-        if predict and model is not None and os.environ.get(ADDR_VAR):
-            _predict_missing(database, spec, model, settings.model_name, predict_timeout)
-        with database.connection() as conn:
-            body = rep.specimen_report(
-                conn,
-                spec["code"],
-                lab=spec["lab"],
-                model_name=settings.model_name,
-                min_confidence=min_confidence,
-            )
-        if fmt == "json":
-            text = json.dumps(rep.public(body), indent=1)
-        elif fmt == "html":
-            from bmcell.storage import ObjectStore
-
-            store = ObjectStore(settings)
-            thumbs = rep.thumbnails(body, store.get, per_class) if per_class else {}
-            text = rep.render_html(body, thumbs, per_class=per_class)
-        else:
-            text = rep.to_text(body)
-    except BmcellError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
-    finally:
-        database.close()
+    """A specimen's differential count through the labeling API, with your token."""
+    if len(names) == 3 and names[0] == "specimen":
+        names = names[1:]
+    if len(names) != 2:
+        raise click.UsageError("expected LAB SPECIMEN")
+    lab, specimen = names
+    token = api_token or os.environ.get(TOKEN_VAR)
+    if not api:
+        raise click.UsageError(f"no labeling API: pass --api or set {URL_VAR}")
+    if not token:
+        raise click.UsageError(f"no API token: pass --token or set {TOKEN_VAR}")
+    base = f"{api.rstrip('/')}/v1/specimens/{quote(lab, safe='')}/{quote(specimen, safe='')}"
+    fmt = "json" if as_json or out is None else "html"
+    with httpx.Client(
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=httpx.Timeout(timeout, connect=30),
+        verify=tls.httpx_verify(),
+    ) as client:
+        try:
+            with client.stream("POST", f"{base}/predict") as resp:
+                if resp.status_code != 200:
+                    resp.read()
+                    raise _refusal(resp)
+                _show_progress(resp)
+            params = {"format": fmt, "min_confidence": min_confidence, "per_class": per_class}
+            resp = client.get(f"{base}/report", params=params)
+            if resp.status_code != 200:
+                raise _refusal(resp)
+            if verify:
+                digest = resp.json()["digest"] if fmt == "json" else None
+                signed = client.post(f"{base}/report/verify", json={"digest": digest})
+                if signed.status_code != 201:
+                    raise _refusal(signed)
+                s = signed.json()
+                click.echo(f"verified by {s['verified_by']} at {s['verified_at']}", err=True)
+                resp = client.get(f"{base}/report", params=params)  # now with the sign-off
+                if resp.status_code != 200:
+                    raise _refusal(resp)
+        except httpx.HTTPError as exc:
+            raise ApiError(f"labeling API at {api} unreachable: {exc}") from exc
+    if fmt == "html":
+        text = resp.text
+    elif as_json:
+        text = json.dumps(resp.json(), indent=1)
+    else:
+        text = rep.to_text(resp.json())
     if out is None:
         click.echo(text)
     else:
-        out.write_text(text + ("\n" if not text.endswith("\n") else ""))
+        out.write_text(text + ("" if text.endswith("\n") else "\n"))
         click.echo(f"wrote {out}", err=True)

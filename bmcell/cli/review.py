@@ -1,8 +1,10 @@
 """``bmcell review --simulate``: answer review tasks from synthetic ground truth.
 
-Thin wrapper over :func:`bmcell.review_sim.simulate_reviews`: reviewers are users of
-Postgres (``BMCELL_DATABASE_URL``) answering through the labeling API at
-``BMCELL_LABELAPI_URL``; the embedded stack's env file supplies both.
+Thin wrapper over :func:`bmcell.review_sim.simulate_reviews`: reviewers are users
+made with an admin's token (``BMCELL_ADMIN_TOKEN``, else ``BMCELL_TOKEN``) through the
+labeling API at ``BMCELL_LABELAPI_URL``, and answer through it; a manifest's cells are
+placed through the segmenter (``BMCELL_SEGMENTER_ADDR``). The embedded stack's env
+file supplies all of them.
 """
 
 from __future__ import annotations
@@ -14,9 +16,7 @@ from pathlib import Path
 
 import click
 
-from bmcell import db as dbmod
 from bmcell.errors import BmcellError
-from bmcell.settings import Settings, load
 
 URL_VAR = "BMCELL_LABELAPI_URL"
 KINDS = ("cst", "al", "initial", "validation", "test", "adjudication")
@@ -87,17 +87,19 @@ def review(
     url = os.environ.get(URL_VAR)
     if not url:
         raise click.ClickException(f"{URL_VAR} is not set (run `bmcell stack up` or export it)")
+    admin = os.environ.get("BMCELL_ADMIN_TOKEN") or os.environ.get("BMCELL_TOKEN")
+    if not admin:
+        raise click.ClickException("an admin's token is needed: BMCELL_ADMIN_TOKEN or --token")
     try:
-        settings = load(Settings)
-        database = dbmod.Database(settings, name="bmcell-review").open()
-    except BmcellError as exc:
-        raise click.ClickException(str(exc)) from exc
-    try:
-        truth = TruthIndex.load(truth_path, database)
+        from bmcell.cli.common import address
+        from bmcell.scenario import segmenter_cells
+
+        cells = segmenter_cells(address("BMCELL_SEGMENTER_ADDR"), admin)
+        truth = TruthIndex.load(truth_path, cells)
         click.echo(f"truth: {len(truth)} cell(s) placed", err=True)
         stats = simulate_reviews(
             url,
-            database,
+            admin,
             truth,
             reviewers=reviewers,
             error_rate=error_rate,
@@ -114,8 +116,6 @@ def review(
     except (BmcellError, ValueError, RuntimeError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    finally:
-        database.close()
     if answers is not None:
         answers.write_text(json.dumps(stats.answers, indent=1) + "\n")
     if as_json:

@@ -1,4 +1,4 @@
-"""``bmcell round start | status | history``: the study's rounds, driven by the rounds service."""
+"""``bmcell round start | status | retry | history``: the study's rounds, driven by the rounds service."""
 
 from __future__ import annotations
 
@@ -72,7 +72,16 @@ def round_group() -> None:
 @click.option("--test-per-class", type=int, default=0)
 @click.option("--initial-reviews", type=int, default=0, help="Bootstrap: agreeing reviews needed.")
 @click.option("--test-reviews", type=int, default=0)
+@click.option("--wave-size", type=int, default=0, help="Bootstrap: cells per labelling wave.")
+@click.option("--max-waves", type=int, default=0, help="Bootstrap: at most this many waves.")
+@click.option(
+    "--gate",
+    type=float,
+    default=0.0,
+    help="Bootstrap: validation accuracy the initial model needs (0: the study's 0.80).",
+)
 @click.option("--wait/--no-wait", default=False, help="Follow the round until it ends.")
+@click.option("--json", "as_json", is_flag=True, help="Print the created round as JSON.")
 def start(
     strategy: str,
     experiment: str,
@@ -90,7 +99,11 @@ def start(
     test_per_class: int,
     initial_reviews: int,
     test_reviews: int,
+    wave_size: int,
+    max_waves: int,
+    gate: float,
     wait: bool,
+    as_json: bool,
 ) -> None:
     """Create the next round; the rounds service drives it to its end."""
     selection = selector_pb2.SelectionParameters(
@@ -116,11 +129,19 @@ def start(
                 test_per_class=test_per_class,
                 initial_reviews=initial_reviews,
                 test_reviews=test_reviews,
+                wave_size=wave_size,
+                max_waves=max_waves,
+                gate=gate,
             )
         )
-    click.echo(f"round {r.number} of {r.experiment!r} started (id {r.round_id}, {r.strategy})")
+    if as_json:
+        click.echo(json.dumps(MessageToDict(r, preserving_proto_field_name=True)))
+    else:
+        click.echo(f"round {r.number} of {r.experiment!r} started (id {r.round_id}, {r.strategy})")
     if wait:
-        follow(r.round_id)
+        r = follow(r.round_id)
+        if as_json:
+            click.echo(json.dumps(MessageToDict(r, preserving_proto_field_name=True)))
 
 
 def follow(round_id: int, poll_s: float = 2.0) -> rounds_pb2.Round:
@@ -140,6 +161,10 @@ def follow(round_id: int, poll_s: float = 2.0) -> rounds_pb2.Round:
                 console.print(f"round {r.number}: {r.state} {r.message}")
                 last = r.state
             if r.state in TERMINAL:
+                if r.model_out:
+                    console.print(f"round {r.number}: model v{r.model_out}: {figures(r)}")
+                if r.short_classes:
+                    console.print(f"round {r.number}: short of quota: {', '.join(r.short_classes)}")
                 return r
             time.sleep(poll_s)
 
@@ -159,12 +184,39 @@ def status(experiment: str, round_id: int, as_json: bool) -> None:
     click.echo(f"  tasks: {dict(r.tasks_by_state)}")
     click.echo(f"  labels added: {r.labels_added}")
     if r.model_out:
-        click.echo(
-            f"  model v{r.model_out}: validation {r.validation_accuracy:.3f}, "
-            f"test {r.test_accuracy:.3f}"
-        )
+        click.echo(f"  model v{r.model_out}: {figures(r)}")
+    if r.short_classes:
+        click.echo(f"  short of quota: {', '.join(r.short_classes)}")
     if r.message:
         click.echo(f"  {r.message}")
+    if r.state == "failed":
+        click.echo(
+            f"  retry: bmcell round retry {r.round_id}"
+            if r.failed_step
+            else "  a retry cannot help: start a new round"
+        )
+
+
+def figures(r: rounds_pb2.Round) -> str:
+    """Accuracy beside balanced accuracy and macro-F1, naming the test set."""
+    line = f"validation {r.validation_accuracy:.3f}, test {r.test_accuracy:.3f}"
+    if r.test_balanced_accuracy or r.test_macro_f1:
+        line += f" (balanced {r.test_balanced_accuracy:.3f}, macro-F1 {r.test_macro_f1:.3f})"
+    if r.test_set:
+        line += f" on {r.test_set}"
+    return line
+
+
+@round_group.command("retry")
+@click.argument("round_id", type=int)
+@click.option("--wait/--no-wait", default=False, help="Follow the round until it ends.")
+def retry(round_id: int, wait: bool) -> None:
+    """Start failed round ROUND_ID again from the step that failed."""
+    with rpc_errors():
+        r = _stub().RetryRound(rounds_pb2.RetryRoundRequest(round_id=round_id))
+    click.echo(f"round {r.number} of {r.experiment!r} (id {r.round_id}): {r.state} again")
+    if wait:
+        follow(r.round_id)
 
 
 def history_rows(rounds: list[rounds_pb2.Round]) -> list[dict]:
@@ -181,6 +233,9 @@ def history_rows(rounds: list[rounds_pb2.Round]) -> list[dict]:
                 "model": r.model_out,
                 "validation_accuracy": round(r.validation_accuracy, 4),
                 "test_accuracy": round(r.test_accuracy, 4),
+                "test_balanced_accuracy": round(r.test_balanced_accuracy, 4),
+                "test_macro_f1": round(r.test_macro_f1, 4),
+                "test_set": r.test_set,
                 "added": r.labels_added,
                 "cumulative_added": cumulative,
             }
@@ -229,6 +284,8 @@ def history(experiment: str, fmt: str) -> None:
             "model",
             "validation_accuracy",
             "test_accuracy",
+            "test_balanced_accuracy",
+            "test_macro_f1",
             "added",
             "cumulative_added",
         ):
@@ -244,6 +301,8 @@ def history(experiment: str, fmt: str) -> None:
                         "model",
                         "validation_accuracy",
                         "test_accuracy",
+                        "test_balanced_accuracy",
+                        "test_macro_f1",
                         "added",
                         "cumulative_added",
                     )

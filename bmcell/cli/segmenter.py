@@ -58,7 +58,7 @@ def _field_files(paths: tuple[Path, ...]) -> list[Path]:
     return found
 
 
-def _requests(path: Path, lab: str, specimen: str, diagnosis: str) -> Iterator:
+def _requests(path: Path, lab: str, specimen: str, diagnosis: str, role: str) -> Iterator:
     from bmcell.v1 import segmenter_pb2
 
     data = path.read_bytes()
@@ -69,6 +69,7 @@ def _requests(path: Path, lab: str, specimen: str, diagnosis: str) -> Iterator:
             diagnosis=diagnosis,
             filename=path.name,
             sha256=hashlib.sha256(data).hexdigest(),
+            role=role,
         )
     )
     for start in range(0, len(data), CHUNK):
@@ -76,9 +77,20 @@ def _requests(path: Path, lab: str, specimen: str, diagnosis: str) -> Iterator:
 
 
 @click.command("upload")
-@click.option("--lab", required=True, help="Lab code, e.g. lab-a (created on first upload).")
+@click.option(
+    "--lab",
+    required=True,
+    help="Lab code, e.g. lab-a (`bmcell labs add`; an operator's first upload also creates it).",
+)
 @click.option("--specimen", required=True, help="Specimen code (created on first upload).")
 @click.option("--diagnosis", default="", help="Specimen diagnosis, e.g. AML.")
+@click.option(
+    "--role",
+    type=click.Choice(["training", "test", "excluded"]),
+    default=None,
+    help="A new specimen's role (default training); an existing one keeps its own "
+    "(`bmcell specimens set-role` changes it).",
+)
 @click.option(
     "--jobs",
     default=4,
@@ -99,6 +111,7 @@ def upload(
     lab: str,
     specimen: str,
     diagnosis: str,
+    role: str | None,
     jobs: int,
     timeout: float,
     token: str | None,
@@ -126,7 +139,9 @@ def upload(
             with ThreadPoolExecutor(max_workers=jobs) as pool:
                 futures = {
                     pool.submit(
-                        stub.Upload, _requests(p, lab, specimen, diagnosis), metadata=metadata
+                        stub.Upload,
+                        _requests(p, lab, specimen, diagnosis, role or ""),
+                        metadata=metadata,
                     ): p
                     for p in files
                 }

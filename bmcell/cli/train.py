@@ -95,16 +95,33 @@ def show(version: int, as_json: bool) -> None:
         return
     click.echo(f"{report.model_name} v{report.version} ({report.state}) {report.note}")
     click.echo(f"confusion matrix: {report.confusion_key or '-'}")
+    click.echo(f"test set: {report.test_set or '-'}")
     for split in ("validation", "test"):
         ev = metrics.get(split)
         if not ev:
             continue
-        table = Table(title=f"{split}: accuracy {ev['accuracy']:.4f}, n = {ev['n']}")
-        for col in ("class", "recall", "precision"):
+        balanced = getattr(report, f"{split}_balanced_accuracy")
+        macro_f1 = getattr(report, f"{split}_macro_f1")
+        table = Table(
+            title=f"{split}: accuracy {ev['accuracy']:.4f}, balanced accuracy {balanced:.4f}, "
+            f"macro-F1 {macro_f1:.4f}, n = {ev['n']}"
+        )
+        for col in ("class", "recall", "precision", "F1"):
             table.add_column(col)
+        f1 = ev.get("f1") or {}  # absent in versions registered before F1 was stored
         for code in ev["codes"]:
-            table.add_row(code, _ratio(ev["recall"][code]), _ratio(ev["precision"][code]))
-        table.add_row("mean", _ratio(ev["mean_recall"]), _ratio(ev["mean_precision"]))
+            table.add_row(
+                code,
+                _ratio(ev["recall"][code]),
+                _ratio(ev["precision"][code]),
+                _ratio(f1.get(code)),
+            )
+        table.add_row(
+            "mean",
+            _ratio(ev["mean_recall"]),
+            _ratio(ev["mean_precision"]),
+            _ratio(ev.get("macro_f1")),
+        )
         Console(width=None if sys.stdout.isatty() else 120).print(table)
 
 

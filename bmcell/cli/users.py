@@ -2,13 +2,18 @@
 people, service accounts and their API tokens. Every change is audited
 (``bmcell audit --entity user:NAME``).
 
-Talks to Postgres directly (BMCELL_DATABASE_URL; the embedded stack's env file
-supplies it after ``bmcell stack up``). A token is printed once, on stdout alone, so
-``TOKEN=$(bmcell users token ana)`` captures it; only its sha256 is stored.
+``add``, ``set``, ``disable``, ``enable``, ``token`` and ``list`` go through the
+labeling API (``BMCELL_LABELAPI_URL``) with an admin's token (``BMCELL_TOKEN``, or
+``--token``), so an admin needs no database credentials. ``revoke`` and ``service``
+talk to Postgres directly (BMCELL_DATABASE_URL): they are the server side's recovery
+and deployment tools (a lost admin token is revoked and replaced from there). A token
+is printed once, on stdout alone, so ``TOKEN=$(bmcell users token ana)`` captures it;
+only its sha256 is stored.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from typing import TypeVar
@@ -18,13 +23,18 @@ import psycopg
 
 from bmcell import users as repo
 from bmcell.auth import PREFIX_LEN, ROLES, new_token
-from bmcell.cli.common import in_database
+from bmcell.cli.common import api_call, in_database, labelapi
 
 T = TypeVar("T")
 
 
 def _run(fn: Callable[[psycopg.Connection], T]) -> T:
     return in_database(fn, name="bmcell-users")
+
+
+def _call(method: str, path: str, **kw) -> dict:
+    with labelapi() as client:
+        return api_call(client, method, path, **kw)
 
 
 @click.group()
@@ -43,10 +53,14 @@ def users() -> None:
 )
 def add(name: str, role: str, labs: tuple[str, ...]) -> None:
     """Create a user; operators and admins see every lab."""
-    _run(lambda conn: repo.add_user(conn, name, role, list(labs)))
+    _call("POST", "/v1/users", json={"name": name, "role": role, "labs": list(labs)})
     click.echo(
         f"user {name!r} added as {role}" + (f" for {', '.join(labs)}" if labs else ""), err=True
     )
+
+
+def _change(name: str, body: dict) -> dict:
+    return _call("PATCH", f"/v1/users/{name}", json=body)
 
 
 @users.command("set")
@@ -55,7 +69,10 @@ def add(name: str, role: str, labs: tuple[str, ...]) -> None:
 @click.option("--lab", "labs", multiple=True, help="Lab code (repeat); replaces the old list.")
 def set_(name: str, role: str | None, labs: tuple[str, ...]) -> None:
     """Change a user's role or labs."""
-    after = _run(lambda conn: repo.change_user(conn, name, role=role, lab_codes=list(labs) or None))
+    if role is None and not labs:
+        raise click.UsageError("give --role, --lab or both")
+    body = {"role": role} if role else {}
+    after = _change(name, body | ({"labs": list(labs)} if labs else {}))
     click.echo(
         f"user {name!r} is {after['role']} for {', '.join(after['labs']) or 'every lab'}", err=True
     )
@@ -65,16 +82,16 @@ def set_(name: str, role: str | None, labs: tuple[str, ...]) -> None:
 @click.argument("name")
 def disable(name: str) -> None:
     """Disable a user: every token of theirs stops working at once."""
-    changed = _run(lambda conn: repo.set_disabled(conn, name, True))
-    click.echo(f"user {name!r} {'disabled' if changed else 'was already disabled'}", err=True)
+    _change(name, {"disabled": True})
+    click.echo(f"user {name!r} disabled", err=True)
 
 
 @users.command()
 @click.argument("name")
 def enable(name: str) -> None:
     """Enable a disabled user again (their unexpired, unrevoked tokens work again)."""
-    changed = _run(lambda conn: repo.set_disabled(conn, name, False))
-    click.echo(f"user {name!r} {'enabled' if changed else 'was not disabled'}", err=True)
+    _change(name, {"disabled": False})
+    click.echo(f"user {name!r} enabled", err=True)
 
 
 @users.command()
@@ -82,10 +99,12 @@ def enable(name: str) -> None:
 @click.option("--expires-days", type=float, help="Days until the token stops working.")
 def token(name: str, expires_days: float | None) -> None:
     """Issue an API token and print it once (it cannot be shown again)."""
-    issued = _run(lambda conn: repo.issue_token(conn, name, expires_days))
-    click.echo(issued.token)
-    until = issued.expires_at.isoformat() if issued.expires_at else "never"
-    click.echo(f"token {issued.prefix}... for {name!r}; expires: {until}", err=True)
+    issued = _call("POST", f"/v1/users/{name}/tokens", json={"expires_days": expires_days})
+    click.echo(issued["token"])
+    click.echo(
+        f"token {issued['prefix']}... for {name!r}; expires: {issued['expires_at'] or 'never'}",
+        err=True,
+    )
 
 
 @users.command()
@@ -120,9 +139,14 @@ def service(name: str, token_stdin: bool) -> None:
 
 
 @users.command("list")
-def list_() -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def list_(as_json: bool) -> None:
     """Every user with role, labs and live token count."""
-    for row in _run(repo.list_users):
-        state = " (disabled)" if row["disabled_at"] else ""
+    found = _call("GET", "/v1/users")["users"]
+    if as_json:
+        click.echo(json.dumps(found, indent=1))
+        return
+    for row in found:
+        state = " (disabled)" if row["disabled"] else ""
         labs = ",".join(row["labs"]) or "*"
         click.echo(f"{row['name']}\t{row['role']}\t{labs}\t{row['live_tokens']} token(s){state}")

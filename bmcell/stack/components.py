@@ -505,6 +505,9 @@ def labelapi(cfg: StackConfig) -> Component:
             return False
         return resp.status_code == 200
 
+    # The labeling API calls the classifier (a report predicts a specimen's cells on
+    # demand) as its own service account, like the gRPC services.
+    secrets = accounts.tokens(cfg, ["labelapi"])
     return Component(
         name="labelapi",
         argv=[sys.executable, "-m", "services.labelapi"],
@@ -512,9 +515,11 @@ def labelapi(cfg: StackConfig) -> Component:
             **service_env(cfg),
             "BMCELL_HTTP_PORT": str(cfg.port("labelapi")),
             "BMCELL_HOST": cfg.host,
+            "BMCELL_SERVICE_TOKEN": secrets[accounts.account_name("labelapi")],
         },
         ports={"http": cfg.port("labelapi")},
         ready=ready,
+        prepare=lambda: accounts.provision(admin_database_url(cfg), secrets),
     )
 
 

@@ -158,10 +158,18 @@ class Stack:
         """The developer's operator token (bmcell.stack.accounts), for the CLI."""
         return accounts.tokens(self.config, [])[accounts.OPERATOR]
 
+    def admin_token(self) -> str:
+        """The developer's admin token (people and tokens), for the CLI and tests."""
+        return accounts.tokens(self.config, [])[accounts.ADMIN]
+
     def _write_env_file(self) -> None:
-        # The CLI's settings, and its operator token: the services get neither the
-        # token nor this file (each has its own account's token).
-        env = {**self.env(), "BMCELL_TOKEN": self.operator_token()}
+        # The CLI's settings, its operator token and an admin's: the services get
+        # neither the tokens nor this file (each has its own account's token).
+        env = {
+            **self.env(),
+            "BMCELL_TOKEN": self.operator_token(),
+            "BMCELL_ADMIN_TOKEN": self.admin_token(),
+        }
         lines = [f"{k}={v}" for k, v in env.items()]
         self.config.run_dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.config.env_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -67,7 +67,7 @@ class BoundingBox(_message.Message):
     def __init__(self, x0: _Optional[int] = ..., y0: _Optional[int] = ..., x1: _Optional[int] = ..., y1: _Optional[int] = ...) -> None: ...
 
 class Cell(_message.Message):
-    __slots__ = ("cell_id", "field_id", "lab", "specimen", "bbox", "morphometrics", "touches_border", "status", "crop_key")
+    __slots__ = ("cell_id", "field_id", "lab", "specimen", "bbox", "morphometrics", "touches_border", "status", "crop_key", "field_sha256")
     CELL_ID_FIELD_NUMBER: _ClassVar[int]
     FIELD_ID_FIELD_NUMBER: _ClassVar[int]
     LAB_FIELD_NUMBER: _ClassVar[int]
@@ -77,6 +77,7 @@ class Cell(_message.Message):
     TOUCHES_BORDER_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     CROP_KEY_FIELD_NUMBER: _ClassVar[int]
+    FIELD_SHA256_FIELD_NUMBER: _ClassVar[int]
     cell_id: int
     field_id: int
     lab: str
@@ -86,4 +87,5 @@ class Cell(_message.Message):
     touches_border: bool
     status: str
     crop_key: str
-    def __init__(self, cell_id: _Optional[int] = ..., field_id: _Optional[int] = ..., lab: _Optional[str] = ..., specimen: _Optional[str] = ..., bbox: _Optional[_Union[BoundingBox, _Mapping]] = ..., morphometrics: _Optional[_Union[Morphometrics, _Mapping]] = ..., touches_border: _Optional[bool] = ..., status: _Optional[str] = ..., crop_key: _Optional[str] = ...) -> None: ...
+    field_sha256: str
+    def __init__(self, cell_id: _Optional[int] = ..., field_id: _Optional[int] = ..., lab: _Optional[str] = ..., specimen: _Optional[str] = ..., bbox: _Optional[_Union[BoundingBox, _Mapping]] = ..., morphometrics: _Optional[_Union[Morphometrics, _Mapping]] = ..., touches_border: _Optional[bool] = ..., status: _Optional[str] = ..., crop_key: _Optional[str] = ..., field_sha256: _Optional[str] = ...) -> None: ...

@@ -7,6 +7,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class RetryRoundRequest(_message.Message):
+    __slots__ = ("round_id",)
+    ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    round_id: int
+    def __init__(self, round_id: _Optional[int] = ...) -> None: ...
+
 class StartRoundRequest(_message.Message):
     __slots__ = ("experiment", "strategy", "selection", "epochs", "review_quorum", "review_deadline_s", "initial_per_class", "validation_per_class", "test_per_class", "initial_reviews", "test_reviews", "wave_size", "max_waves", "gate")
     EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
@@ -58,7 +64,7 @@ class ListRoundsRequest(_message.Message):
     def __init__(self, experiment: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class Round(_message.Message):
-    __slots__ = ("round_id", "experiment", "number", "strategy", "state", "model_in", "model_out", "message", "tasks_by_state", "labels_added_by_class", "labels_added", "validation_accuracy", "test_accuracy", "training_job", "created_at", "updated_at", "promoted")
+    __slots__ = ("round_id", "experiment", "number", "strategy", "state", "model_in", "model_out", "message", "tasks_by_state", "labels_added_by_class", "labels_added", "validation_accuracy", "test_accuracy", "training_job", "created_at", "updated_at", "promoted", "short_classes", "test_balanced_accuracy", "test_macro_f1", "test_set", "failed_step")
     class TasksByStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +96,11 @@ class Round(_message.Message):
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     PROMOTED_FIELD_NUMBER: _ClassVar[int]
+    SHORT_CLASSES_FIELD_NUMBER: _ClassVar[int]
+    TEST_BALANCED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    TEST_MACRO_F1_FIELD_NUMBER: _ClassVar[int]
+    TEST_SET_FIELD_NUMBER: _ClassVar[int]
+    FAILED_STEP_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     experiment: str
     number: int
@@ -107,7 +118,12 @@ class Round(_message.Message):
     created_at: str
     updated_at: str
     promoted: bool
-    def __init__(self, round_id: _Optional[int] = ..., experiment: _Optional[str] = ..., number: _Optional[int] = ..., strategy: _Optional[str] = ..., state: _Optional[str] = ..., model_in: _Optional[int] = ..., model_out: _Optional[int] = ..., message: _Optional[str] = ..., tasks_by_state: _Optional[_Mapping[str, int]] = ..., labels_added_by_class: _Optional[_Mapping[str, int]] = ..., labels_added: _Optional[int] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., training_job: _Optional[str] = ..., created_at: _Optional[str] = ..., updated_at: _Optional[str] = ..., promoted: _Optional[bool] = ...) -> None: ...
+    short_classes: _containers.RepeatedScalarFieldContainer[str]
+    test_balanced_accuracy: float
+    test_macro_f1: float
+    test_set: str
+    failed_step: str
+    def __init__(self, round_id: _Optional[int] = ..., experiment: _Optional[str] = ..., number: _Optional[int] = ..., strategy: _Optional[str] = ..., state: _Optional[str] = ..., model_in: _Optional[int] = ..., model_out: _Optional[int] = ..., message: _Optional[str] = ..., tasks_by_state: _Optional[_Mapping[str, int]] = ..., labels_added_by_class: _Optional[_Mapping[str, int]] = ..., labels_added: _Optional[int] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., training_job: _Optional[str] = ..., created_at: _Optional[str] = ..., updated_at: _Optional[str] = ..., promoted: _Optional[bool] = ..., short_classes: _Optional[_Iterable[str]] = ..., test_balanced_accuracy: _Optional[float] = ..., test_macro_f1: _Optional[float] = ..., test_set: _Optional[str] = ..., failed_step: _Optional[str] = ...) -> None: ...
 
 class ListRoundsResponse(_message.Message):
     __slots__ = ("rounds", "next_page_token")

@@ -51,6 +51,11 @@ class RoundsStub:
                 request_serializer=bmcell_dot_v1_dot_rounds__pb2.ListRoundsRequest.SerializeToString,
                 response_deserializer=bmcell_dot_v1_dot_rounds__pb2.ListRoundsResponse.FromString,
                 _registered_method=True)
+        self.RetryRound = channel.unary_unary(
+                '/bmcell.v1.Rounds/RetryRound',
+                request_serializer=bmcell_dot_v1_dot_rounds__pb2.RetryRoundRequest.SerializeToString,
+                response_deserializer=bmcell_dot_v1_dot_rounds__pb2.Round.FromString,
+                _registered_method=True)
 
 
 class RoundsServicer:
@@ -77,6 +82,15 @@ class RoundsServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetryRound(self, request, context):
+        """Start a failed round again from the step that failed (a failed or cancelled
+        training job is never restarted by itself). FAILED_PRECONDITION unless the
+        round failed at a step a retry can repeat, or when a later round exists.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RoundsServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +108,11 @@ def add_RoundsServicer_to_server(servicer, server):
                     servicer.ListRounds,
                     request_deserializer=bmcell_dot_v1_dot_rounds__pb2.ListRoundsRequest.FromString,
                     response_serializer=bmcell_dot_v1_dot_rounds__pb2.ListRoundsResponse.SerializeToString,
+            ),
+            'RetryRound': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryRound,
+                    request_deserializer=bmcell_dot_v1_dot_rounds__pb2.RetryRoundRequest.FromString,
+                    response_serializer=bmcell_dot_v1_dot_rounds__pb2.Round.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +198,33 @@ class Rounds:
             '/bmcell.v1.Rounds/ListRounds',
             bmcell_dot_v1_dot_rounds__pb2.ListRoundsRequest.SerializeToString,
             bmcell_dot_v1_dot_rounds__pb2.ListRoundsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryRound(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bmcell.v1.Rounds/RetryRound',
+            bmcell_dot_v1_dot_rounds__pb2.RetryRoundRequest.SerializeToString,
+            bmcell_dot_v1_dot_rounds__pb2.Round.FromString,
             options,
             channel_credentials,
             insecure,

@@ -85,7 +85,7 @@ class GetModelReportRequest(_message.Message):
     def __init__(self, version: _Optional[int] = ...) -> None: ...
 
 class ModelReport(_message.Message):
-    __slots__ = ("model_name", "version", "state", "validation_accuracy", "test_accuracy", "metrics_json", "confusion_key", "note", "round_id")
+    __slots__ = ("model_name", "version", "state", "validation_accuracy", "test_accuracy", "metrics_json", "confusion_key", "note", "round_id", "validation_balanced_accuracy", "validation_macro_f1", "test_balanced_accuracy", "test_macro_f1", "test_set")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +95,11 @@ class ModelReport(_message.Message):
     CONFUSION_KEY_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_BALANCED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    VALIDATION_MACRO_F1_FIELD_NUMBER: _ClassVar[int]
+    TEST_BALANCED_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    TEST_MACRO_F1_FIELD_NUMBER: _ClassVar[int]
+    TEST_SET_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     version: int
     state: str
@@ -104,4 +109,9 @@ class ModelReport(_message.Message):
     confusion_key: str
     note: str
     round_id: int
-    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., metrics_json: _Optional[str] = ..., confusion_key: _Optional[str] = ..., note: _Optional[str] = ..., round_id: _Optional[int] = ...) -> None: ...
+    validation_balanced_accuracy: float
+    validation_macro_f1: float
+    test_balanced_accuracy: float
+    test_macro_f1: float
+    test_set: str
+    def __init__(self, model_name: _Optional[str] = ..., version: _Optional[int] = ..., state: _Optional[str] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., metrics_json: _Optional[str] = ..., confusion_key: _Optional[str] = ..., note: _Optional[str] = ..., round_id: _Optional[int] = ..., validation_balanced_accuracy: _Optional[float] = ..., validation_macro_f1: _Optional[float] = ..., test_balanced_accuracy: _Optional[float] = ..., test_macro_f1: _Optional[float] = ..., test_set: _Optional[str] = ...) -> None: ...

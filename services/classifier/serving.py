@@ -77,8 +77,10 @@ class ModelServing:
         if version == 0:
             row = self.active()
             if row is None:
+                # Versions are activated only after their gate (services/trainer/publish):
+                # none active means none passed, or an operator retired it.
                 raise FailedPrecondition(
-                    f"no active version of {self.model_name}: train and publish one first"
+                    f"no model passed the gate yet: {self.model_name} has no active version"
                 )
             return row
         with self.db.connection() as conn:

@@ -26,7 +26,6 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import (
     FileResponse,
-    HTMLResponse,
     JSONResponse,
     PlainTextResponse,
     StreamingResponse,
@@ -36,14 +35,21 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
-from bmcell import audit, log, policy, report
+from bmcell import audit, log, policy, specimens, users
 from bmcell import metrics as shared_metrics
-from bmcell.auth import Principal, acting_as, authenticate, lab_ids_for_codes
-from bmcell.errors import BmcellError, NotFound, Unauthenticated, Unavailable, request_id
+from bmcell.auth import ROLES, Principal, acting_as, authenticate, lab_ids_for_codes
+from bmcell.errors import (
+    BmcellError,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+    request_id,
+)
 from bmcell.runtime import Runtime
 from bmcell.settings import LabelApiSettings
 from bmcell.taxonomy import DEFAULT_TAXONOMY
-from services.labelapi import labels, metrics, queue
+from services.labelapi import labels, metrics, queue, reports
 from services.labelapi.limits import BodyLimit
 
 STATIC = Path(__file__).parent / "static"
@@ -76,6 +82,37 @@ class BootstrapIn(BaseModel):
     cell_ids: list[int] = Field(min_length=1, max_length=10_000)
     required_reviews: int | None = Field(None, ge=1, le=9)
     round_id: int | None = None
+
+
+class LabIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    code: str = Field(max_length=63)
+    name: str = Field("", max_length=specimens.MAX_NAME)
+
+
+class SpecimenRoleIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: str = Field(max_length=32, description="training, test or excluded")
+    force: bool = False
+
+
+class UserIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(max_length=100)
+    role: str = Field(max_length=32, description=", ".join(ROLES))
+    labs: list[str] = Field(default_factory=list, max_length=100)
+
+
+class UserChangeIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: str | None = Field(None, max_length=32)
+    labs: list[str] | None = Field(None, max_length=100)
+    disabled: bool | None = None
+
+
+class TokenIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    expires_days: float | None = Field(None, gt=0, le=3650)
 
 
 def _authorized(request: Request, creds: HTTPAuthorizationCredentials | None) -> Principal:
@@ -447,35 +484,85 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
         with db.connection() as conn:
             return queue.progress(conn, caller, round_id)
 
-    @app.get(
-        "/v1/specimens/{lab}/{specimen}/report",
-        summary="A specimen's differential count (JSON, or a self-contained HTML page)",
-        responses={200: {"content": {"application/json": {}, "text/html": {}}}},
-    )
-    def specimen_report(
-        lab: str,
-        specimen: str,
-        caller: Caller,
-        format: Literal["json", "html"] = "json",
-        min_confidence: Annotated[float, Query(ge=0, le=1)] = report.DEFAULT_MIN_CONFIDENCE,
-        per_class: Annotated[int, Query(ge=0, le=100)] = report.DEFAULT_PER_CLASS,
-    ) -> Response:
-        lab_ids_for_codes(db, caller, [lab])  # 404 outside the caller's labs
+    @app.get("/v1/labs", summary="Labs the caller sees, with their specimen counts")
+    def get_labs(caller: Caller) -> dict:
         with db.connection() as conn:
-            body = report.specimen_report(
-                conn,
-                specimen,
-                lab=lab,
-                model_name=settings.model_name,
-                min_confidence=min_confidence,
-                visible=caller.sees_lab,
-            )
-        if format == "json":
-            return JSONResponse(report.public(body))
-        thumbs = report.thumbnails(body, runtime.store.get, per_class) if per_class else {}
-        return HTMLResponse(report.render_html(body, thumbs, per_class=per_class))
+            return {"labs": specimens.list_labs(conn, caller)}
+
+    @app.post("/v1/labs", status_code=201, summary="Create a lab (audited)")
+    def post_lab(body: LabIn, caller: Caller) -> dict:
+        with db.transaction() as conn:
+            return specimens.add_lab(conn, body.code, body.name)
+
+    @app.get("/v1/specimens", summary="Specimens the caller sees, with their roles")
+    def get_specimens(
+        caller: Caller,
+        lab: Annotated[str | None, Query(max_length=63)] = None,
+        role: Annotated[str | None, Query(max_length=32)] = None,
+    ) -> dict:
+        with db.connection() as conn:
+            return {"specimens": specimens.list_specimens(conn, caller, lab=lab, role=role)}
+
+    @app.put(
+        "/v1/specimens/{lab}/{specimen}/role",
+        summary="Set a specimen's role: training, test or excluded (audited)",
+        responses={409: {"description": "the specimen is in use; send force to override"}},
+    )
+    def put_specimen_role(lab: str, specimen: str, body: SpecimenRoleIn, caller: Caller) -> dict:
+        with db.transaction() as conn:
+            return specimens.set_role(conn, caller, lab, specimen, body.role, force=body.force)
+
+    @app.get("/v1/users", summary="Every user with role, labs and live token count")
+    def get_users(_caller: Caller) -> dict:
+        with db.connection() as conn:
+            return {"users": [_user_json(r) for r in users.list_users(conn)]}
+
+    @app.post("/v1/users", status_code=201, summary="Create a user (audited)")
+    def post_user(body: UserIn, _caller: Caller) -> dict:
+        with db.transaction() as conn:
+            users.add_user(conn, body.name, body.role, body.labs)
+            return _user_json(users.get_user(conn, body.name))
+
+    @app.patch("/v1/users/{name}", summary="Change a user's role or labs, or disable them")
+    def patch_user(name: str, body: UserChangeIn, _caller: Caller) -> dict:
+        if body.role is None and body.labs is None and body.disabled is None:
+            raise InvalidArgument("give role, labs or disabled", field="role")
+        with db.transaction() as conn:
+            if body.role is not None or body.labs is not None:
+                users.change_user(conn, name, role=body.role, lab_codes=body.labs)
+            if body.disabled is not None:
+                users.set_disabled(conn, name, body.disabled)
+            return _user_json(users.get_user(conn, name))
+
+    @app.post(
+        "/v1/users/{name}/tokens",
+        status_code=201,
+        summary="Issue an API token; the secret is in this answer only (audited)",
+    )
+    def post_token(name: str, body: TokenIn, _caller: Caller) -> dict:
+        with db.transaction() as conn:
+            issued = users.issue_token(conn, name, body.expires_days)
+        return {
+            "name": name,
+            "token": issued.token,
+            "prefix": issued.prefix,
+            "expires_at": _iso(issued.expires_at),
+        }
+
+    # Differential counts: their own module (predict on demand, read, sign off).
+    reports.register(app, runtime, Caller)
 
     return app
+
+
+def _user_json(row: dict) -> dict:
+    return {
+        "name": row["name"],
+        "role": row["role"],
+        "labs": row["labs"],
+        "disabled": row["disabled_at"] is not None,
+        "live_tokens": row["live_tokens"],
+    }
 
 
 def route_calls(app: FastAPI) -> list[tuple[str, str]]:

@@ -364,8 +364,8 @@ def create_bootstrap_tasks(
 ) -> dict:
     """Initial, validation or test labelling tasks for unlabelled cells in scope.
 
-    Cells that are not in the pool (already labelled, pending, difficult, excluded) are
-    skipped and reported, so calling twice with the same cells creates nothing new.
+    Cells that are not in the pool (already labelled, pending, difficult, excluded, or
+    of an excluded specimen) are skipped and reported, so calling twice with the same cells creates nothing new.
     """
     if kind not in BOOTSTRAP_KINDS:
         raise InvalidArgument(f"kind {kind!r} is not one of {BOOTSTRAP_KINDS}", field="kind")
@@ -384,7 +384,9 @@ def create_bootstrap_tasks(
     created = conn.execute(
         """WITH pool AS (
                UPDATE cells SET status = 'pending'
-                WHERE id = ANY(%s) AND status = 'unlabelled' RETURNING id)
+                WHERE id = ANY(%s) AND status = 'unlabelled'
+                  AND specimen_id NOT IN (SELECT id FROM specimens WHERE role = 'excluded')
+               RETURNING id)
            INSERT INTO review_tasks (round_id, cell_id, kind, required_reviews)
            SELECT %s, id, %s, %s FROM pool ORDER BY id
            RETURNING id, cell_id""",

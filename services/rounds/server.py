@@ -22,7 +22,7 @@ from bmcell.v1 import (
     trainer_pb2_grpc,
 )
 from services.rounds import store
-from services.rounds.driver import Job, Ports, RoundDriver, run_forever
+from services.rounds.driver import Job, Ports, RoundDriver, Selected, run_forever
 
 STRATEGIES_WITH_BOOTSTRAP = ("bootstrap", *STRATEGIES)
 
@@ -56,12 +56,17 @@ class RoundsServicer(rounds_pb2_grpc.RoundsServicer):
         ):
             if getattr(request, name) < 0:
                 raise InvalidArgument(f"must be >= 0, got {getattr(request, name)}", field=name)
-        params = MessageToDict(request, preserving_proto_field_name=True)
-        params.pop("experiment", None)
-        params.pop("strategy", None)
-        params["labs"] = list(request.selection.labs)
         with self.rt.db.transaction() as conn:
-            row = store.create(conn, request.experiment or "main", request.strategy, params)
+            row = store.create(
+                conn, request.experiment or "main", request.strategy, round_params(request)
+            )
+        return self._round_pb(row)
+
+    def RetryRound(self, request: rounds_pb2.RetryRoundRequest, context):
+        if request.round_id <= 0:
+            raise InvalidArgument("must name a round, got 0", field="round_id")
+        with self.rt.db.transaction() as conn:
+            row = store.retry(conn, request.round_id)
         return self._round_pb(row)
 
     def GetRound(self, request: rounds_pb2.GetRoundRequest, context):
@@ -91,10 +96,12 @@ class RoundsServicer(rounds_pb2_grpc.RoundsServicer):
         )
 
     def _round_pb(self, r: dict) -> rounds_pb2.Round:
+        # Figures the trainer records with the version (absent: 0 / empty).
         with self.rt.db.connection() as conn:
             tasks = store.task_counts(conn, r["id"])
             added = store.labels_added(conn, r["id"])
             mv = store.model_version(conn, self.rt.settings.model_name, r["model_out"] or 0)
+        metrics = (mv or {}).get("metrics") or {}
         return rounds_pb2.Round(
             round_id=r["id"],
             experiment=r["experiment"],
@@ -112,8 +119,30 @@ class RoundsServicer(rounds_pb2_grpc.RoundsServicer):
             training_job=r["params"].get("training_job", ""),
             created_at=r["created_at"].isoformat(),
             updated_at=r["updated_at"].isoformat(),
-            promoted=bool(mv and mv["state"] in ("active", "retired") and mv["activated_at"]),
+            # This round's own version went into service (not one a round with
+            # nothing to add kept).
+            promoted=bool(
+                mv
+                and mv["round_id"] == r["id"]
+                and mv["state"] in ("active", "retired")
+                and mv["activated_at"]
+            ),
+            short_classes=list(r["short_classes"]),
+            test_balanced_accuracy=float(metrics.get("test_balanced_accuracy") or 0.0),
+            test_macro_f1=float(metrics.get("test_macro_f1") or 0.0),
+            test_set=str(metrics.get("test_set") or ""),
+            failed_step=r["failed_step"] or "",
         )
+
+
+def round_params(request: rounds_pb2.StartRoundRequest) -> dict:
+    """What a round keeps of its request: everything but its name and strategy, with
+    the selection (its seed included, which the bootstrap's waves use too)."""
+    params = MessageToDict(request, preserving_proto_field_name=True)
+    params.pop("experiment", None)
+    params.pop("strategy", None)
+    params["labs"] = list(request.selection.labs)
+    return params
 
 
 def grpc_ports(settings: RoundsSettings) -> Ports:
@@ -134,8 +163,8 @@ def grpc_ports(settings: RoundsSettings) -> Ports:
                 raise Unavailable(f"{what}: {exc.code().name} {exc.details()}") from exc
             raise RuntimeError(f"{what}: {exc.code().name} {exc.details()}") from exc
 
-    def select(round_id: int, strategy: str, params: dict) -> None:
-        call(
+    def select(round_id: int, strategy: str, params: dict) -> Selected:
+        sel = call(
             "selector",
             selector.SelectCandidates,
             selector_pb2.SelectCandidatesRequest(
@@ -145,6 +174,7 @@ def grpc_ports(settings: RoundsSettings) -> Ports:
             ),
             timeout=settings.selection_timeout_s,
         )
+        return Selected(pool_size=sel.pool_size, sample_size=sel.sample_size)
 
     def start_training(round_id: int, epochs: int) -> str:
         job = call(

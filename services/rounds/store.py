@@ -8,9 +8,11 @@ import numpy as np
 import psycopg
 
 from bmcell import audit
+from bmcell import pool as pool_
 from bmcell.errors import FailedPrecondition, NotFound
 
 LIVE_STATES = ("created", "predicting", "selecting", "reviewing", "training", "evaluating")
+_SETTABLE = ("model_in", "model_out", "params", "waves", "short_classes", "failed_step")
 
 
 def get(conn: psycopg.Connection, round_id: int) -> dict:
@@ -115,7 +117,7 @@ def set_state(
     if message is not None:
         sets.append("message = %(message)s")
     for col in columns:
-        if col not in ("model_in", "model_out", "params"):
+        if col not in _SETTABLE:
             raise ValueError(f"cannot set rounds.{col}")
         sets.append(f"{col} = %({col})s")
     values = {k: json.dumps(v) if k == "params" else v for k, v in columns.items()}
@@ -160,7 +162,7 @@ def pool(conn: psycopg.Connection, *, test: bool, labs: list[str]) -> np.ndarray
     rows = conn.execute(
         """SELECT c.id FROM cells c JOIN specimens s ON s.id = c.specimen_id
              JOIN labs l ON l.id = c.lab_id
-            WHERE c.status = 'unlabelled' AND s.is_test = %(test)s
+            WHERE c.status = 'unlabelled' AND s.is_test = %(test)s AND s.role <> 'excluded'
               AND (cardinality(%(labs)s::text[]) = 0 OR l.code = ANY(%(labs)s))""",
         {"test": test, "labs": labs},
     ).fetchall()
@@ -170,34 +172,49 @@ def pool(conn: psycopg.Connection, *, test: bool, labs: list[str]) -> np.ndarray
 def insert_bootstrap_tasks(
     conn: psycopg.Connection, round_id: int, kind: str, cell_ids: list[int], required_reviews: int
 ) -> int:
-    if not cell_ids:
+    """Tasks for those of ``cell_ids`` still unlabelled; returns how many were created."""
+    free = pool_.take_unlabelled(conn, cell_ids)
+    if not free:
         return 0
     with conn.cursor() as cur:
         cur.executemany(
             "INSERT INTO review_tasks (round_id, cell_id, kind, required_reviews) "
             "VALUES (%s, %s, %s, %s) ON CONFLICT DO NOTHING",
-            [(round_id, c, kind, required_reviews) for c in cell_ids],
+            [(round_id, c, kind, required_reviews) for c in free],
         )
-    conn.execute(
-        "UPDATE cells SET status = 'pending' WHERE id = ANY(%s) AND status = 'unlabelled'",
-        (cell_ids,),
-    )
-    return len(cell_ids)
+    return len(free)
 
 
-def label_counts(conn: psycopg.Connection, sources: tuple[str, ...]) -> dict[str, int]:
+def label_counts(
+    conn: psycopg.Connection, experiment: str, sources: tuple[str, ...]
+) -> dict[str, int]:
+    """Labels per class of ``sources`` that rounds of ``experiment`` added: labels of
+    other experiments in the same database never count towards this one's quotas."""
     rows = conn.execute(
-        "SELECT class_code, count(*) AS n FROM labels WHERE source = ANY(%s) GROUP BY class_code",
-        (list(sources),),
+        "SELECT l.class_code, count(*) AS n FROM labels l JOIN rounds r ON r.id = l.round_id "
+        "WHERE r.experiment = %s AND l.source = ANY(%s) GROUP BY l.class_code",
+        (experiment, list(sources)),
     ).fetchall()
     return {r["class_code"]: r["n"] for r in rows}
 
 
-def bootstrap_labels(conn: psycopg.Connection, round_id: int) -> list[dict]:
+def has_validation_split(conn: psycopg.Connection, experiment: str) -> bool:
+    return (
+        conn.execute(
+            "SELECT 1 FROM labels l JOIN rounds r ON r.id = l.round_id "
+            "WHERE r.experiment = %s AND l.source = 'validation' LIMIT 1",
+            (experiment,),
+        ).fetchone()
+        is not None
+    )
+
+
+def bootstrap_labels(conn: psycopg.Connection, experiment: str) -> list[dict]:
+    """The experiment's initial labels (of every bootstrap round it ran)."""
     return conn.execute(
-        "SELECT l.cell_id, l.class_code, l.source FROM labels l WHERE l.round_id = %s "
-        "AND l.source = 'initial' ORDER BY l.cell_id",
-        (round_id,),
+        "SELECT l.cell_id, l.class_code, l.source FROM labels l JOIN rounds r ON r.id = l.round_id "
+        "WHERE r.experiment = %s AND l.source = 'initial' ORDER BY l.cell_id",
+        (experiment,),
     ).fetchall()
 
 
@@ -233,9 +250,66 @@ def active_version(conn: psycopg.Connection, model_name: str) -> int | None:
     return row["version"] if row else None
 
 
-def succeeded_job(conn: psycopg.Connection, round_id: int) -> dict | None:
+def latest_job(conn: psycopg.Connection, round_id: int, set_aside: list[str]) -> dict | None:
+    """The round's newest training job, whatever its state, other than those a retry
+    set aside: a job that failed is the round's news, never a reason to start another."""
     return conn.execute(
-        "SELECT * FROM training_jobs WHERE round_id = %s AND state = 'succeeded' "
+        "SELECT * FROM training_jobs WHERE round_id = %s AND NOT (id = ANY(%s)) "
         "ORDER BY created_at DESC LIMIT 1",
-        (round_id,),
+        (round_id, set_aside),
     ).fetchone()
+
+
+def retry(conn: psycopg.Connection, round_id: int) -> dict:
+    """A failed round goes back to the step that failed; audited with the caller."""
+    r = conn.execute("SELECT * FROM rounds WHERE id = %s FOR UPDATE", (round_id,)).fetchone()
+    if r is None:
+        raise NotFound(f"round {round_id} does not exist", field="round_id")
+    if r["state"] != "failed":
+        raise FailedPrecondition(
+            f"round {r['number']} of {r['experiment']!r} is {r['state']}, not failed: "
+            "only a failed round can be retried"
+        )
+    if not r["driven"]:
+        raise FailedPrecondition(f"round {r['number']} was not started by the rounds service")
+    if not r["failed_step"]:
+        raise FailedPrecondition(
+            f"round {r['number']} failed where a retry cannot help ({r['message']}); "
+            "start a new round instead"
+        )
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"rounds:{r['experiment']}",))
+    later = conn.execute(
+        "SELECT number FROM rounds WHERE experiment = %s AND number > %s AND driven "
+        "ORDER BY number DESC LIMIT 1",
+        (r["experiment"], r["number"]),
+    ).fetchone()
+    if later is not None:
+        raise FailedPrecondition(
+            f"round {later['number']} of {r['experiment']!r} came after round {r['number']}; "
+            "only the latest round can be retried"
+        )
+    params = dict(r["params"])
+    if r["failed_step"] == "training":
+        # The failed job stays failed; the retry's training starts a new one.
+        jobs = conn.execute(
+            "SELECT id FROM training_jobs WHERE round_id = %s AND state IN ('failed', 'cancelled')",
+            (round_id,),
+        ).fetchall()
+        params["retried_jobs"] = sorted({*params.get("retried_jobs", []), *(j["id"] for j in jobs)})
+        params.pop("training_job", None)
+    message = f"retrying from {r['failed_step']} (was: {r['message']})"
+    row = conn.execute(
+        "UPDATE rounds SET state = failed_step, failed_step = NULL, message = %s, params = %s, "
+        "updated_at = now() WHERE id = %s RETURNING *",
+        (message[:2000], json.dumps(params), round_id),
+    ).fetchone()
+    audit.record(
+        conn,
+        "round.retry",
+        "round",
+        round_id,
+        {"experiment": r["experiment"], "number": r["number"]},
+        before={"state": "failed", "message": r["message"]},
+        after={"state": r["failed_step"]},
+    )
+    return row

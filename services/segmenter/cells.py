@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from psycopg import Connection
 
+from bmcell import audit
 from bmcell.db import Database
 from bmcell.errors import InvalidArgument
 
@@ -25,8 +26,9 @@ def list_cells(
         raise InvalidArgument("give a lab, a specimen or a field_id", field="specimen")
     with db.connection() as conn:
         return conn.execute(
-            """SELECT c.*, l.code AS lab, s.code AS specimen
+            """SELECT c.*, l.code AS lab, s.code AS specimen, f.sha256 AS field_sha256
                  FROM cells c JOIN specimens s ON s.id = c.specimen_id JOIN labs l ON l.id = c.lab_id
+                      JOIN field_images f ON f.id = c.field_id
                 WHERE (%(lab)s::text IS NULL OR l.code = %(lab)s)
                   AND (%(specimen)s::text IS NULL OR s.code = %(specimen)s)
                   AND (%(field)s::bigint IS NULL OR c.field_id = %(field)s)
@@ -72,21 +74,43 @@ def field_objects(conn: Connection, field_id: int) -> tuple[dict, list[dict]]:
     return field, cells
 
 
-def upsert_specimen(conn: Connection, lab: str, specimen: str, diagnosis: str) -> tuple[int, int]:
-    """(lab_id, specimen_id), creating either on first use; a later diagnosis wins."""
+def specimen_role(db: Database, lab: str, specimen: str) -> str | None:
+    """The role of an existing specimen (by codes), or None when there is none yet."""
+    with db.connection() as conn:
+        row = conn.execute(
+            """SELECT s.role FROM specimens s JOIN labs l ON l.id = s.lab_id
+                WHERE l.code = %s AND s.code = %s""",
+            (lab, specimen),
+        ).fetchone()
+    return None if row is None else row["role"]
+
+
+def upsert_specimen(
+    conn: Connection, lab: str, specimen: str, diagnosis: str, role: str
+) -> tuple[int, int, str]:
+    """(lab_id, specimen_id, role), creating either on first use (a new specimen gets
+    ``role``; an existing one keeps its own); a later diagnosis wins."""
     lab_id = conn.execute(
         """INSERT INTO labs (code) VALUES (%s)
            ON CONFLICT (code) DO UPDATE SET code = EXCLUDED.code RETURNING id""",
         (lab,),
     ).fetchone()["id"]
-    specimen_id = conn.execute(
-        """INSERT INTO specimens (lab_id, code, diagnosis) VALUES (%s, %s, %s)
+    row = conn.execute(
+        """INSERT INTO specimens (lab_id, code, diagnosis, role) VALUES (%s, %s, %s, %s)
            ON CONFLICT (lab_id, code) DO UPDATE
               SET diagnosis = COALESCE(NULLIF(EXCLUDED.diagnosis, ''), specimens.diagnosis)
-           RETURNING id""",
-        (lab_id, specimen, diagnosis),
-    ).fetchone()["id"]
-    return lab_id, specimen_id
+           RETURNING id, role, (xmax = 0) AS created""",
+        (lab_id, specimen, diagnosis, role),
+    ).fetchone()
+    if row["created"]:  # who brought a specimen in, and as training or test, is history
+        audit.record(
+            conn,
+            "specimen.add",
+            "specimen",
+            f"{lab}/{specimen}",
+            after={"role": row["role"], "diagnosis": diagnosis},
+        )
+    return lab_id, row["id"], row["role"]
 
 
 def insert_field(conn: Connection, row: dict) -> int | None:

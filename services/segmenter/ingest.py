@@ -44,10 +44,10 @@ from dataclasses import dataclass
 from prometheus_client import Counter, Histogram
 from psycopg import Connection
 
-from bmcell import audit, log
+from bmcell import audit, log, specimens
 from bmcell.auth import Principal, require_upload
 from bmcell.db import Database, advisory_locks, lock_key, object_lock_key
-from bmcell.errors import BmcellError, InvalidArgument
+from bmcell.errors import BmcellError, FailedPrecondition, InvalidArgument
 from bmcell.settings import SegmenterSettings
 from bmcell.storage import ObjectStore, content_key, digest_of_key, sha256_hex
 from services.segmenter import cells as repo
@@ -83,6 +83,8 @@ class UploadHeader:
     diagnosis: str = ""
     filename: str = ""
     sha256: str = ""
+    # A new specimen's role (empty: training); for an existing one it must match.
+    role: str = ""
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,20 @@ def check_header(h: UploadHeader) -> None:
         raise InvalidArgument("longer than 255 characters", field="filename")
     if h.sha256 and not _HEX64.match(h.sha256.lower()):
         raise InvalidArgument("must be 64 hex digits", field="sha256")
+    if h.role:
+        specimens.check_role(h.role, field="header.role")
+
+
+def check_role_unchanged(h: UploadHeader, current: str | None) -> None:
+    """An upload never changes an existing specimen's role: that is an audited,
+    checked change of its own (bmcell.specimens.set_role)."""
+    if h.role and current is not None and current != h.role:
+        raise FailedPrecondition(
+            f"specimen {h.lab}/{h.specimen} is a {current} specimen, not {h.role}; "
+            f"upload with role {current} (or none), or have an operator change it with "
+            f"`bmcell specimens set-role {h.lab} {h.specimen} {h.role}`",
+            field="header.role",
+        )
 
 
 def _field_lock_key(lab: str, digest: str) -> int:
@@ -151,6 +167,8 @@ class Ingestor:
     ) -> UploadResult:
         check_header(header)
         require_upload(self.db, uploader, header.lab)
+        # Refused before a byte is read; checked again in the transaction that writes.
+        check_role_unchanged(header, repo.specimen_role(self.db, header.lab, header.specimen))
         data = self._receive(chunks)
         digest = sha256_hex(data)
         if header.sha256 and header.sha256.lower() != digest:
@@ -347,9 +365,10 @@ class Ingestor:
         cell_rows: list[dict],
     ) -> int | None:
         with conn.transaction():
-            lab_id, specimen_id = repo.upsert_specimen(
-                conn, header.lab, header.specimen, header.diagnosis
+            lab_id, specimen_id, role = repo.upsert_specimen(
+                conn, header.lab, header.specimen, header.diagnosis, header.role or "training"
             )
+            check_role_unchanged(header, role)
             field_id = repo.insert_field(
                 conn,
                 {

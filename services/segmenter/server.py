@@ -46,7 +46,7 @@ class SegmenterServicer(segmenter_pb2_grpc.SegmenterServicer):
             if first is None or first.WhichOneof("part") != "header":
                 raise InvalidArgument("the first message must carry the header", field="header")
             h = first.header
-            header = UploadHeader(h.lab, h.specimen, h.diagnosis, h.filename, h.sha256)
+            header = UploadHeader(h.lab, h.specimen, h.diagnosis, h.filename, h.sha256, h.role)
             chunks = (_chunk(m) for m in messages)
             r = self.ingestor.upload(header, chunks, principal)
         return segmenter_pb2.UploadResponse(
@@ -102,6 +102,7 @@ def _cell_pb(r: dict) -> common_pb2.Cell:
         touches_border=r["touches_border"],
         status=r["status"],
         crop_key=r["crop_key"],
+        field_sha256=r["field_sha256"].strip(),
     )
 
 

@@ -8,6 +8,7 @@ import numpy as np
 import psycopg
 
 from bmcell.errors import FailedPrecondition, NotFound
+from bmcell.pool import take_unlabelled
 
 
 def get_round(conn: psycopg.Connection, round_id: int) -> dict:
@@ -34,13 +35,14 @@ def pool_cell_ids(conn: psycopg.Connection, labs: list[str]) -> np.ndarray:
     """Unlabelled cells of training specimens in scope.
 
     Excluded by status: labelled, pending review, too difficult, cut by the border.
-    Test specimens never feed training, so their cells are never candidates either.
+    Only training specimens feed training: cells of test and excluded specimens are
+    never candidates.
     """
     rows = conn.execute(
         """SELECT c.id FROM cells c
              JOIN specimens s ON s.id = c.specimen_id
              JOIN labs l ON l.id = c.lab_id
-            WHERE c.status = 'unlabelled' AND NOT s.is_test
+            WHERE c.status = 'unlabelled' AND s.role = 'training'
               AND (cardinality(%(labs)s::text[]) = 0 OR l.code = ANY(%(labs)s))""",
         {"labs": labs},
     ).fetchall()
@@ -93,7 +95,12 @@ def insert_selection(conn: psycopg.Connection, record: dict) -> bool:
 
 
 def insert_tasks(conn: psycopg.Connection, round_id: int, tasks: list[dict]) -> int:
-    """Review tasks, and their cells become 'pending' (out of the pool)."""
+    """Review tasks for the cells still in the pool, which become 'pending'.
+
+    Cells another round took since the pool was read are left to that round.
+    """
+    free = set(take_unlabelled(conn, [t["cell_id"] for t in tasks]))
+    tasks = [t for t in tasks if t["cell_id"] in free]
     if not tasks:
         return 0
     with conn.cursor() as cur:
@@ -104,10 +111,6 @@ def insert_tasks(conn: psycopg.Connection, round_id: int, tasks: list[dict]) -> 
                        %(top_classes)s, %(top_probabilities)s)""",
             [{**t, "round_id": round_id} for t in tasks],
         )
-    ids = [t["cell_id"] for t in tasks]
-    conn.execute(
-        "UPDATE cells SET status = 'pending' WHERE id = ANY(%s) AND status = 'unlabelled'", (ids,)
-    )
     return len(tasks)
 
 
@@ -115,6 +118,8 @@ def insert_pseudo_labels(
     conn: psycopg.Connection, round_row: dict, labels: list[tuple[int, str]]
 ) -> int:
     """Plain self-training: labels without review (source 'st')."""
+    free = set(take_unlabelled(conn, [c for c, _ in labels]))
+    labels = [(c, code) for c, code in labels if c in free]
     if not labels:
         return 0
     with conn.cursor() as cur:

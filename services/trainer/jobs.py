@@ -129,17 +129,22 @@ def round_row(db: Database, round_id: int) -> dict:
     return row
 
 
-def labelled_cells(db: Database, max_round: int | None) -> tuple[list[LabelledCell], dict]:
-    """Every current label up to round ``max_round`` (None: all), and crop keys by cell id."""
+def labelled_cells(
+    db: Database, max_round: int | None, experiment: str | None = None
+) -> tuple[list[LabelledCell], dict]:
+    """Every current label up to round ``max_round`` (None: all), of rounds of
+    ``experiment`` (None: any), and crop keys by cell id."""
     with db.connection() as conn:
         rows = conn.execute(
             """SELECT l.cell_id, l.class_code, l.round_added, l.source, c.specimen_id,
                       s.is_test, l.created_at, c.crop_key
                  FROM labels l
                  JOIN cells c ON c.id = l.cell_id
-                 JOIN specimens s ON s.id = c.specimen_id
-                WHERE %s::int IS NULL OR l.round_added <= %s::int""",
-            (max_round, max_round),
+                 JOIN specimens s ON s.id = c.specimen_id AND s.role <> 'excluded'
+                WHERE (%s::int IS NULL OR l.round_added <= %s::int)
+                  AND (%s::text IS NULL
+                       OR l.round_id IN (SELECT id FROM rounds WHERE experiment = %s))""",
+            (max_round, max_round, experiment, experiment),
         ).fetchall()
     cells = [
         LabelledCell(

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bmcell.errors import NotFound
+from bmcell.evaluation import merged_hits
 from bmcell.network import CellClassifier
 from bmcell.preprocess import crop_to_tensor
 from bmcell.settings import Settings, load
@@ -72,6 +73,9 @@ class LoopConfig:
     seed: int = 0
     threads: int = 1
     augment: dict[str, Any] = field(default_factory=dict)
+    # Training class index -> evaluation class index (``Taxonomy.eval_index_map``);
+    # empty: every class is its own (a config written before the merge was passed).
+    eval_index_map: list[int] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -141,6 +145,30 @@ def recalibrate_batchnorm(model: nn.Module, x: torch.Tensor, batch: int = 64) ->
     model.train(was_training)
 
 
+def calibration_sample(n_train: int, seed: int, size: int = BN_CALIBRATION_CELLS) -> list[int]:
+    """Indices of the training cells BatchNorm is recalibrated on: ``size`` drawn at
+    random, seeded by the round, the same for every epoch and every (re)start of the
+    run. The first ``size`` of the list would be the oldest labels, skewed by class."""
+    order = torch.randperm(n_train, generator=seeded_generator(seed * 65_537 + 12_345))
+    return sorted(order[:size].tolist())
+
+
+def validation_hits(
+    model: nn.Module, x: torch.Tensor, labels: torch.Tensor, eval_index_map: list[int]
+) -> tuple[float, float]:
+    """(right, seen) on one validation batch, scored on evaluation classes (BN and ART
+    merged), the measure the publish gate applies: best epoch and gate read one number."""
+    pred = model(x).argmax(1)
+    mapping = eval_index_map or list(range(int(max(pred.max(), labels.max())) + 1))
+    return float(merged_hits(labels.numpy(), pred.numpy(), mapping)), float(len(pred))
+
+
+def is_better(record: dict, best: dict | None) -> bool:
+    """Early stopping's model selection on the merged validation accuracy. Ties go to
+    the later (longer-trained) epoch."""
+    return best is None or record["validation_accuracy"] >= best["validation_accuracy"]
+
+
 def _bare(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
@@ -200,6 +228,7 @@ def train_loop(config_dict: dict[str, Any]) -> None:
     labels = torch.tensor([c for _, c in cfg.train], dtype=torch.long)
     val_keys = [k for k, _ in cfg.validation][rank::world]
     val_labels = torch.tensor([c for _, c in cfg.validation][rank::world], dtype=torch.long)
+    calibration = [keys[i] for i in calibration_sample(len(keys), cfg.seed)]
 
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         started = time.perf_counter()
@@ -229,15 +258,17 @@ def train_loop(config_dict: dict[str, Any]) -> None:
             seen += len(idx)
         train_seconds = time.perf_counter() - started
 
-        recalibrate_batchnorm(_bare(model), cache.batch(keys[:BN_CALIBRATION_CELLS]))
+        recalibrate_batchnorm(_bare(model), cache.batch(calibration))
         model.eval()
         v_correct = v_seen = 0.0
         with torch.no_grad():
             for start in range(0, len(val_keys), 64):
                 x = cache.batch(val_keys[start : start + 64])
-                pred = _bare(model)(x).argmax(1)
-                v_correct += float((pred == val_labels[start : start + 64]).sum())
-                v_seen += len(pred)
+                right, seen_now = validation_hits(
+                    _bare(model), x, val_labels[start : start + 64], cfg.eval_index_map
+                )
+                v_correct += right
+                v_seen += seen_now
         loss_sum, correct, seen, v_correct, v_seen = _sum_across(
             [loss_sum, correct, seen, v_correct, v_seen], world
         )
@@ -254,10 +285,8 @@ def train_loop(config_dict: dict[str, Any]) -> None:
         state["epoch"] = epoch
         # Early stopping's model selection: with a few hundred training cells the
         # validation accuracy still swings between late epochs, and publishing the last
-        # epoch would be a draw. Ties go to the later (longer-trained) epoch.
-        if rank == 0 and (
-            best is None or record["validation_accuracy"] >= best["validation_accuracy"]
-        ):
+        # epoch would be a draw.
+        if rank == 0 and is_better(record, best):
             best = {
                 "epoch": epoch,
                 "validation_accuracy": record["validation_accuracy"],

@@ -12,7 +12,9 @@ settings, whatever labels arrived in between. Its rules are the study's:
   training; ``trainset.check_no_leak`` asserts both;
 - transfer: from the active version's plain ``state_dict`` when one is stored, with
   lr ``learning_rate_later``; otherwise from scratch with ``learning_rate_first``;
-- loss weights: ``trainset.class_weights`` of the training set's class counts.
+- loss weights: ``trainset.class_weights`` of the training set's class counts;
+- gate: a bootstrap round's version must reach the round's ``params.gate`` (default
+  0.80) in validation accuracy to be served (``publish`` applies it).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from bmcell.taxonomy import DEFAULT_TAXONOMY, Taxonomy
 from services.trainer import jobs
 
 _LOG = log.get(__name__)
+#: The study's gate before rounds start: the initial model's validation accuracy.
+BOOTSTRAP_GATE = 0.80
 
 
 @dataclass
@@ -76,6 +80,10 @@ class Plan:
     init_version: int | None
     init_state_key: str | None
     class_weights: list[float]
+    # Validation accuracy a version must reach to be served (bootstrap rounds only).
+    gate: float | None = None
+    # What the test split is, in words, for the model report.
+    test_set: str = ""
     # (crop_key, training-class index, cell id)
     train: list[tuple[str, int, int]] = field(default_factory=list)
     validation: list[tuple[str, int, int]] = field(default_factory=list)
@@ -103,7 +111,8 @@ def make_plan(
     round_id: int | None,
     overrides: Overrides,
 ) -> Plan:
-    round_number = jobs.round_row(db, round_id)["number"] if round_id is not None else None
+    round_row = jobs.round_row(db, round_id) if round_id is not None else None
+    round_number = round_row["number"] if round_row else None
     active = jobs.active_version(db, settings.model_name)
     taxonomy = Taxonomy.from_json(active["taxonomy"]) if active else DEFAULT_TAXONOMY
     init_key = state_dict_key(settings.model_name, active["version"]) if active else None
@@ -118,7 +127,10 @@ def make_plan(
         init_key = None
     cap = overrides.per_class_cap or settings.per_class_cap
 
-    cells, crop_keys = jobs.labelled_cells(db, round_number)
+    # Labels count only within their round's experiment.
+    cells, crop_keys = jobs.labelled_cells(
+        db, round_number, round_row["experiment"] if round_row else None
+    )
     known = {c.cell_id: c for c in cells if c.class_code in taxonomy.codes}
     validation = sorted(c.cell_id for c in known.values() if c.source == "validation")
     test = sorted(c.cell_id for c in known.values() if c.source == "test")
@@ -153,7 +165,37 @@ def make_plan(
         init_version=active["version"] if init_key else None,
         init_state_key=init_key,
         class_weights=trainset.class_weights(counts).tolist(),
+        gate=bootstrap_gate(round_row),
+        test_set=describe_test_set([known[i] for i in test], taxonomy),
         train=train_items,
         validation=items(validation),
         test=items(test),
+    )
+
+
+def bootstrap_gate(round_: dict | None) -> float | None:
+    """The gate of a bootstrap round (``params.gate``, 0 or absent: the default, as the
+    rounds driver reads it); None for other rounds, which only the drop gate checks."""
+    if round_ is None or round_["strategy"] != "bootstrap":
+        return None
+    return float((round_["params"] or {}).get("gate") or BOOTSTRAP_GATE)
+
+
+def describe_test_set(cells: list, taxonomy: Taxonomy) -> str:
+    """E.g. "test specimens: 800 cells from 2 specimens, 50 per evaluation class, 16
+    classes" (or "... 12-50 per evaluation class ..." when unbalanced)."""
+    if not cells:
+        return "no test set: no labels of test specimens"
+    merge = taxonomy.eval_merge
+    per_class: dict[str, int] = {}
+    for c in cells:
+        code = merge.get(c.class_code, c.class_code)
+        per_class[code] = per_class.get(code, 0) + 1
+    low, high = min(per_class.values()), max(per_class.values())
+    spread = f"{low}" if low == high else f"{low}-{high}"
+    specimens = len({c.specimen_id for c in cells})
+    return (
+        f"test specimens: {len(cells)} cells from {specimens} "
+        f"specimen{'s' if specimens != 1 else ''}, {spread} per evaluation class, "
+        f"{len(per_class)} of {len(taxonomy.eval_codes)} classes"
     )

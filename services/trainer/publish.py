@@ -7,17 +7,26 @@ merged). The version is registered with ``bmcell.modelstore.register_version``
 (TorchScript into the Triton repository) and its plain ``state_dict`` is stored
 beside it for the next round's transfer.
 
-Promotion gate: the new version passes when its validation accuracy is at most
-``max_accuracy_drop`` below the active version's (any version passes when none is
-active). Passing calls ``activate`` (the classifier's ActivateModel, injected by the
-server so that this module has no transport code); failing marks the version
-``rejected`` with the reason. Every step is idempotent: a job resumed after a crash
+Promotion gates, both on the merged (16-class) validation accuracy, the number the
+training loop chose its best epoch by:
+
+- a version trained in a bootstrap round must reach the round's gate (``Plan.gate``,
+  0.80 by default). One that misses it is ``rejected`` and never served, even when no
+  version is active: the classifier then keeps its previous active version, or, with
+  none, refuses to classify ("no model passed the gate yet");
+- every version must be at most ``max_accuracy_drop`` below the active version's
+  (with none active, only the bootstrap gate applies).
+
+Passing calls ``activate`` (the classifier's ActivateModel, injected by the server so
+that this module has no transport code); failing marks the version ``rejected`` with
+the reason. Every step is idempotent: a job resumed after a crash
 here finds the version it already registered (``metrics.job_id``) and carries on.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -82,6 +91,10 @@ def upload_confusion(
     return key
 
 
+def _number(x: float) -> float | None:
+    return None if math.isnan(x) else float(x)
+
+
 def publish(
     db: Database,
     store: ObjectStore,
@@ -108,6 +121,14 @@ def publish(
             "job_id": job_id,
             "validation": val.to_json() if val else None,
             "test": test.to_json() if test else None,
+            # The headline figures beside accuracy (read by the rounds' report), and
+            # which cells the test figures come from.
+            "validation_balanced_accuracy": _number(val.balanced_accuracy) if val else None,
+            "validation_macro_f1": _number(val.macro_f1) if val else None,
+            "test_balanced_accuracy": _number(test.balanced_accuracy) if test else None,
+            "test_macro_f1": _number(test.macro_f1) if test else None,
+            "test_set": plan.test_set,
+            "gate": plan.gate,
             "train_size": len(plan.train),
             "epochs": plan.epochs,
             "learning_rate": plan.learning_rate,
@@ -140,6 +161,13 @@ def publish(
         return Outcome(version, val_acc, test_acc, True, f"v{version} published")
     if row["state"] == "rejected":
         return Outcome(version, val_acc, test_acc, False, row["note"])
+    if plan.gate is not None and val_acc < plan.gate:
+        note = (
+            f"rejected: validation accuracy {val_acc:.4f} is below the bootstrap gate "
+            f"{plan.gate:.2f}; not served"
+        )
+        jobs.reject(db, plan.model_name, version, note)
+        return Outcome(version, val_acc, test_acc, False, f"v{version} {note}")
     active = jobs.active_version(db, plan.model_name)
     floor = None
     if active is not None and active["validation_accuracy"] is not None:

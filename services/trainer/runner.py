@@ -94,6 +94,7 @@ def loop_config(job_id: str, plan: Plan, settings: TrainerSettings) -> LoopConfi
         init_state_key=plan.init_state_key,
         seed=plan.seed,
         threads=max(1, int(plan.cpus_per_worker)),
+        eval_index_map=plan.tax.eval_index_map(),
     )
 
 

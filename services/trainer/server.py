@@ -81,7 +81,28 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
             confusion_key=row["confusion_key"] or "",
             note=row["note"],
             round_id=row["round_id"] or 0,
+            **headline_figures(row["metrics"] or {}),
         )
+
+
+HEADLINE = (
+    "validation_balanced_accuracy",
+    "validation_macro_f1",
+    "test_balanced_accuracy",
+    "test_macro_f1",
+)
+
+
+def headline_figures(metrics: dict) -> dict:
+    """The report's figures beside accuracy; a version registered before they were
+    stored has them in its per-split evaluations (mean recall is balanced accuracy)."""
+    out: dict = {"test_set": metrics.get("test_set") or ""}
+    for key in HEADLINE:
+        value = metrics.get(key)
+        if value is None and key.endswith("_balanced_accuracy"):
+            value = (metrics.get(key.split("_")[0]) or {}).get("mean_recall")
+        out[key] = value or 0.0
+    return out
 
 
 def _last(row: dict) -> dict:

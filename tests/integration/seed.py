@@ -71,8 +71,8 @@ def seed_cells(
             (lab,),
         ).fetchone()["id"]
         spec_id = conn.execute(
-            "INSERT INTO specimens (lab_id, code, is_test) VALUES (%s, %s, %s) RETURNING id",
-            (lab_id, specimen, is_test),
+            "INSERT INTO specimens (lab_id, code, role) VALUES (%s, %s, %s) RETURNING id",
+            (lab_id, specimen, "test" if is_test else "training"),
         ).fetchone()["id"]
         field_id = conn.execute(
             "INSERT INTO field_images (specimen_id, sha256, object_key, format, width, height, size_bytes) "

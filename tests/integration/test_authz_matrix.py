@@ -210,6 +210,7 @@ def http_requests(w: World) -> dict[str, tuple[dict, dict]]:
     each as httpx.request keyword arguments."""
     stale = {"lease_token": str(uuid.UUID(int=7))}
     cell, lab = f"/v1/cells/{w.labelled}", w.lab_a
+    person = f"mx-reviewer-{w.lab_a.removeprefix('mx-a-')}"
 
     def same(url: str, body: dict | None = None) -> tuple[dict, dict]:
         request = {"url": url} if body is None else {"url": url, "json": body}
@@ -252,6 +253,41 @@ def http_requests(w: World) -> dict[str, tuple[dict, dict]]:
         "GET /v1/rounds/current/progress": same("/v1/rounds/current/progress"),
         "GET /v1/specimens/{lab}/{specimen}/report": same(
             f"/v1/specimens/{lab}/{w.specimen_a}/report"
+        ),
+        "GET /v1/labs": same("/v1/labs"),
+        "POST /v1/labs": (
+            {"url": "/v1/labs", "json": {"code": f"{lab}-new"}},
+            {"url": "/v1/labs", "json": {"code": lab}},  # exists: 409
+        ),
+        "GET /v1/specimens": same(f"/v1/specimens?lab={lab}"),
+        "PUT /v1/specimens/{lab}/{specimen}/role": (
+            {"url": f"/v1/specimens/{lab}/{w.specimen_a}/role", "json": {"role": "excluded"}},
+            # Its role already: nothing changes.
+            {"url": f"/v1/specimens/{lab}/{w.specimen_a}/role", "json": {"role": "training"}},
+        ),
+        "GET /v1/users": same("/v1/users"),
+        "POST /v1/users": (
+            {"url": "/v1/users", "json": {"name": f"{person}-new", "role": "operator"}},
+            {"url": "/v1/users", "json": {"name": person, "role": "operator"}},  # exists: 409
+        ),
+        "PATCH /v1/users/{name}": (
+            {"url": f"/v1/users/{person}", "json": {"disabled": True}},
+            {"url": f"/v1/users/{person}", "json": {"disabled": False}},  # as it is
+        ),
+        "POST /v1/users/{name}/tokens": (
+            {"url": f"/v1/users/{person}/tokens", "json": {}},
+            {"url": f"/v1/users/{person}-nobody/tokens", "json": {}},  # no such user: 404
+        ),
+        "POST /v1/specimens/{lab}/{specimen}/predict": same(
+            f"/v1/specimens/{lab}/{w.specimen_a}/predict"
+        ),
+        "POST /v1/specimens/{lab}/{specimen}/report/verify": (
+            {"url": f"/v1/specimens/{lab}/{w.specimen_a}/report/verify", "json": {}},
+            # A digest no report has: refused 409, so no sign-off is stored.
+            {
+                "url": f"/v1/specimens/{lab}/{w.specimen_a}/report/verify",
+                "json": {"digest": "0" * 64},
+            },
         ),
     }
 

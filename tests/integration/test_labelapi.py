@@ -57,8 +57,8 @@ class Seeder:
 
     def cells(self, lab_id: int, n: int, *, is_test: bool = False) -> list[int]:
         specimen = self.conn.execute(
-            "INSERT INTO specimens (lab_id, code, is_test) VALUES (%s, %s, %s) RETURNING id",
-            (lab_id, f"s-{uuid.uuid4().hex[:8]}", is_test),
+            "INSERT INTO specimens (lab_id, code, role) VALUES (%s, %s, %s) RETURNING id",
+            (lab_id, f"s-{uuid.uuid4().hex[:8]}", "test" if is_test else "training"),
         ).fetchone()["id"]
         field_id = self.conn.execute(
             """INSERT INTO field_images (specimen_id, sha256, object_key, format, width, height,
@@ -183,9 +183,12 @@ def test_tokens_expire_revoke_and_name_the_problem(seed: Seeder, api_url: str) -
     assert resp.status_code == 401 and "revoked" in resp.json()["error"]
 
 
-def test_users_cli_adds_issues_and_revokes(seed: Seeder, api_url: str, stack_env) -> None:
+def test_users_cli_adds_issues_and_revokes(
+    seed: Seeder, api_url: str, stack_env, stack: Stack
+) -> None:
     _, lab = seed.lab("cli")
-    env = {**os.environ, **stack_env}
+    # add and token go through the labeling API, as an admin; revoke is server-side.
+    env = {**os.environ, **stack_env, "BMCELL_TOKEN": stack.admin_token()}
 
     def bmcell(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(

@@ -68,7 +68,7 @@ def _fuzz(operation, base_url: str, token: str) -> None:
     )
 
     @settings(
-        max_examples=30,
+        max_examples=15,
         deadline=None,
         derandomize=True,
         database=None,

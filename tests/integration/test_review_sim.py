@@ -22,6 +22,7 @@ from PIL import Image
 from bmcell import tls
 from bmcell.db import Database
 from bmcell.review_sim import TruthIndex, simulate_reviews
+from bmcell.scenario import segmenter_cells
 from bmcell.settings import Settings, load
 from bmcell.stack import Stack
 from bmcell.stack.components import labelapi_url
@@ -113,7 +114,9 @@ def open_tasks(db: Database, cells: list[int]) -> int:
         ).fetchone()["n"]
 
 
-def test_error_free_reviewers_label_every_cell_with_its_truth(rt, tmp_path) -> None:
+def test_error_free_reviewers_label_every_cell_with_its_truth(
+    rt, admin_token: str, tmp_path
+) -> None:
     db, store, url = rt
     lab, cells, truth, tasks = make_tasks(db, store, 51)
     path = tmp_path / "truth.json"
@@ -122,7 +125,7 @@ def test_error_free_reviewers_label_every_cell_with_its_truth(rt, tmp_path) -> N
     prefix = f"sim-{lab}"
     stats = simulate_reviews(
         url,
-        db,
+        admin_token,
         index,
         reviewers=3,
         error_rate=0,
@@ -149,18 +152,25 @@ def test_error_free_reviewers_label_every_cell_with_its_truth(rt, tmp_path) -> N
     assert stats.tasks_per_s > 0
     # A second run finds nothing to do.
     again = simulate_reviews(
-        url, db, index, reviewers=2, seed=1, labs=[lab], user_prefix=prefix, adjudicate=False
+        url,
+        admin_token,
+        index,
+        reviewers=2,
+        seed=1,
+        labs=[lab],
+        user_prefix=prefix,
+        adjudicate=False,
     )
     assert again.reviews == 0 and again.stopped == "empty"
 
 
-def test_error_and_difficult_rates(rt) -> None:
+def test_error_and_difficult_rates(rt, admin_token: str) -> None:
     db, store, url = rt
     n = 150
     lab, cells, truth, _ = make_tasks(db, store, n)
     stats = simulate_reviews(
         url,
-        db,
+        admin_token,
         TruthIndex.from_mapping(truth),
         reviewers=3,
         error_rate=0.3,
@@ -196,12 +206,12 @@ def test_error_and_difficult_rates(rt) -> None:
         assert d.class_code == a["class_code"]
 
 
-def test_disagreement_goes_to_the_simulated_adjudicator(rt) -> None:
+def test_disagreement_goes_to_the_simulated_adjudicator(rt, admin_token: str) -> None:
     db, store, url = rt
     lab, cells, truth, _ = make_tasks(db, store, 12, required_reviews=3, bootstrap_only=True)
     stats = simulate_reviews(
         url,
-        db,
+        admin_token,
         TruthIndex.from_mapping(truth),
         reviewers=3,
         error_rate=0.5,
@@ -218,7 +228,7 @@ def test_disagreement_goes_to_the_simulated_adjudicator(rt) -> None:
     assert set(status.values()) <= {"labelled", "difficult"} and len(labels) == 12
 
 
-def test_cli_simulates_from_a_truth_file(rt, tmp_path) -> None:
+def test_cli_simulates_from_a_truth_file(rt, admin_token: str, tmp_path) -> None:
     db, store, url = rt
     lab, cells, truth, _ = make_tasks(db, store, 9)
     path = tmp_path / "truth.json"
@@ -244,7 +254,7 @@ def test_cli_simulates_from_a_truth_file(rt, tmp_path) -> None:
             "--seed",
             "3",
         ],
-        env=dict(os.environ),
+        env={**os.environ, "BMCELL_ADMIN_TOKEN": admin_token},
         capture_output=True,
         text=True,
         timeout=300,
@@ -266,7 +276,7 @@ def test_cli_simulates_from_a_truth_file(rt, tmp_path) -> None:
 
 
 def test_manifest_truth_through_the_segmenter(
-    rt, stack: Stack, operator_token: str, tmp_path
+    rt, stack: Stack, operator_token: str, admin_token: str, tmp_path
 ) -> None:
     """Synthetic fields uploaded to the segmenter map back to the manifest's classes."""
 
@@ -303,7 +313,11 @@ def test_manifest_truth_through_the_segmenter(
         ).fetchall()
     counted = [c["id"] for c in cells if c["status"] != "excluded"]
     assert counted, "the segmenter found no whole cell"
-    index = TruthIndex.from_manifest(tmp_path / "manifest.json", db)
+    index = TruthIndex.from_manifest(
+        tmp_path / "manifest.json",
+        segmenter_cells(stack.config.addr("segmenter"), operator_token),
+        labs={spec.lab: lab},
+    )
     placed = {c: index.truth(c) for c in counted if index.truth(c) is not None}
     assert len(placed) >= 0.6 * len(counted), (len(placed), len(counted))
     assert set(placed.values()) <= set(CODES)
@@ -319,7 +333,7 @@ def test_manifest_truth_through_the_segmenter(
         )
     stats = simulate_reviews(
         url,
-        db,
+        admin_token,
         index,
         reviewers=2,
         seed=0,

@@ -202,7 +202,9 @@ def world(stack: Stack):
     db.close()
 
 
-def test_round_survives_each_service_killed_mid_round(world, operator_token: str) -> None:
+def test_round_survives_each_service_killed_mid_round(
+    world, operator_token: str, admin_token: str
+) -> None:
     stack, db, store, truth_map = world
     env = stack.env()
     truth = TruthIndex.from_mapping(truth_map)
@@ -213,7 +215,7 @@ def test_round_survives_each_service_killed_mid_round(world, operator_token: str
         small_bootstrap(EXPERIMENT, LAB, test_reviews=1),
         token=operator_token,
         labelapi_url=env["BMCELL_LABELAPI_URL"],
-        db=db,
+        admin_token=admin_token,
         truth=truth,
         reviewers=Reviewers(count=3, error_rate=0.0, difficult_rate=0.0),
         say=print,
@@ -279,7 +281,7 @@ def test_round_survives_each_service_killed_mid_round(world, operator_token: str
     holders = [
         Reviewer(url, name, token, truth)
         for name, token in ensure_reviewers(
-            db, 2, labs=[LAB], prefix="restart-holder", adjudicator=None
+            url, admin_token, 2, labs=[LAB], prefix="restart-holder", adjudicator=None
         )
     ]
     first = holders[0].lease()
@@ -291,7 +293,7 @@ def test_round_survives_each_service_killed_mid_round(world, operator_token: str
     def reviewers() -> None:
         try:
             sim["stats"] = simulate_reviews(
-                url, db, truth, reviewers=3, seed=3, labs=[LAB], stop_when_empty=True
+                url, admin_token, truth, reviewers=3, seed=3, labs=[LAB], stop_when_empty=True
             )
         except BaseException as exc:  # noqa: BLE001 - asserted below
             sim["error"] = exc
@@ -398,7 +400,9 @@ def test_round_survives_each_service_killed_mid_round(world, operator_token: str
     # One training job, resumed after the kill, each epoch once in its history.
     assert len(jobs) == 1, [(j["id"], j["state"]) for j in jobs]
     job = jobs[0]
-    assert job["state"] == "succeeded" and job["published"], job["message"]
+    # "published" is the trainer's word for "promoted": a gate-rejected version is not.
+    assert job["state"] == "succeeded", job["message"]
+    assert job["published"] == r.promoted, (job["message"], r.message)
     history = job["history"]
     assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1)), history
     assert runner.worker_pids(store, job["id"])[0]["pid"] != worker_pid

@@ -329,20 +329,18 @@ def test_cli_upload_sends_the_token(world: World, stack: Stack, tmp_path) -> Non
     assert "fields 1 (duplicates 0)" in done.stderr
 
 
-def test_scenario_uploads_with_an_operator_token(
-    rt: tuple[Settings, Database, ObjectStore], stack: Stack, tmp_path
-) -> None:
+def test_scenario_uploads_with_an_operator_token(stack: Stack, tmp_path) -> None:
     """What `bmcell demo` and `bmcell experiment` do: an operator's token, issued again
     on a second run, for every lab's `bmcell upload` process."""
     from bmcell import scenario
     from bmcell.synth import generate_dataset
 
-    _, db, _ = rt
     seed = int(uuid.uuid4().int % 10**6)
     manifest = generate_dataset(tmp_path, labs=2, specimens=1, fields=1, seed=seed, size=256)
     said: list[str] = []
-    first = scenario.operator_token(db, "test-operator")
-    token = scenario.operator_token(db, "test-operator")
+    url = stack.env()["BMCELL_LABELAPI_URL"]
+    first = scenario.person_token(url, stack.admin_token(), "test-operator")
+    token = scenario.person_token(url, stack.admin_token(), "test-operator")
     assert token != first
     scenario.upload(manifest, said.append, token, stack.env())
     assert sum("fields 1" in line for line in said) == 2, said

@@ -61,8 +61,10 @@ def seed_study(
     size: int = CROP,
     seed: int = 3,
     number: int = 1,
+    strategy: str = "bootstrap",
+    params: dict | None = None,
 ) -> dict:
-    """A round with ``initial`` labels from three labs, ``validation`` labels from the
+    """A ``strategy`` round with ``initial`` labels from three labs, ``validation`` labels from the
     same labs and ``test`` labels on a test specimen of a fourth lab.
 
     The round row is written in a final state so that the stack's rounds service
@@ -71,9 +73,9 @@ def seed_study(
     experiment = f"trainer-{uuid.uuid4().hex[:8]}"
     with db.transaction() as conn:
         round_id = conn.execute(
-            "INSERT INTO rounds (experiment, number, strategy, state) "
-            "VALUES (%s, %s, 'bootstrap', 'published') RETURNING id",
-            (experiment, number),
+            "INSERT INTO rounds (experiment, number, strategy, state, params) "
+            "VALUES (%s, %s, %s, 'published', %s) RETURNING id",
+            (experiment, number, strategy, json.dumps(params or {})),
         ).fetchone()["id"]
     out: dict = {"round_id": round_id}
     splits = [
@@ -149,9 +151,12 @@ def test_round_training_publishes_and_is_idempotent(
 ) -> None:
     settings, db, store = rt
     with db.transaction() as conn:
-        # Round 1 of a study starts without a served model (lr 0.01, no gate to pass).
+        # A round without a served model trains from scratch (lr 0.01); not being a
+        # bootstrap it has no absolute gate to pass (test_below_gate_bootstrap_...).
         retire_active_model(conn, settings.model_name)
-    study = seed_study(db, store, train_per_class=3, val_per_class=2, test_per_class=2)
+    study = seed_study(
+        db, store, train_per_class=3, val_per_class=2, test_per_class=2, strategy="cst"
+    )
     job = start(trainer, study["round_id"], epochs=2, num_workers=2)
     again = start(trainer, study["round_id"], epochs=5)
     assert again.job_id == job.job_id  # one live job per round
@@ -191,6 +196,18 @@ def test_round_training_publishes_and_is_idempotent(
     assert set(study["test"]) <= test_split
     assert len(metrics["test"]["codes"]) == 16  # BN+ART merged
     assert metrics["validation"]["accuracy"] == pytest.approx(report.validation_accuracy)
+    # Balanced accuracy and macro-F1 beside accuracy, and where the test figures come from.
+    assert report.test_balanced_accuracy == pytest.approx(metrics["test"]["mean_recall"])
+    assert metrics["test_balanced_accuracy"] == pytest.approx(report.test_balanced_accuracy)
+    assert metrics["test_macro_f1"] == pytest.approx(report.test_macro_f1)
+    assert metrics["test_macro_f1"] == pytest.approx(metrics["test"]["macro_f1"])
+    assert metrics["validation_macro_f1"] == pytest.approx(report.validation_macro_f1)
+    assert report.validation_balanced_accuracy == pytest.approx(
+        metrics["validation_balanced_accuracy"]
+    )
+    assert report.test_set == metrics["test_set"]
+    assert report.test_set.startswith(f"test specimens: {len(test_split)} cells from ")
+    assert "per evaluation class" in report.test_set
     assert store.get(report.confusion_key)[:8] == b"\x89PNG\r\n\x1a\n"
     assert store.exists(state_dict_key(settings.model_name, final.model_version))
     with operator_channel(stack.config.addr("classifier")) as ch:
@@ -223,6 +240,52 @@ def test_round_training_publishes_and_is_idempotent(
     assert report2.state == "rejected" and "below active" in report2.note
 
 
+def test_below_gate_bootstrap_is_not_served(rt, trainer, stack: Stack, operator_channel) -> None:
+    settings, db, store = rt
+    with operator_channel(stack.config.addr("classifier")) as ch:
+        classifier = classifier_pb2_grpc.ClassifierStub(ch)
+        served = classifier.ListModels(classifier_pb2.ListModelsRequest(), timeout=10)
+        assert served.active_version > 0  # the previous test's version
+        # One epoch on a handful of cells cannot reach this round's gate.
+        study = seed_study(
+            db, store, train_per_class=2, val_per_class=2, test_per_class=1, params={"gate": 0.99}
+        )
+        job = start(trainer, study["round_id"], epochs=1, num_workers=1)
+        done = wait_for(trainer, job.job_id, lambda j: j.state not in ("queued", "running"))
+        assert done.state == "succeeded" and not done.published, done
+        assert "below the bootstrap gate 0.99" in done.message
+        report = trainer.GetModelReport(
+            trainer_pb2.GetModelReportRequest(version=done.model_version), timeout=10
+        )
+        assert report.state == "rejected" and "not served" in report.note
+        # The classifier keeps answering with the version it served before.
+        cells = classifier_pb2.ClassifyRequest(cell_ids=study["test"][:2])
+        assert classifier.Classify(cells, timeout=60).model_version == served.active_version
+        with pytest.raises(grpc.RpcError) as err:
+            classifier.ActivateModel(
+                classifier_pb2.ActivateModelRequest(version=done.model_version), timeout=60
+            )
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+        # With no version that passed a gate it refuses, and says why.
+        with db.transaction() as conn:
+            retire_active_model(conn, settings.model_name)
+        time.sleep(1.5)  # the classifier's cache of the active row
+        pool = classifier_pb2.PredictPoolRequest(cell_ids=study["test"])
+        for call in (
+            lambda: classifier.Classify(cells, timeout=60),
+            lambda: list(classifier.PredictPool(pool, timeout=60)),  # a stream
+        ):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert err.value.details().startswith("no model passed the gate yet")
+        # What the previous test served is served again for the modules after this one.
+        classifier.ActivateModel(
+            classifier_pb2.ActivateModelRequest(version=served.active_version), timeout=60
+        )
+
+
 def settings_lr_first() -> float:
     from bmcell.settings import TrainerSettings
 
@@ -251,16 +314,38 @@ def test_restarted_trainer_resumes_its_running_job(rt, trainer, stack: Stack) ->
     study = seed_study(db, store, train_per_class=6, val_per_class=1, test_per_class=1)
     epochs = 6
     job = start(trainer, study["round_id"], epochs=epochs, num_workers=1)
+    # Jobs that ended failed or cancelled are never started again by themselves: two as
+    # an earlier process left them (the same plan, never trained).
+    with db.transaction() as conn:
+        ended_ids = [
+            conn.execute(
+                "INSERT INTO training_jobs (id, round_id, config, epochs, state, message) "
+                "SELECT %s, round_id, config, epochs, %s, %s FROM training_jobs WHERE id = %s "
+                "RETURNING id",
+                (f"train-{uuid.uuid4().hex[:12]}", state, message, job.job_id),
+            ).fetchone()["id"]
+            for state, message in (("failed", "RuntimeError: boom"), ("cancelled", "by request"))
+        ]
     running = wait_for(trainer, job.job_id, lambda j: j.epoch >= 2)
     stopped_at = running.epoch
     pid = stack._load_state()["components"]["trainer"]["pid"]
     stack._stop_pid("trainer", pid)
     assert job_row(db, job.job_id)["state"] == "running"  # left for the next process
+    ended = {i: job_row(db, i) for i in ended_ids}
     stack.up(only=["trainer"])
 
     done = wait_for(trainer, job.job_id, lambda j: j.state not in ("queued", "running"))
     assert done.state == "succeeded", done
     assert_resumed_after(db, job.job_id, epochs, stopped_at)
+    for job_id, before in ended.items():
+        after = job_row(db, job_id)
+        assert (after["state"], after["updated_at"]) == (before["state"], before["updated_at"])
+        assert runner.read_progress(store, job_id) is None  # no Ray run was started for it
+    with db.connection() as conn:
+        jobs_of_round = conn.execute(
+            "SELECT id FROM training_jobs WHERE round_id = %s", (study["round_id"],)
+        ).fetchall()
+    assert {r["id"] for r in jobs_of_round} == {job.job_id, *ended_ids}
 
 
 def test_cancel_stops_the_run(rt, trainer) -> None:

@@ -49,3 +49,15 @@ def test_predictions_no_longer_depend_on_the_last_training_batches() -> None:
     recalibrate_batchnorm(model, x)
     model.eval()
     assert torch.allclose(model(x).detach(), first, atol=1e-5)
+
+
+def test_calibration_cells_are_a_seeded_random_draw_not_the_oldest() -> None:
+    from services.trainer.loop import BN_CALIBRATION_CELLS, calibration_sample
+
+    first = calibration_sample(5_000, seed=3)
+    assert first == calibration_sample(5_000, seed=3)  # a resumed run: the same cells
+    assert len(first) == len(set(first)) == BN_CALIBRATION_CELLS
+    assert first != list(range(BN_CALIBRATION_CELLS))  # not the first by id
+    assert max(first) > 2_500  # drawn over the whole list
+    assert calibration_sample(5_000, seed=4) != first  # another round, another draw
+    assert calibration_sample(100, seed=3) == list(range(100))  # fewer cells: all of them

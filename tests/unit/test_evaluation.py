@@ -86,3 +86,33 @@ def test_anova_tukey() -> None:
     assert pairs[("cst", "al")]["ci_low"] < 0 < pairs[("cst", "al")]["ci_high"]
     with pytest.raises(ValueError, match="two groups"):
         anova_tukey({"cst": [1.0, 2.0]})
+
+
+def test_balanced_accuracy_and_macro_f1_by_hand() -> None:
+    # The confusion above: [[2, 1, 0], [1, 1, 0], [0, 1, 2]].
+    result = evaluate([0, 0, 0, 1, 1, 2, 3, 3], [0, 1, 0, 1, 0, 3, 2, 1], SMALL)
+    # Recall 2/3, 1/2, 2/3; F1 = 2TP / (row + column) = 4/6, 2/5, 4/5.
+    assert result.balanced_accuracy == pytest.approx((2 / 3 + 1 / 2 + 2 / 3) / 3)
+    np.testing.assert_allclose(result.f1, [2 / 3, 2 / 5, 4 / 5])
+    assert result.macro_f1 == pytest.approx(28 / 45)
+    data = result.to_json()
+    assert data["balanced_accuracy"] == pytest.approx(11 / 18)
+    assert data["macro_f1"] == pytest.approx(28 / 45)
+    assert data["f1"]["B"] == pytest.approx(0.4)
+
+
+def test_a_class_predicted_but_absent_scores_f1_zero_and_no_recall() -> None:
+    # Truth A A, predicted A B: B has no recall (absent) but an F1 of 0 (a false
+    # positive); C+D is in neither and counts in no mean.
+    result = evaluate([0, 0], [0, 1], SMALL)
+    assert result.accuracy == 0.5 and result.balanced_accuracy == 0.5
+    assert result.f1[1] == 0.0 and math.isnan(result.f1[2])
+    assert result.macro_f1 == pytest.approx((2 / 3 + 0.0) / 2)
+
+
+def test_merged_hits_counts_bn_for_art_as_right() -> None:
+    from bmcell.evaluation import merged_hits
+
+    truth, pred = [BN, ART, MB, LY], [ART, ART, LY, LY]
+    assert merged_hits(truth, pred, T.eval_index_map()) == 3
+    assert evaluate(truth, pred, T).accuracy == 3 / 4

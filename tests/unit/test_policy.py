@@ -20,7 +20,7 @@ def _app():
 
 def test_every_proto_method_has_a_rule_and_no_rule_is_stale() -> None:
     methods = policy.proto_methods()
-    assert len(methods) == 17  # a new rpc must come with a row in policy.GRPC
+    assert len(methods) == 18  # a new rpc must come with a row in policy.GRPC
     assert sorted(set(methods) - set(policy.GRPC)) == []
     assert sorted(set(policy.GRPC) - set(methods)) == []
 
@@ -88,3 +88,15 @@ def test_authorize_denies_by_default_and_names_the_roles() -> None:
     with pytest.raises(PermissionDenied, match="'reviewer' may not call .*admin, operator"):
         policy.authorize(reviewer, rule, "/bmcell.v1.Classifier/ActivateModel")
     policy.authorize(Principal(2, "svc", "service", None), rule, "ActivateModel")
+
+
+def test_people_are_for_admins_and_labs_and_specimen_roles_for_operators() -> None:
+    """DESIGN.md: admins manage people and tokens; operators and admins manage labs
+    and specimens' roles; everyone lists the labs and specimens they see."""
+    for route, rule in policy.HTTP.items():
+        if route.split(" ")[1].startswith("/v1/users"):
+            assert rule.roles == {"admin"}, route
+    assert policy.HTTP["POST /v1/labs"].roles == {"operator", "admin"}
+    assert policy.HTTP["PUT /v1/specimens/{lab}/{specimen}/role"].roles == {"operator", "admin"}
+    for route in ("GET /v1/labs", "GET /v1/specimens"):
+        assert policy.HTTP[route].roles == policy.PEOPLE and policy.HTTP[route].scope == "request"

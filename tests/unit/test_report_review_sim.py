@@ -98,32 +98,44 @@ def dataset(tmp_path_factory: pytest.TempPathFactory):
 def test_truth_index_places_segmented_cells_by_sha_and_instances(dataset) -> None:
     manifest, root = dataset
     spec = manifest.specimens[0]
-    fields, cells, want = [], [], {}
+    cells, want = [], {}
     cid = 1000
     for fid, rec in enumerate(spec.fields, start=1):
-        fields.append(
-            {
-                "id": fid,
-                "sha256": sha256_hex((root / rec.image).read_bytes()),
-                "filename": Path(rec.image).name,
-                "lab": spec.lab,
-                "specimen": spec.id,
-            }
-        )
+        sha = sha256_hex((root / rec.image).read_bytes())
         for c in rec.cells:
             x0, y0, x1, y1 = c.bbox
             # a segmenter's bbox is close to, not equal to, the true one
             cells.append(
-                {"id": cid, "field_id": fid, "x0": x0 + 2, "y0": y0 - 1, "x1": x1 - 1, "y1": y1 + 2}
+                {
+                    "id": cid,
+                    "field_id": fid,
+                    "field_sha256": sha,
+                    "x0": x0 + 2,
+                    "y0": y0 - 1,
+                    "x1": x1 - 1,
+                    "y1": y1 + 2,
+                }
             )
             want[cid] = c.cls
             cid += 1
     assert want, "the tiny data set should hold cells"
     # a detection on empty background, and a field nobody knows
-    cells.append({"id": 1, "field_id": 1, "x0": 0, "y0": 0, "x1": 2, "y1": 2})
-    fields.append({"id": 99, "sha256": "0" * 64, "filename": "x.png", "lab": "l", "specimen": "s"})
-    cells.append({"id": 2, "field_id": 99, "x0": 0, "y0": 0, "x1": 50, "y1": 50})
-    index = TruthIndex.from_rows(manifest, fields, cells)
+    sha1 = cells[0]["field_sha256"]
+    cells.append(
+        {
+            "id": 1,
+            "field_id": cells[0]["field_id"],
+            "field_sha256": sha1,
+            "x0": 0,
+            "y0": 0,
+            "x1": 2,
+            "y1": 2,
+        }
+    )
+    cells.append(
+        {"id": 2, "field_id": 99, "field_sha256": "0" * 64, "x0": 0, "y0": 0, "x1": 50, "y1": 50}
+    )
+    index = TruthIndex.from_rows(manifest, cells)
     got = {k: index.truth(k) for k in want}
     assert got == want
     assert index.truth(2) is None and index.truth(123456) is None
@@ -154,7 +166,7 @@ def test_truth_index_loads_a_fallback_mapping(tmp_path: Path) -> None:
     listed = tmp_path / "list.json"
     listed.write_text(json.dumps([{"cell_id": 8, "class": "LY"}]))
     assert TruthIndex.load(listed).truth(8) == "LY"
-    with pytest.raises(ValueError, match="Postgres"):
+    with pytest.raises(ValueError, match="needs the segmenter"):
         manifest = tmp_path / "m" / "manifest.json"
         manifest.parent.mkdir()
         manifest.write_text(json.dumps({"version": 1, "specimens": []}))

@@ -22,12 +22,18 @@ def test_each_service_gets_its_own_kept_token_and_the_cli_an_operator_token(tmp_
 
     operator = stack.operator_token()
     assert operator not in tokens.values()
-    assert (
-        "BMCELL_TOKEN" not in env_of["labelapi"]
-        and "BMCELL_SERVICE_TOKEN" not in env_of["labelapi"]
-    )
+    # The labeling API calls the classifier (reports) as its own account, not the CLI's.
+    assert "BMCELL_TOKEN" not in env_of["labelapi"]
+    labelapi_token = env_of["labelapi"]["BMCELL_SERVICE_TOKEN"]
+    assert labelapi_token not in {operator, *tokens.values()}
+    assert labelapi_token == accounts.tokens(stack.config, ["labelapi"])["svc-labelapi"]
     assert all(env_of[n]["BMCELL_ENV"] == "development" for n in [*GRPC_SERVICES, "labelapi"])
     stack._write_env_file()
     assert f"BMCELL_TOKEN={operator}\n" in stack.config.env_file.read_text()
     assert stat.S_IMODE(stack.config.env_file.stat().st_mode) == 0o600
     assert accounts.tokens(stack.config, [])[accounts.OPERATOR] == operator
+    # An admin's token beside it (people and tokens), never the CLI's default one.
+    admin = stack.admin_token()
+    assert admin not in {operator, *tokens.values()}
+    assert f"BMCELL_ADMIN_TOKEN={admin}\n" in stack.config.env_file.read_text()
+    assert accounts.tokens(stack.config, [])[accounts.ADMIN] == admin

@@ -95,3 +95,36 @@ def test_augmentation_fills_with_the_crop_background() -> None:
     params = AugmentParams(rotation_deg=(45.0, 45.0), max_shift=0.125)
     out = augment(white, seeded_generator(0), params, CROP_BACKGROUND)
     assert np.allclose(out.numpy(), 1.0, atol=1e-5)
+
+
+def test_only_a_bootstrap_round_has_the_absolute_gate() -> None:
+    from services.trainer.plan import bootstrap_gate
+
+    assert bootstrap_gate({"strategy": "bootstrap", "params": {}}) == 0.80
+    assert bootstrap_gate({"strategy": "bootstrap", "params": {"gate": 0}}) == 0.80
+    assert bootstrap_gate({"strategy": "bootstrap", "params": {"gate": 0.9}}) == 0.9
+    assert bootstrap_gate({"strategy": "cst+al", "params": {"gate": 0.9}}) is None
+    assert bootstrap_gate(None) is None
+    old = plan().to_json()
+    for key in ("gate", "test_set"):  # a job stored before these fields resumes
+        old.pop(key)
+    assert Plan.from_json(old).gate is None
+
+
+def test_test_set_is_described_by_its_specimens_and_classes() -> None:
+    from bmcell.trainset import LabelledCell
+    from services.trainer.plan import describe_test_set
+
+    def cells(code: str, n: int, specimen: int) -> list[LabelledCell]:
+        return [LabelledCell(i, code, 0, "test", specimen, True) for i in range(n)]
+
+    balanced = [c for code in DEFAULT_TAXONOMY.codes for c in cells(code, 25, 1)]
+    # Twice 25 per training class: 50 per evaluation class, 100 in BN+ART (merged).
+    assert describe_test_set(balanced + balanced, DEFAULT_TAXONOMY).startswith(
+        "test specimens: 850 cells from 1 specimen, 50-100 per evaluation class, 16 of 16"
+    )
+    uneven = cells("MB", 3, 1) + cells("LY", 5, 2)
+    assert describe_test_set(uneven, DEFAULT_TAXONOMY) == (
+        "test specimens: 8 cells from 2 specimens, 3-5 per evaluation class, 2 of 16 classes"
+    )
+    assert describe_test_set([], DEFAULT_TAXONOMY).startswith("no test set")

@@ -119,3 +119,28 @@ def test_class_weights_inverse_frequency_normalised() -> None:
     np.testing.assert_allclose((w * counts).sum() / counts.sum(), 1.0)
     with pytest.raises(ValueError, match="all zero"):
         class_weights([0, 0])
+
+
+def test_validation_split_never_takes_a_rare_class_wholly() -> None:
+    """A class with 30 labels and an initial quota of 25 gives 5 to validation, one
+    with 20 gives none; a common class still gives its full 50; merged classes (BN and
+    ART) each keep their own quota."""
+    cells = [cell(i, "MB", 0, "initial") for i in range(30)]
+    cells += [cell(100 + i, "PC", 0, "initial") for i in range(20)]
+    cells += [cell(200 + i, "LY", 0, "initial") for i in range(300)]
+    cells += [cell(600 + i, "BN", 0, "initial") for i in range(27)]
+    cells += [cell(700 + i, "ART", 0, "initial") for i in range(40)]
+    merge = DEFAULT_TAXONOMY.eval_merge
+    assert merge.get("BN", "BN") == merge.get("ART", "ART")
+    split = set(validation_split(cells, 50, 4, merge, keep_in_training=25))
+    by_code: dict[str, int] = {}
+    for c in cells:
+        if c.cell_id in split:
+            by_code[c.class_code] = by_code.get(c.class_code, 0) + 1
+    assert by_code.get("MB") == 5 and "PC" not in by_code and by_code["LY"] == 50
+    assert by_code["BN"] <= 2 and by_code["ART"] <= 15 and by_code["BN"] + by_code["ART"] == 17
+    # Without the guard the same rare classes go wholly into validation.
+    unguarded = set(validation_split(cells, 50, 4, merge))
+    assert set(range(100, 120)) <= unguarded
+    with pytest.raises(ValueError, match="keep_in_training"):
+        validation_split(cells, 50, 4, merge, keep_in_training=-1)
