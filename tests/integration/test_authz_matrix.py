@@ -202,6 +202,10 @@ def grpc_requests(
         ),
         "/bmcell.v1.Rounds/GetRound": same(lambda: rounds_pb2.GetRoundRequest(round_id=w.round_id)),
         "/bmcell.v1.Rounds/ListRounds": same(rounds_pb2.ListRoundsRequest),
+        # The matrix's round has not failed: an allowed retry is refused, nothing changes.
+        "/bmcell.v1.Rounds/RetryRound": same(
+            lambda: rounds_pb2.RetryRoundRequest(round_id=w.round_id)
+        ),
     }
 
 
