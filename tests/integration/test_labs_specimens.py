@@ -220,7 +220,10 @@ def test_a_new_lab_through_the_cli_and_http(stack: Stack, rt, tmp_path: Path) ->
     assert sorted(people) == sorted(
         [("lab.add", accounts.ADMIN)]
         + [("user.add", accounts.ADMIN), ("token.issue", accounts.ADMIN)] * 2
+        + [("specimen.add", uploader)] * 2  # each specimen's first upload
     )
+    added = {r["entity_id"]: r["after"]["role"] for r in rows if r["action"] == "specimen.add"}
+    assert added == {f"{lab}/{test_spec}": "test", f"{lab}/{train_spec}": "training"}
     (change,) = [r for r in rows if r["action"] == "specimen.set_role"]
     assert change["actor_name"] == accounts.OPERATOR and change["actor_kind"] == "person"
     assert change["before"] == {"role": "training"} and change["after"] == {"role": "excluded"}
