@@ -18,6 +18,7 @@ results) goes through the same gRPC and HTTP calls a lab uses, with tokens.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -118,9 +119,10 @@ def copy_model(store: ObjectStore, url: str, model_name: str, new_name: str) -> 
 def run(cfg: ExperimentConfig, stack: Stack, say: Say) -> dict[str, Path]:
     stack.up()
     env = stack.env()
-    settings = load(
-        Settings, database_url=env["BMCELL_DATABASE_URL"], s3_endpoint=env["BMCELL_S3_ENDPOINT"]
-    )
+    # Every client below (gRPC, HTTP, libpq for the clones, S3 for the model copies)
+    # speaks TLS to this stack with its CA: its settings, not the caller's.
+    os.environ.update(env)
+    settings = load(Settings)
     store = ObjectStore(settings).ensure_buckets()
     manifest = scenario.synthesize(
         cfg.out / "synth", cfg.labs, cfg.specimens, cfg.fields, cfg.seed, cfg.size, say
