@@ -108,7 +108,8 @@ def test_a_new_lab_through_the_cli_and_http(stack: Stack, rt, tmp_path: Path) ->
     # The uploader uploads a test specimen and a training one (the default role).
     fields = {spec: tmp_path / f"{spec}.png" for spec in (test_spec, train_spec)}
     fields[test_spec].write_bytes(_fresh_png())
-    fields[train_spec].write_bytes(_field_png(int(uuid.uuid4().int % 10**9), size=512))
+    # 704 px: enough whole cells that two are always left in the pool, whatever the seed
+    fields[train_spec].write_bytes(_field_png(int(uuid.uuid4().int % 10**9), size=704))
     up = _client_env(stack, up_token, tmp_path)
     for result in _parallel(
         up,

@@ -163,7 +163,10 @@ def test_round_training_publishes_and_is_idempotent(
 
     request = trainer_pb2.GetJobRequest(job_id=job.job_id)
     seen = list(trainer.WatchJob(request, timeout=300))
-    assert [p.epoch for p in seen if p.state == "running" and p.epoch][:2] == [1, 2]
+    # Progress streams while it trains (a watch that starts late under load may miss
+    # epoch 1, never the order or the last epoch).
+    epochs = [p.epoch for p in seen if p.state == "running" and p.epoch]
+    assert epochs and epochs == sorted(epochs) and epochs[-1] == 2, epochs
     assert seen[-1].state == "succeeded", seen[-1]
     final = trainer.GetJob(request, timeout=10)
     assert final.published and final.model_version > 0, final
