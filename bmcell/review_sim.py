@@ -39,7 +39,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from bmcell import tls
+from bmcell import http_client
 from bmcell.storage import sha256_hex
 from bmcell.synth.manifest import CellRecord, FieldRecord, Manifest, load_manifest
 from bmcell.taxonomy import DEFAULT_TAXONOMY, Taxonomy
@@ -338,14 +338,7 @@ def ensure_reviewers(
 
 def people_client(labelapi_url: str, token: str) -> httpx.Client:
     """An HTTP client of the labeling API speaking as ``token``'s owner."""
-    # An https:// API is verified against BMCELL_TLS_CA, never the system's CAs.
-    verify = tls.httpx_verify() if labelapi_url.startswith("https://") else True
-    return httpx.Client(
-        base_url=labelapi_url,
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=60,
-        verify=verify,
-    )
+    return http_client.client(labelapi_url, token)
 
 
 def ensure_user(api: httpx.Client, name: str, role: str, labs: Sequence[str]) -> None:

@@ -19,7 +19,7 @@ import httpx
 import psycopg
 
 from bmcell import db as dbmod
-from bmcell import grpc_client, tls
+from bmcell import grpc_client, http_client
 from bmcell.errors import BmcellError
 from bmcell.settings import Settings, load
 
@@ -69,10 +69,7 @@ LABELAPI_VAR = "BMCELL_LABELAPI_URL"
 def labelapi(token: str | None = None) -> Iterator[httpx.Client]:
     """A client of the labeling API whose requests carry the caller's token; an https://
     API is verified against BMCELL_TLS_CA (the stack's CA), never the system's CAs."""
-    url = address(LABELAPI_VAR)
-    verify = tls.httpx_verify() if url.startswith("https://") else True
-    headers = {"Authorization": f"Bearer {api_token(token)}"}
-    with httpx.Client(base_url=url, headers=headers, timeout=60, verify=verify) as client:
+    with http_client.client(address(LABELAPI_VAR), api_token(token)) as client:
         yield client
 
 
