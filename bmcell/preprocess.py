@@ -83,12 +83,14 @@ def _to_image(crop: CropInput) -> Image.Image:
     )
 
 
-def crop_to_tensor(crop: CropInput, input_size: int) -> np.ndarray:
-    """Decode a square crop (PNG bytes, uint8 array or PIL image) to float32 (3, S, S) in [0, 1].
+def crop_to_uint8(crop: CropInput, input_size: int) -> np.ndarray:
+    """A square crop at the network's input size, uint8 (S, S, 3) RGB: what
+    :func:`crop_to_tensor` scales, and what ``bmcell.thumbs`` stores per cell.
 
     Alpha is dropped (the segmenter already blanked the extracellular area) and
-    greyscale is expanded to RGB; the centre ``CENTRE_FRACTION`` of the crop is kept. Non-square crops are refused rather than
-    distorted: crops come from the segmenter square, so another shape is a bug.
+    greyscale is expanded to RGB; the centre ``CENTRE_FRACTION`` of the crop is kept.
+    Non-square crops are refused rather than distorted: crops come from the segmenter
+    square, so another shape is a bug.
     """
     _check_size(input_size)
     image = _to_image(crop)
@@ -102,8 +104,25 @@ def crop_to_tensor(crop: CropInput, input_size: int) -> np.ndarray:
         image = image.crop((offset, offset, offset + keep, offset + keep))
     if image.width != input_size:
         image = image.resize((input_size, input_size), resample=RESAMPLE)
-    array = np.asarray(image, dtype=np.uint8)  # (S, S, 3)
-    return np.ascontiguousarray(array.transpose(2, 0, 1), dtype=np.float32) * np.float32(SCALE)
+    return np.asarray(image, dtype=np.uint8)  # (S, S, 3)
+
+
+def uint8_to_batch(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (N, S, S, 3) or (S, S, 3) to float32 (N, 3, S, S) or (3, S, S) in [0, 1]."""
+    if pixels.dtype != np.uint8 or pixels.ndim not in (3, 4) or pixels.shape[-1] != 3:
+        raise ValueError(
+            f"pixels must be uint8 (N, S, S, 3) or (S, S, 3), got {pixels.dtype} {pixels.shape}"
+        )
+    axes = (2, 0, 1) if pixels.ndim == 3 else (0, 3, 1, 2)
+    return np.ascontiguousarray(pixels.transpose(axes), dtype=np.float32) * np.float32(SCALE)
+
+
+def crop_to_tensor(crop: CropInput, input_size: int) -> np.ndarray:
+    """Decode a square crop (PNG bytes, uint8 array or PIL image) to float32 (3, S, S) in [0, 1].
+
+    The same numbers as :func:`crop_to_uint8` then :func:`uint8_to_batch`.
+    """
+    return uint8_to_batch(crop_to_uint8(crop, input_size))
 
 
 def batch_from_crops(crops: Sequence[CropInput], input_size: int) -> np.ndarray:

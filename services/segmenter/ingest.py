@@ -41,13 +41,15 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import numpy as np
 from prometheus_client import Counter, Histogram
 from psycopg import Connection
 
-from bmcell import audit, log, specimens
+from bmcell import audit, log, specimens, thumbs
 from bmcell.auth import Principal, require_upload
 from bmcell.db import Database, advisory_locks, lock_key, object_lock_key
 from bmcell.errors import BmcellError, FailedPrecondition, InvalidArgument
+from bmcell.network import DEFAULT_INPUT_SIZE
 from bmcell.settings import SegmenterSettings
 from bmcell.storage import ObjectStore, content_key, digest_of_key, sha256_hex
 from services.segmenter import cells as repo
@@ -259,7 +261,16 @@ class Ingestor:
                 if self.settings.fault_pause_before_commit_s:
                     time.sleep(self.settings.fault_pause_before_commit_s)
                 field_id = self._insert(
-                    conn, header, data, digest, field, field_key, model.name, uploader, cell_rows
+                    conn,
+                    header,
+                    data,
+                    digest,
+                    field,
+                    field_key,
+                    model.name,
+                    uploader,
+                    cell_rows,
+                    [(c.index, c.crop) for c in cells],
                 )
             except BaseException:
                 self._delete(created)
@@ -363,6 +374,7 @@ class Ingestor:
         segmenter: str,
         uploader: Principal,
         cell_rows: list[dict],
+        crops: list[tuple[int, np.ndarray]],
     ) -> int | None:
         with conn.transaction():
             lab_id, specimen_id, role = repo.upsert_specimen(
@@ -390,6 +402,7 @@ class Ingestor:
             for row in cell_rows:
                 row.update(field_id=field_id, specimen_id=specimen_id, lab_id=lab_id)
             repo.insert_cells(conn, cell_rows)
+            thumbs.write_for_field(conn, field_id, crops, DEFAULT_INPUT_SIZE)
             # No filename: it often carries patient identifiers.
             audit.record(
                 conn,

@@ -20,8 +20,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image, PngImagePlugin
 
 from bmcell import db as dbmod
-from bmcell import paging, tls
+from bmcell import paging, preprocess, thumbs, tls
+from bmcell.errors import NotFound
 from bmcell.grpc_client import bearer
+from bmcell.network import DEFAULT_INPUT_SIZE
 from bmcell.settings import Settings, load
 from bmcell.stack import Stack
 from bmcell.storage import ObjectStore
@@ -128,6 +130,47 @@ def test_upload_segments_and_stores_cells(stack: Stack, stub, store: ObjectStore
         )
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "page_token" in err.value.details()
+
+
+def test_cells_get_their_network_input_with_them(stack: Stack, stub, store: ObjectStore) -> None:
+    """The thumb stored with each cell is the crop's network input, bit for bit, and a
+    thumb lost (or of another size) is made again from the crop on first read."""
+    specimen = _specimen()
+    r = stub.Upload(_requests(_field_png(5), specimen), timeout=120)
+    rows = _sql(
+        stack,
+        """SELECT c.id, c.crop_key, t.pixels FROM cells c
+             JOIN specimens s ON s.id = c.specimen_id
+             LEFT JOIN cell_thumbs t ON t.cell_id = c.id AND t.size = %s
+            WHERE s.code = %s ORDER BY c.id""",
+        DEFAULT_INPUT_SIZE,
+        specimen,
+    )
+    assert len(rows) == r.cells > 1
+    for _, crop_key, pixels in rows:
+        want = preprocess.crop_to_uint8(store.get(crop_key), DEFAULT_INPUT_SIZE)
+        assert pixels is not None and bytes(pixels) == want.tobytes()
+    ids = [cid for cid, *_ in rows]
+    _sql(stack, "DELETE FROM cell_thumbs WHERE cell_id = %s RETURNING cell_id", ids[0])
+    db = dbmod.Database(load(Settings), name="test-thumbs").open()
+    try:
+        got = thumbs.fetch(db, store, ids[::-1], DEFAULT_INPUT_SIZE)
+        bigger = thumbs.fetch(db, store, ids[:1], 96)
+        with pytest.raises(NotFound, match="-5"):
+            thumbs.fetch(db, store, [ids[0], -5], DEFAULT_INPUT_SIZE)
+    finally:
+        db.close()
+    for i, (_, crop_key, _) in enumerate(reversed(rows)):
+        want = preprocess.crop_to_uint8(store.get(crop_key), DEFAULT_INPUT_SIZE)
+        assert np.array_equal(got[i], want)
+        np.testing.assert_array_equal(
+            thumbs.to_batch(got[i : i + 1])[0],
+            preprocess.crop_to_tensor(store.get(crop_key), DEFAULT_INPUT_SIZE),
+        )
+    assert bigger.shape == (1, 96, 96, 3)
+    assert _sql(stack, "SELECT count(*) FROM cell_thumbs WHERE cell_id = %s", ids[0]) == [
+        (2,)
+    ]  # both sizes stored for next time
 
 
 def test_same_bytes_twice_is_one_field(stack: Stack, stub) -> None:

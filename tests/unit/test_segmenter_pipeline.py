@@ -146,3 +146,14 @@ def test_weights_round_trip() -> None:
     probs = unet.predict_probabilities(again, np.full((50, 70, 3), 200, np.uint8))
     assert probs.shape == (4, 50, 70)
     assert np.allclose(probs.sum(axis=0), 1.0, atol=1e-4)
+
+
+def test_thumb_bytes_give_the_same_tensor_as_the_crop() -> None:
+    from bmcell import preprocess, thumbs
+
+    rng = np.random.default_rng(3)
+    crop = rng.integers(0, 256, (282, 282, 3), dtype=np.uint8)
+    stored = thumbs.encode(preprocess.crop_to_uint8(crop, 64))
+    assert len(stored) == 64 * 64 * 3
+    batch = thumbs.to_batch(thumbs.decode(stored, 64)[None])
+    np.testing.assert_array_equal(batch[0], preprocess.crop_to_tensor(crop, 64))
