@@ -67,7 +67,13 @@ def synthesize(
     say(f"synthesising {labs} labs x {specimens} specimens x {fields} fields ({size}px)")
     started = time.monotonic()
     manifest = generate_dataset(
-        out, labs=labs, specimens=specimens, fields=fields, seed=seed, size=size
+        out,
+        labs=labs,
+        specimens=specimens,
+        fields=fields,
+        seed=seed,
+        size=size,
+        workers=min(len(os.sched_getaffinity(0)), labs * specimens * fields // 8 + 1),
     )
     n = labs * specimens * fields
     say(f"  {n} fields in {time.monotonic() - started:.1f}s -> {out}")
@@ -222,21 +228,40 @@ def run_round(
     reviewers: Reviewers,
     say: Say,
     poll_s: float = 1.0,
+    follow: int = 0,
+    stages: dict[str, float] | None = None,
+    checkpoint: Callable[[rounds_pb2.Round, ReviewStats], None] | None = None,
 ) -> tuple[rounds_pb2.Round, ReviewStats]:
     """Start a round, answer its review tasks as they appear, return it when it ends.
     ``token`` is an operator's (starting rounds is theirs, bmcell.policy);
-    ``admin_token`` makes the simulated reviewers."""
+    ``admin_token`` makes the simulated reviewers.
+
+    ``follow``: the id of a round already started (a run that stopped while the round
+    was live) to carry on with instead of starting one. ``stages`` gets the seconds
+    the round spent in each state, as seen from here (polled every ``poll_s``);
+    ``checkpoint`` is called with the round and the review counts so far after the
+    start and after every review session, for a caller that must survive a stop.
+    """
     stub = rounds_pb2_grpc.RoundsStub(
         grpc_client.channel(rounds_addr, default_timeout_s=60, token=token)
     )
-    r = stub.StartRound(request)
-    say(f"round {r.number} ({r.strategy}) started")
+    if follow:
+        r = _get_round(stub, follow)
+        say(f"round {r.number} ({r.strategy}) followed again: {r.state}")
+    else:
+        r = stub.StartRound(request)
+        say(f"round {r.number} ({r.strategy}) started")
     total = ReviewStats()
-    last_state = ""
+    if checkpoint is not None:
+        checkpoint(r, total)
+    last_state, since = "", time.monotonic()
     while r.state in LIVE:
         if r.state != last_state:
+            now = time.monotonic()
+            if last_state and stages is not None:
+                stages[last_state] = stages.get(last_state, 0.0) + now - since
             say(f"  round {r.number}: {r.state}")
-            last_state = r.state
+            last_state, since = r.state, now
         if r.state == "reviewing":
             stats = simulate_reviews(
                 labelapi_url,
@@ -250,8 +275,12 @@ def run_round(
                 labs=list(request.selection.labs) or None,
             )
             total = add_stats(total, stats)
+            if checkpoint is not None:
+                checkpoint(r, total)
         time.sleep(poll_s)
         r = _get_round(stub, r.round_id)
+    if last_state and stages is not None:
+        stages[last_state] = stages.get(last_state, 0.0) + time.monotonic() - since
     say(f"  round {r.number}: {r.state} {r.message}")
     return r, total
 

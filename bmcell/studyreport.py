@@ -121,8 +121,34 @@ def statistics(by_strategy: Mapping[str, list[RoundResult]]) -> dict | None:
     return anova_tukey(groups)
 
 
+#: A round's states in the order the rounds driver walks them (services/rounds).
+STAGES = ("created", "predicting", "selecting", "reviewing", "training", "evaluating")
+
+
+def cost_rows(
+    stages: Mapping[str, list[Mapping[str, float]]], setup: Mapping[str, float] | None = None
+) -> list[dict]:
+    """Seconds per stage: one row per set-up step (synthesis, uploads, bootstrap), then
+    one per strategy and round, with each row's total."""
+    rows: list[dict] = []
+    for step, seconds in (setup or {}).items():
+        blank = dict.fromkeys(STAGES)
+        rows.append({"strategy": "setup", "round": step, **blank, "total": round(seconds, 1)})
+    for strategy, per_round in stages.items():
+        for n, spent in enumerate(per_round, start=1):
+            row: dict[str, object] = {"strategy": strategy, "round": n}
+            row |= {stage: round(spent.get(stage, 0.0), 1) for stage in STAGES}
+            row["total"] = round(sum(spent.values()), 1)
+            rows.append(row)
+    return rows
+
+
 def write_all(
-    by_strategy: Mapping[str, list[RoundResult]], effort: Mapping[str, Effort], out: Path
+    by_strategy: Mapping[str, list[RoundResult]],
+    effort: Mapping[str, Effort],
+    out: Path,
+    *,
+    costs: list[dict] | None = None,
 ) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
@@ -142,6 +168,8 @@ def write_all(
             stats or {"note": "needs at least two strategies with two rounds each"}, indent=2
         )
     )
+    if costs:
+        written["costs.md"], written["costs.csv"] = write_table(costs, out, "costs")
     raw = {s: [asdict(r) for r in results] for s, results in by_strategy.items()}
     written["rounds.json"] = out / "rounds.json"
     written["rounds.json"].write_text(json.dumps(raw, indent=2))

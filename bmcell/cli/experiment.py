@@ -68,7 +68,11 @@ def experiment(
     port_base: int,
 ) -> None:
     """Run the study's comparison and write Table 1, Figure 1, confusion matrices,
-    human effort and ANOVA/Tukey statistics to OUT."""
+    human effort, ANOVA/Tukey statistics and the seconds per stage to OUT.
+
+    Stopped runs resume: run the same command again (same OUT, same --port-base) and
+    it reuses the fields, the uploads and the bootstrap, skips finished strategies
+    and carries on with the round that was live."""
     chosen = [s.strip() for s in strategies.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in STRATEGIES]
     if unknown or not chosen:
@@ -97,7 +101,10 @@ def experiment(
         ),
     )
     cfg.bootstrap["initial_per_class"] = initial_per_class
-    written = exp.run(cfg, stack, say)
+    try:
+        written = exp.run(cfg, stack, say)
+    except exp.ExperimentError as err:
+        raise click.ClickException(str(err)) from err
     click.echo((out / "table1.md").read_text())
     for name, path in sorted(written.items()):
         click.echo(f"  {name}: {path}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -80,7 +81,14 @@ def synth(
             index = out_dir / "crops.json"
         else:
             manifest = generate_dataset(
-                out_dir, labs, specimens, fields, seed, size, progress=progress
+                out_dir,
+                labs,
+                specimens,
+                fields,
+                seed,
+                size,
+                progress=progress,
+                workers=len(os.sched_getaffinity(0)),  # the same fields, sooner
             )
             count = len(manifest.fields())
             index = out_dir / "manifest.json"

@@ -8,7 +8,9 @@ them comes out the same whatever else is generated alongside it.
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +75,33 @@ def _save_ids(ids: np.ndarray, path: Path) -> None:
     _save_png(ids.astype(np.uint16), path)
 
 
+def _write_field(
+    root: Path,
+    seed: int,
+    style: LabStyle,
+    mix: dict[str, float],
+    size: int,
+    key: tuple,
+    stem: str,
+    field_id: str,
+) -> FieldRecord:
+    """Render one field from its own generator and write its image and masks."""
+    sample = render_field(derived_rng(seed, *key), style, mix, size)
+    _save_png(sample.image, root / f"{stem}.png")
+    _save_ids(sample.instances, root / f"{stem}.instances.png")
+    _save_ids(sample.nuclei, root / f"{stem}.nuclei.png")
+    cells = [
+        CellRecord(c.id, c.code, c.bbox, c.touches_border, c.centre, c.seed) for c in sample.cells
+    ]
+    return FieldRecord(
+        field_id, f"{stem}.png", f"{stem}.instances.png", f"{stem}.nuclei.png", key, cells
+    )
+
+
+def _write_field_task(args: tuple) -> FieldRecord:
+    return _write_field(*args)
+
+
 def generate_dataset(
     out_dir: str | Path,
     labs: int,
@@ -81,9 +110,20 @@ def generate_dataset(
     seed: int,
     size: int = 704,
     progress: Progress | None = None,
+    *,
+    workers: int = 1,
 ) -> Manifest:
-    """Render ``labs`` x ``specimens`` x ``fields`` fields and write them with a manifest."""
-    for name, value in (("labs", labs), ("specimens", specimens), ("fields", fields)):
+    """Render ``labs`` x ``specimens`` x ``fields`` fields and write them with a manifest.
+
+    ``workers`` > 1 renders fields in that many processes; every field draws from its
+    own generator, so the output is the same whatever ``workers`` is.
+    """
+    for name, value in (
+        ("labs", labs),
+        ("specimens", specimens),
+        ("fields", fields),
+        ("workers", workers),
+    ):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if size < 64:
@@ -92,38 +132,40 @@ def generate_dataset(
     root.mkdir(parents=True, exist_ok=True)
     names = lab_names(labs)
     styles = {name: lab_style(seed, name) for name in names}
-    total, done = labs * specimens * fields, 0
-    records: list[SpecimenRecord] = []
+    specs: list[tuple[str, str, str, dict[str, float]]] = []
+    tasks: list[tuple] = []
     for li, lab in enumerate(names):
         for si in range(specimens):
             spec_id = f"{lab}-s{si + 1:02d}"
             diagnosis, mix = specimen_mix(seed, li, si)
-            field_records = []
+            specs.append((spec_id, lab, diagnosis, mix))
             for fi in range(fields):
-                key = (_FIELD, li, si, fi)
-                sample = render_field(derived_rng(seed, *key), styles[lab], mix, size)
                 stem = f"{lab}/{spec_id}/field-{fi:04d}"
-                _save_png(sample.image, root / f"{stem}.png")
-                _save_ids(sample.instances, root / f"{stem}.instances.png")
-                _save_ids(sample.nuclei, root / f"{stem}.nuclei.png")
-                cells = [
-                    CellRecord(c.id, c.code, c.bbox, c.touches_border, c.centre, c.seed)
-                    for c in sample.cells
-                ]
-                field_records.append(
-                    FieldRecord(
-                        f"{spec_id}-f{fi:04d}",
-                        f"{stem}.png",
-                        f"{stem}.instances.png",
-                        f"{stem}.nuclei.png",
-                        key,
-                        cells,
-                    )
+                key = (_FIELD, li, si, fi)
+                tasks.append(
+                    (root, seed, styles[lab], mix, size, key, stem, f"{spec_id}-f{fi:04d}")
                 )
-                done += 1
-                if progress is not None:
-                    progress(done, total)
-            records.append(SpecimenRecord(spec_id, lab, diagnosis, mix, field_records))
+    total = len(tasks)
+    done: list[FieldRecord] = []
+    if workers == 1:
+        made = map(_write_field_task, tasks)
+        pool = None
+    else:
+        # spawn: the caller may hold threads (gRPC, torch) that fork would copy mid-work.
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        made = pool.map(_write_field_task, tasks, chunksize=4)
+    try:
+        for record in made:
+            done.append(record)
+            if progress is not None:
+                progress(len(done), total)
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    records = [
+        SpecimenRecord(spec_id, lab, diagnosis, mix, done[i * fields : (i + 1) * fields])
+        for i, (spec_id, lab, diagnosis, mix) in enumerate(specs)
+    ]
     manifest = Manifest(
         seed, size, DEFAULT_TAXONOMY.name, DEFAULT_TAXONOMY.codes, styles, records, root
     )

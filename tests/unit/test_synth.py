@@ -159,3 +159,17 @@ def test_unknown_class_and_bad_counts_fail_with_the_value() -> None:
         render_cell(np.random.default_rng(0), "XYZ")
     with pytest.raises(ValueError, match="fields"):
         generate_dataset("/nonexistent-never-written", labs=1, specimens=1, fields=0, seed=0)
+
+
+def test_fields_rendered_in_processes_are_the_same(tmp_path) -> None:
+    kwargs = dict(labs=2, specimens=1, fields=3, seed=4, size=160)
+    one = generate_dataset(tmp_path / "one", **kwargs)
+    two = generate_dataset(tmp_path / "two", workers=2, **kwargs)
+    assert [f.id for s in one.specimens for f in s.fields] == [
+        f.id for s in two.specimens for f in s.fields
+    ]
+    for s in one.specimens:
+        for f in s.fields:
+            assert (tmp_path / "one" / f.image).read_bytes() == (
+                tmp_path / "two" / f.image
+            ).read_bytes()
