@@ -46,7 +46,15 @@ class SegmenterServicer(segmenter_pb2_grpc.SegmenterServicer):
             if first is None or first.WhichOneof("part") != "header":
                 raise InvalidArgument("the first message must carry the header", field="header")
             h = first.header
-            header = UploadHeader(h.lab, h.specimen, h.diagnosis, h.filename, h.sha256, h.role)
+            header = UploadHeader(
+                h.lab,
+                h.specimen,
+                h.diagnosis,
+                h.filename,
+                h.sha256,
+                h.role,
+                h.um_per_px if h.HasField("um_per_px") else None,
+            )
             chunks = (_chunk(m) for m in messages)
             r = self.ingestor.upload(header, chunks, principal)
         return segmenter_pb2.UploadResponse(
