@@ -52,6 +52,6 @@ def render(
     """The PNG of the window around ``bbox`` in the field image ``data``, and the window."""
     field = images.decode_rgb(data, FIELD_LIMITS, field="field").rgb
     win = window(bbox, size, field.shape[1], field.shape[0])
-    part = np.ascontiguousarray(field[win[1] : win[3], win[0] : win[2]])
+    part = field[win[1] : win[3], win[0] : win[2]].copy()  # decoded arrays may be read-only
     outline(part, (bbox[0] - win[0], bbox[1] - win[1], bbox[2] - win[0], bbox[3] - win[1]))
     return images.png_bytes(part), win

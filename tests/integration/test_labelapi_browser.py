@@ -23,8 +23,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from PIL import Image
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
 from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -32,8 +32,11 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from bmcell import tls
 from bmcell.stack.config import REPO
+from bmcell.synth import lab_style, render_crop
+from bmcell.synth.field import render_field
 from bmcell.taxonomy import DEFAULT_TAXONOMY
 from tests.integration import test_labelapi as shared
+from tests.integration.seed import png
 from tests.integration.test_labelapi import Seeder, client
 
 pytestmark = [pytest.mark.integration, pytest.mark.browser]
@@ -190,6 +193,9 @@ def test_gallery_verify_against_single_cell_with_the_keyboard(
     rnd = seed.round(number=2)
     cells = seed.cells(lab_id, 24)
     seed.tasks(cells, kind="cst", round_id=rnd)
+    _synth_crops(
+        seed, cells, ["MB"] * 3 + ["PCEB"] + ["MB"] * 6 + ["LY"] + ["MB"] * 6 + ["ART"] + ["MB"] * 6
+    )
     _, token = seed.user("gal", "reviewer", [code])
     page = Page(browser, api_url)
     page.sign_in(token)
@@ -308,13 +314,50 @@ def test_gallery_page_with_expired_leases_submits_the_rest_and_serves_them_again
     assert n == 4
 
 
-def _field_png(colour: tuple[int, int, int]) -> bytes:
-    """A 256 px field: ``colour`` everywhere, a grey square where the cell is."""
-    field = np.full((256, 256, 3), colour, np.uint8)
-    field[100:150, 100:150] = (128, 128, 128)
-    buf = io.BytesIO()
-    Image.fromarray(field).save(buf, format="PNG")
-    return buf.getvalue()
+def _synth_crops(seed: Seeder, cells: list[int], codes: list[str]) -> None:
+    """Each cell's crop replaced by a synthetic cell of the class given (what the
+    screenshots show; the queue only cares about the rows)."""
+    rng = np.random.default_rng(7)
+    lab = lab_style(7, "lab-a")
+    for cell, code in zip(cells, codes, strict=True):
+        image, _ = render_crop(rng, lab, code, size=96)
+        key = f"cells/test-browser/{seed.tag}/{cell}.png"
+        seed.store.put(key, png(image), "image/png")
+        seed.conn.execute("UPDATE cells SET crop_key = %s WHERE id = %s", (key, cell))
+
+
+def _synth_field(seed: Seeder, cells: list[int]) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """The cells' field replaced by a synthetic one (0.25 µm a pixel); the first cell
+    becomes one of its cells (box and crop cut from it). Returns the field's pixels and
+    that cell's box."""
+    rng = np.random.default_rng(11)
+    sample = render_field(rng, lab_style(11, "lab-a"), {"PMC": 1, "MB": 1, "Seg": 1}, size=384)
+    # A cell whose 160 px window fits inside the field (so the window is centred on it).
+    inner = next(
+        c
+        for c in sample.cells
+        if all(80 <= (c.bbox[i] + c.bbox[i + 2]) // 2 <= 304 for i in (0, 1))
+    )
+    x0, y0, x1, y1 = inner.bbox
+    cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+    crop = np.full((96, 96, 3), 255, np.uint8)
+    part = sample.image[max(cy - 48, 0) : cy + 48, max(cx - 48, 0) : cx + 48]
+    crop[: part.shape[0], : part.shape[1]] = part
+    key = f"fields/test-browser/{seed.tag}.png"
+    seed.store.put(key, png(sample.image), "image/png")
+    seed.store.put(key + ".crop.png", png(crop), "image/png")
+    conn = seed.conn
+    field_id = conn.execute("SELECT field_id FROM cells WHERE id = %s", (cells[0],)).fetchone()
+    conn.execute(
+        "UPDATE field_images SET object_key = %s, width = 384, height = 384, um_per_px = 0.25 "
+        "WHERE id = %s",
+        (key, field_id["field_id"]),
+    )
+    conn.execute(
+        "UPDATE cells SET x0 = %s, y0 = %s, x1 = %s, y1 = %s, crop_key = %s WHERE id = %s",
+        (x0, y0, x1, y1, key + ".crop.png", cells[0]),
+    )
+    return sample.image, inner.bbox
 
 
 def test_al_skip_undo_field_context_and_scale(
@@ -323,19 +366,11 @@ def test_al_skip_undo_field_context_and_scale(
     lab_id, code = seed.lab("al")
     cells = seed.cells(lab_id, 2)
     tasks = seed.tasks(cells, kind="al", round_id=seed.round(number=2))
+    field, bbox = _synth_field(seed, cells)
+    _synth_crops(seed, cells[1:], ["PMC"])
     field_id = db.execute("SELECT field_id FROM cells WHERE id = %s", (cells[0],)).fetchone()[
         "field_id"
     ]
-    key = f"fields/test-browser/{seed.tag}.png"
-    seed.store.put(key, _field_png((200, 40, 40)), "image/png")
-    db.execute(
-        "UPDATE field_images SET object_key = %s, width = 256, height = 256, um_per_px = 0.25 "
-        "WHERE id = %s",
-        (key, field_id),
-    )
-    db.execute(
-        "UPDATE cells SET x0 = 100, y0 = 100, x1 = 150, y1 = 150 WHERE id = ANY(%s)", (cells,)
-    )
     other_lab, other_code = seed.lab("al-other")
     foreign = seed.cells(other_lab, 1)[0]
     _, token = seed.user("al", "reviewer", [code])
@@ -358,9 +393,11 @@ def test_al_skip_undo_field_context_and_scale(
     shown = browser.find_element(By.ID, "field-image")
     assert shown.get_attribute("data-cell-id") == str(cells[0])
     assert shown.get_attribute("data-field-id") == str(field_id)
+    browser.set_window_size(1200, 1250)  # the whole page in the screenshot
+    page.screenshot("reviewer-single.png")
+    browser.set_window_size(1200, 900)
     page.keys("=")  # zoom in
     assert "zoom 1.5×" in browser.find_element(By.ID, "zoom-level").text
-    page.screenshot("reviewer-single.png")
 
     # Skip: the page moves on, and a colleague gets the skipped task.
     page.keys("s")
@@ -393,17 +430,25 @@ def test_al_skip_undo_field_context_and_scale(
         {"action": "label.correct", "was": "PCEB", "now": "LY"},
     ]
 
-    # The field route: the right window, outlined, for this lab; 404 for another lab's.
+    # The field route: the cell's own field around it, its box outlined, for this lab;
+    # 404 for another lab's cell.
     with client(api_url, token) as c:
-        resp = c.get(f"/v1/cells/{cells[0]}/field", params={"size": 128})
+        resp = c.get(f"/v1/cells/{cells[0]}/field", params={"size": 160})
         assert resp.status_code == 200 and resp.headers["content-type"] == "image/png"
         assert resp.headers["x-field-id"] == str(field_id)
-        assert resp.headers["x-field-window"] == "61,61,189,189"
+        wx0, wy0, wx1, wy1 = map(int, resp.headers["x-field-window"].split(","))
+        assert (wx1 - wx0, wy1 - wy0) == (160, 160)
+        assert wx0 <= bbox[0] - 4 and wy0 <= bbox[1] - 4 and bbox[2] + 4 <= wx1
+        assert abs((wx0 + wx1) / 2 - (bbox[0] + bbox[2]) / 2) <= 1
         img = np.asarray(Image.open(io.BytesIO(resp.content)).convert("RGB"))
-        assert img.shape == (128, 128, 3)
-        assert tuple(img[64, 64]) == (128, 128, 128)  # the cell
-        assert tuple(img[5, 5]) == (200, 40, 40)  # its neighbourhood
-        assert tuple(img[39 - 3, 60]) == (255, 220, 0)  # the outline, 3 px out
+        ring = np.zeros(img.shape[:2], bool)
+        bx0, by0, bx1, by1 = bbox[0] - wx0, bbox[1] - wy0, bbox[2] - wx0, bbox[3] - wy0
+        ring[by0 - 4 : by1 + 4, bx0 - 4 : bx1 + 4] = True
+        ring[by0 - 2 : by1 + 2, bx0 - 2 : bx1 + 2] = False
+        # Pixel for pixel the field's own, but for the outline 3 and 4 px outside the box.
+        assert np.array_equal(img[~ring], field[wy0:wy1, wx0:wx1][~ring])
+        assert tuple(img[by0 - 3, (bx0 + bx1) // 2]) == (255, 220, 0)
+        assert tuple(img[by0 - 4, (bx0 + bx1) // 2]) == (0, 0, 0)
         assert c.get(f"/v1/cells/{foreign}/field").status_code == 404
         assert c.get(f"/v1/cells/{foreign}/image").status_code == 404
         assert c.get(f"/v1/cells/{cells[0]}/field", params={"size": 10}).status_code == 422

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from datetime import UTC, datetime
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from bmcell import images
 from bmcell.auth import PREFIX_LEN, Principal, bearer_token, new_token
 from bmcell.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from bmcell.taxonomy import DEFAULT_TAXONOMY
@@ -101,3 +104,12 @@ def test_field_outline_rings_the_box_and_is_clipped() -> None:
     assert tuple(edge[0, 5]) == (0, 0, 0) and tuple(edge[20, 20]) == (0, 0, 0)
     field_context.outline(edge, (2, 2, 38, 38))
     assert tuple(edge[0, 20]) == (0, 0, 0) and tuple(edge[1, 20]) == (0, 0, 0)
+
+
+def test_field_render_of_a_field_smaller_than_the_window() -> None:
+    field = np.full((60, 80, 3), 90, np.uint8)
+    png, win = field_context.render(images.png_bytes(field), (30, 20, 40, 30), 512)
+    assert win == (0, 0, 80, 60)
+    out = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    assert out.shape == (60, 80, 3) and tuple(out[25, 35]) == (90, 90, 90)
+    assert tuple(out[17, 35]) == (255, 220, 0)
