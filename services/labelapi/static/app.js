@@ -36,6 +36,8 @@ const state = {
   expiresAt: null,
   keystrokes: 0,
 };
+// Keys pressed on the review screen: the browser test compares it with what it sent
+// when it measures keystrokes per label.
 window.bmcellKeystrokes = () => state.keystrokes;
 
 function say(text, isError = false) {
