@@ -14,6 +14,7 @@ import hashlib
 import io
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -289,6 +290,22 @@ def test_gallery_page_with_expired_leases_submits_the_rest_and_serves_them_again
     )
     browser.execute_cdp_cmd("Emulation.clearDeviceMetricsOverride", {})
     assert overflow <= 0
+    # A class key changes the focused tile; Backspace takes it back to the suggestion.
+    first = browser.find_element(By.CSS_SELECTOR, "#tiles .tile")
+    page.keys(KEY_OF["LY"])
+    assert "✎ LY (changed)" in first.text
+    page.keys(Keys.BACKSPACE)
+    assert "✓ MB (suggested)" in first.text
+    # Single-key shortcuts turned off (WCAG 2.1.4): "a" accepts nothing; back on, it does.
+    toggle = browser.find_element(By.ID, "shortcuts")
+    toggle.click()
+    first.click()
+    page.keys("a")
+    time.sleep(1)
+    n = db.execute("SELECT count(*) AS n FROM reviews WHERE task_id = ANY(%s)", (tasks,))
+    assert n.fetchone()["n"] == 0 and "✓ MB (suggested)" in first.text
+    toggle.click()
+    first.click()
     # Two of the page's leases run out before the reviewer accepts.
     db.execute(
         "UPDATE review_tasks SET lease_expires_at = now() - interval '1 s' WHERE id = ANY(%s)",
