@@ -92,7 +92,7 @@ class Waiter(WebDriverWait):
     browser console (a script error is otherwise invisible)."""
 
     def __init__(self, browser: webdriver.Chrome) -> None:
-        super().__init__(browser, 30)
+        super().__init__(browser, 60)  # generous: the test machine may be loaded
         self.browser = browser
 
     def until(self, method, message: str = ""):
