@@ -13,6 +13,7 @@ import base64
 import hashlib
 import io
 import os
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -207,6 +208,8 @@ def test_gallery_verify_against_single_cell_with_the_keyboard(
     # The suggestion is in the text of every tile, not only in a colour.
     assert all("✓ MB (suggested)" in t.text for t in tiles)
     assert browser.switch_to.active_element == tiles[0]  # the arrows work at once
+    # The leases' countdown (BMCELL_LEASE_SECONDS is 300 in the test stack).
+    assert re.fullmatch(r"lease: [34]:\d\d left", browser.find_element(By.ID, "countdown").text)
     cols = int(browser.find_element(By.ID, "tiles").get_attribute("data-cols"))
     assert 2 <= cols <= 12
     intended = dict.fromkeys(cells, "MB")

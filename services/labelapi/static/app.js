@@ -122,7 +122,14 @@ function pickerQuery(extra = {}) {
 
 async function leasePage(params) {
   const resp = await api("POST", `/v1/tasks/page?${params}`);
-  return (await resp.json()).tasks;
+  const tasks = (await resp.json()).tasks;
+  // What is left of each lease, by the server's clock (its Date header) against ours.
+  const serverNow = Date.parse(resp.headers.get("Date")) || null;
+  for (const t of tasks) {
+    const left = Date.parse(t.lease_expires_at) - (serverNow || Date.parse(t.leased_at));
+    t.localExpiry = Date.now() + left;
+  }
+  return tasks;
 }
 
 // What the picker asks for: a CST gallery first, then single cells.
@@ -157,11 +164,9 @@ function forgetImage(task) {
 }
 
 function leaseClock(tasks) {
-  // The server's clock may differ from ours: count down the lease's own length.
-  const first = tasks.find((t) => t.lease_expires_at);
-  state.expiresAt = first
-    ? Date.now() + (Date.parse(first.lease_expires_at) - Date.parse(first.leased_at))
-    : null;
+  // The lease that runs out first: a page may hold resumed and new ones.
+  const ends = tasks.map((t) => t.localExpiry).filter(Boolean);
+  state.expiresAt = ends.length ? Math.min(...ends) : null;
   tick();
 }
 
