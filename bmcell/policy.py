@@ -100,12 +100,16 @@ HTTP: dict[str, Rule] = {
     "GET /v1/me": Rule(EVERYONE, "none"),
     "GET /v1/taxonomy": Rule(EVERYONE, "none"),
     "POST /v1/tasks/next": Rule(REVIEW, "request"),
+    # A page of leases at once: the reviewer's gallery (CST) and prefetch.
+    "POST /v1/tasks/page": Rule(REVIEW, "request"),
     "GET /v1/tasks/{task_id}": Rule(REVIEW | OPERATE, "request"),
     "POST /v1/tasks/{task_id}/submit": Rule(REVIEW, "request"),
     "POST /v1/tasks/{task_id}/release": Rule(REVIEW, "request"),
     "POST /v1/tasks": Rule(OPERATE, "request"),
     "GET /v1/cells/{cell_id}": Rule(PEOPLE, "request"),
     "GET /v1/cells/{cell_id}/image": Rule(PEOPLE, "request"),
+    # The field around a cell with its box drawn (the reviewer's context view).
+    "GET /v1/cells/{cell_id}/field": Rule(PEOPLE, "request"),
     "PUT /v1/cells/{cell_id}/label": Rule(REVIEW, "request"),
     "GET /v1/labels/export": Rule(REVIEW | OPERATE, "request"),
     "GET /v1/rounds/current/progress": Rule(PEOPLE, "request"),

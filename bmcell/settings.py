@@ -173,6 +173,9 @@ class LabelApiSettings(Settings):
     host: str = "127.0.0.1"
     http_port: int = Field(8080, ge=1, le=65535)
     lease_seconds: int = Field(300, ge=1, description="how long a reviewer holds a task")
+    skip_seconds: int = Field(
+        600, ge=0, description="how long a skipped task is not offered again to who skipped it"
+    )
     required_reviews: int = Field(
         3, ge=1, le=9, description="answers needed on initial, validation and test tasks"
     )

@@ -58,7 +58,9 @@ def _field_files(paths: tuple[Path, ...]) -> list[Path]:
     return found
 
 
-def _requests(path: Path, lab: str, specimen: str, diagnosis: str, role: str) -> Iterator:
+def _requests(
+    path: Path, lab: str, specimen: str, diagnosis: str, role: str, um_per_px: float | None
+) -> Iterator:
     from bmcell.v1 import segmenter_pb2
 
     data = path.read_bytes()
@@ -70,6 +72,7 @@ def _requests(path: Path, lab: str, specimen: str, diagnosis: str, role: str) ->
             filename=path.name,
             sha256=hashlib.sha256(data).hexdigest(),
             role=role,
+            um_per_px=um_per_px,
         )
     )
     for start in range(0, len(data), CHUNK):
@@ -92,6 +95,12 @@ def _requests(path: Path, lab: str, specimen: str, diagnosis: str, role: str) ->
     "(`bmcell specimens set-role` changes it).",
 )
 @click.option(
+    "--um-per-px",
+    type=click.FloatRange(min=0, max=100, min_open=True, max_open=True),
+    default=None,
+    help="Micrometres per pixel of these fields, when known (the reviewer's scale bar).",
+)
+@click.option(
     "--jobs",
     default=4,
     show_default=True,
@@ -112,6 +121,7 @@ def upload(
     specimen: str,
     diagnosis: str,
     role: str | None,
+    um_per_px: float | None,
     jobs: int,
     timeout: float,
     token: str | None,
@@ -140,7 +150,7 @@ def upload(
                 futures = {
                     pool.submit(
                         stub.Upload,
-                        _requests(p, lab, specimen, diagnosis, role or ""),
+                        _requests(p, lab, specimen, diagnosis, role or "", um_per_px),
                         metadata=metadata,
                     ): p
                     for p in files

@@ -25,23 +25,23 @@ _sym_db = _symbol_database.Default()
 from bmcell.v1 import common_pb2 as bmcell_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62mcell/v1/segmenter.proto\x12\tbmcell.v1\x1a\x16\x62mcell/v1/common.proto\"p\n\x0cUploadHeader\x12\x0b\n\x03lab\x18\x01 \x01(\t\x12\x10\n\x08specimen\x18\x02 \x01(\t\x12\x11\n\tdiagnosis\x18\x03 \x01(\t\x12\x10\n\x08\x66ilename\x18\x04 \x01(\t\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x0c\n\x04role\x18\x06 \x01(\t\"S\n\rUploadRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.bmcell.v1.UploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xa7\x01\n\x0eUploadResponse\x12\x10\n\x08\x66ield_id\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\r\n\x05\x63\x65lls\x18\x04 \x01(\x05\x12\x14\n\x0c\x62order_cells\x18\x05 \x01(\x05\x12\r\n\x05width\x18\x06 \x01(\x05\x12\x0e\n\x06height\x18\x07 \x01(\x05\x12\x1c\n\x14segmentation_seconds\x18\x08 \x01(\x01\"y\n\x10ListCellsRequest\x12\x0b\n\x03lab\x18\x01 \x01(\t\x12\x10\n\x08specimen\x18\x02 \x01(\t\x12\x10\n\x08\x66ield_id\x18\x03 \x01(\x03\x12\r\n\x05limit\x18\x04 \x01(\x05\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"L\n\x11ListCellsResponse\x12\x1e\n\x05\x63\x65lls\x18\x01 \x03(\x0b\x32\x0f.bmcell.v1.Cell\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x94\x01\n\tSegmenter\x12?\n\x06Upload\x12\x18.bmcell.v1.UploadRequest\x1a\x19.bmcell.v1.UploadResponse(\x01\x12\x46\n\tListCells\x12\x1b.bmcell.v1.ListCellsRequest\x1a\x1c.bmcell.v1.ListCellsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x62mcell/v1/segmenter.proto\x12\tbmcell.v1\x1a\x16\x62mcell/v1/common.proto\"\x96\x01\n\x0cUploadHeader\x12\x0b\n\x03lab\x18\x01 \x01(\t\x12\x10\n\x08specimen\x18\x02 \x01(\t\x12\x11\n\tdiagnosis\x18\x03 \x01(\t\x12\x10\n\x08\x66ilename\x18\x04 \x01(\t\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x0c\n\x04role\x18\x06 \x01(\t\x12\x16\n\tum_per_px\x18\x07 \x01(\x02H\x00\x88\x01\x01\x42\x0c\n\n_um_per_px\"S\n\rUploadRequest\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.bmcell.v1.UploadHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"\xa7\x01\n\x0eUploadResponse\x12\x10\n\x08\x66ield_id\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\r\n\x05\x63\x65lls\x18\x04 \x01(\x05\x12\x14\n\x0c\x62order_cells\x18\x05 \x01(\x05\x12\r\n\x05width\x18\x06 \x01(\x05\x12\x0e\n\x06height\x18\x07 \x01(\x05\x12\x1c\n\x14segmentation_seconds\x18\x08 \x01(\x01\"y\n\x10ListCellsRequest\x12\x0b\n\x03lab\x18\x01 \x01(\t\x12\x10\n\x08specimen\x18\x02 \x01(\t\x12\x10\n\x08\x66ield_id\x18\x03 \x01(\x03\x12\r\n\x05limit\x18\x04 \x01(\x05\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\"L\n\x11ListCellsResponse\x12\x1e\n\x05\x63\x65lls\x18\x01 \x03(\x0b\x32\x0f.bmcell.v1.Cell\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x94\x01\n\tSegmenter\x12?\n\x06Upload\x12\x18.bmcell.v1.UploadRequest\x1a\x19.bmcell.v1.UploadResponse(\x01\x12\x46\n\tListCells\x12\x1b.bmcell.v1.ListCellsRequest\x1a\x1c.bmcell.v1.ListCellsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'bmcell.v1.segmenter_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_UPLOADHEADER']._serialized_start=64
-  _globals['_UPLOADHEADER']._serialized_end=176
-  _globals['_UPLOADREQUEST']._serialized_start=178
-  _globals['_UPLOADREQUEST']._serialized_end=261
-  _globals['_UPLOADRESPONSE']._serialized_start=264
-  _globals['_UPLOADRESPONSE']._serialized_end=431
-  _globals['_LISTCELLSREQUEST']._serialized_start=433
-  _globals['_LISTCELLSREQUEST']._serialized_end=554
-  _globals['_LISTCELLSRESPONSE']._serialized_start=556
-  _globals['_LISTCELLSRESPONSE']._serialized_end=632
-  _globals['_SEGMENTER']._serialized_start=635
-  _globals['_SEGMENTER']._serialized_end=783
+  _globals['_UPLOADHEADER']._serialized_start=65
+  _globals['_UPLOADHEADER']._serialized_end=215
+  _globals['_UPLOADREQUEST']._serialized_start=217
+  _globals['_UPLOADREQUEST']._serialized_end=300
+  _globals['_UPLOADRESPONSE']._serialized_start=303
+  _globals['_UPLOADRESPONSE']._serialized_end=470
+  _globals['_LISTCELLSREQUEST']._serialized_start=472
+  _globals['_LISTCELLSREQUEST']._serialized_end=593
+  _globals['_LISTCELLSRESPONSE']._serialized_start=595
+  _globals['_LISTCELLSRESPONSE']._serialized_end=671
+  _globals['_SEGMENTER']._serialized_start=674
+  _globals['_SEGMENTER']._serialized_end=822
 # @@protoc_insertion_point(module_scope)

@@ -8,20 +8,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class UploadHeader(_message.Message):
-    __slots__ = ("lab", "specimen", "diagnosis", "filename", "sha256", "role")
+    __slots__ = ("lab", "specimen", "diagnosis", "filename", "sha256", "role", "um_per_px")
     LAB_FIELD_NUMBER: _ClassVar[int]
     SPECIMEN_FIELD_NUMBER: _ClassVar[int]
     DIAGNOSIS_FIELD_NUMBER: _ClassVar[int]
     FILENAME_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
+    UM_PER_PX_FIELD_NUMBER: _ClassVar[int]
     lab: str
     specimen: str
     diagnosis: str
     filename: str
     sha256: str
     role: str
-    def __init__(self, lab: _Optional[str] = ..., specimen: _Optional[str] = ..., diagnosis: _Optional[str] = ..., filename: _Optional[str] = ..., sha256: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
+    um_per_px: float
+    def __init__(self, lab: _Optional[str] = ..., specimen: _Optional[str] = ..., diagnosis: _Optional[str] = ..., filename: _Optional[str] = ..., sha256: _Optional[str] = ..., role: _Optional[str] = ..., um_per_px: _Optional[float] = ...) -> None: ...
 
 class UploadRequest(_message.Message):
     __slots__ = ("header", "chunk")

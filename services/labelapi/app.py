@@ -49,10 +49,12 @@ from bmcell.errors import (
 from bmcell.runtime import Runtime
 from bmcell.settings import LabelApiSettings
 from bmcell.taxonomy import DEFAULT_TAXONOMY
-from services.labelapi import labels, metrics, queue, reports
+from services.labelapi import field_context, labels, metrics, queue, reports
 from services.labelapi.limits import BodyLimit
 
 STATIC = Path(__file__).parent / "static"
+# Tasks one page of the reviewer's gallery may lease at once.
+MAX_PAGE = 48
 _LOG = log.get(__name__)
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _bearer = HTTPBearer(auto_error=False, description="a token from `bmcell users token NAME`")
@@ -156,6 +158,17 @@ def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value else None
 
 
+# The segmenter's morphometrics, named for a reader and with their units ("px²" areas
+# become µm² on the page when the field's scale is known).
+MORPHOMETRICS = {
+    "cell_area": ("Cell area", "px²"),
+    "nucleus_area": ("Nucleus area", "px²"),
+    "nucleus_cell_ratio": ("Nucleus : cell area", "ratio"),
+    "nucleus_axis_ratio": ("Nucleus long : short axis", "ratio"),
+    "nucleus_width_ratio": ("Nucleus narrowest : widest width", "ratio"),
+}
+
+
 def task_json(task: dict, principal: Principal) -> dict:
     holds = task["state"] == "leased" and task["lease_owner"] == principal.user_id
     return {
@@ -183,18 +196,15 @@ def task_json(task: dict, principal: Principal) -> dict:
             "field_id": task["field_id"],
             "index_in_field": task["index_in_field"],
             "bbox": [task["x0"], task["y0"], task["x1"], task["y1"]],
-            "morphometrics": {
-                k: task[k]
-                for k in (
-                    "cell_area",
-                    "nucleus_area",
-                    "nucleus_cell_ratio",
-                    "nucleus_axis_ratio",
-                    "nucleus_width_ratio",
-                )
-            },
+            "morphometrics": {k: task[k] for k in MORPHOMETRICS},
+            "morphometrics_named": [
+                {"key": k, "name": name, "unit": unit, "value": task[k]}
+                for k, (name, unit) in MORPHOMETRICS.items()
+            ],
+            "um_per_px": task["um_per_px"],
         },
         "image_url": f"/v1/cells/{task['cell_id']}/image",
+        "field_url": f"/v1/cells/{task['cell_id']}/field",
         "lease_token": str(task["lease_token"]) if holds else None,
         "leased_at": _iso(task["leased_at"]) if holds else None,
         "lease_expires_at": _iso(task["lease_expires_at"]) if holds else None,
@@ -318,11 +328,20 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
             Literal["cst", "al", "initial", "validation", "test", "adjudication"] | None, Query()
         ] = None,
         lab: Annotated[str | None, Query(max_length=63)] = None,
+        suggested: Annotated[str | None, Query(max_length=32)] = None,
     ) -> Response:
+        if suggested is not None:
+            labels.check_class(taxonomy, suggested, field="suggested")
         lab_ids = lab_ids_for_codes(db, caller, [lab]) if lab else None
         with db.transaction() as conn:
             lease = queue.lease_next(
-                conn, caller, settings.lease_seconds, kind=kind, lab_ids=lab_ids
+                conn,
+                caller,
+                settings.lease_seconds,
+                kind=kind,
+                lab_ids=lab_ids,
+                suggested=suggested,
+                skip_seconds=settings.skip_seconds,
             )
         if lease is None:
             return Response(status_code=204)
@@ -332,6 +351,47 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
         if lease.took_over_expired:
             metrics.TASKS_EXPIRED.labels(k).inc()
         return JSONResponse(task_json(lease.task, caller))
+
+    @app.post(
+        "/v1/tasks/page",
+        summary="Lease a page of tasks at once (a CST page shares one suggested class)",
+    )
+    def task_page(
+        caller: Caller,
+        kind: Annotated[
+            Literal["cst", "al", "initial", "validation", "test", "adjudication"] | None, Query()
+        ] = None,
+        lab: Annotated[str | None, Query(max_length=63)] = None,
+        suggested: Annotated[str | None, Query(max_length=32)] = None,
+        size: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 24,
+    ) -> dict:
+        """Each task comes with its own lease and is answered by its own submit; a page
+        whose leases ran out submits what is still held and asks again for the rest."""
+        if suggested is not None:
+            labels.check_class(taxonomy, suggested, field="suggested")
+        lab_ids = lab_ids_for_codes(db, caller, [lab]) if lab else None
+        with db.transaction() as conn:
+            leases = queue.lease_page(
+                conn,
+                caller,
+                settings.lease_seconds,
+                size,
+                kind=kind,
+                lab_ids=lab_ids,
+                suggested=suggested,
+                skip_seconds=settings.skip_seconds,
+            )
+        for lease in leases:
+            if not lease.resumed:
+                metrics.TASKS_LEASED.labels(lease.task["kind"]).inc()
+            if lease.took_over_expired:
+                metrics.TASKS_EXPIRED.labels(lease.task["kind"]).inc()
+        tasks = [task_json(lease.task, caller) for lease in leases]
+        classes = {t["suggested_class"] for t in tasks}
+        return {
+            "tasks": tasks,
+            "suggested_class": classes.pop() if len(classes) == 1 else None,
+        }
 
     @app.get("/v1/tasks/{task_id}", summary="One task with its cell")
     def get_task(task_id: int, caller: Caller) -> dict:
@@ -430,6 +490,41 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
         data = runtime.store.get(key)
         media = mimetypes.guess_type(key)[0] or "application/octet-stream"
         return Response(data, media_type=media, headers={"Cache-Control": "private, max-age=600"})
+
+    @app.get(
+        "/v1/cells/{cell_id}/field",
+        summary="The field around a cell, its box outlined, after the auth and lab checks",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}},
+    )
+    def cell_field(
+        cell_id: int,
+        caller: Caller,
+        size: Annotated[int, Query(ge=64, le=4096)] = 768,
+    ) -> Response:
+        """A ``size``-pixel window of the cell's field image centred on the cell (as
+        much as the field allows), at the field's own resolution, with the cell's
+        bounding box drawn: hematologists judge a cell's size and colour against its
+        neighbours. ``X-Field-Window`` gives the window in field pixels."""
+        with db.connection() as conn:
+            cell = _cell(conn, caller, cell_id)
+            key = conn.execute(
+                "SELECT object_key FROM field_images WHERE id = %s", (cell["field_id"],)
+            ).fetchone()["object_key"]
+        png, window = field_context.render(
+            runtime.store.get(key),
+            (cell["x0"], cell["y0"], cell["x1"], cell["y1"]),
+            size,
+        )
+        return Response(
+            png,
+            media_type="image/png",
+            headers={
+                "Cache-Control": "private, max-age=600",
+                "X-Field-Id": str(cell["field_id"]),
+                "X-Field-Window": ",".join(map(str, window)),
+            },
+        )
 
     @app.put("/v1/cells/{cell_id}/label", summary="Correct a cell's label (audited)")
     def put_label(cell_id: int, body: LabelIn, caller: Caller) -> dict:

@@ -11,7 +11,10 @@ k for initial, validation and test labelling). When the last one arrives:
 all agree on a class -> label; all say "too difficult" -> the cell is 'difficult';
 otherwise an ``adjudication`` task goes to an admin, whose answer is final.
 Submitting is idempotent: ``reviews.lease_token`` is unique, so a repeated submit
-finds its review and reports the same outcome.
+finds its review and reports the same outcome. A page of tasks (the reviewer's gallery)
+is many leases taken at once, each answered by its own submit. Releasing a lease is a
+skip: the task is not that reviewer's again for ``skip_seconds``, and then only after
+every other.
 """
 
 from __future__ import annotations
@@ -43,9 +46,10 @@ SELECT t.id, t.round_id, t.cell_id, t.kind, t.suggested_class, t.top_classes,
        r.number AS round_number, r.experiment,
        c.lab_id, lab.code AS lab, s.code AS specimen, s.is_test, c.field_id, c.index_in_field,
        c.x0, c.y0, c.x1, c.y1, c.cell_area, c.nucleus_area, c.nucleus_cell_ratio,
-       c.nucleus_axis_ratio, c.nucleus_width_ratio, c.status AS cell_status
+       c.nucleus_axis_ratio, c.nucleus_width_ratio, c.status AS cell_status, f.um_per_px
   FROM review_tasks t
   JOIN cells c ON c.id = t.cell_id
+  JOIN field_images f ON f.id = c.field_id
   JOIN labs lab ON lab.id = c.lab_id
   JOIN specimens s ON s.id = c.specimen_id
   LEFT JOIN rounds r ON r.id = t.round_id
@@ -72,51 +76,66 @@ def task_view(conn: psycopg.Connection, principal: Principal, task_id: int) -> d
     return dict(row)
 
 
-def lease_next(
-    conn: psycopg.Connection,
+def _lease_params(
     principal: Principal,
     lease_seconds: int,
-    *,
-    kind: str | None = None,
-    lab_ids: list[int] | None = None,
-) -> Lease | None:
-    """Lease the oldest task the caller may answer; None when there is none.
-
-    A caller who still holds a live lease gets that task back (a reloaded page resumes
-    its task rather than stranding it until expiry).
-    """
+    kind: str | None,
+    lab_ids: list[int] | None,
+    suggested: str | None,
+    skip_seconds: int,
+) -> dict:
     if kind == "adjudication" and principal.role != "admin":
         raise InvalidArgument("only admins adjudicate", field="kind")
-    params = {
+    return {
         **_scope(principal),
         "uid": principal.user_id,
         "kind": kind,
         "labs": lab_ids,
+        "suggested": suggested,
         "admin": principal.role == "admin",
         "secs": lease_seconds,
+        "skip_secs": skip_seconds,
     }
-    filters = f"""{_SCOPE}
+
+
+_FILTERS = f"""{_SCOPE}
         AND (%(kind)s::text IS NULL OR t.kind = %(kind)s)
         AND (%(labs)s::bigint[] IS NULL OR c.lab_id = ANY(%(labs)s))
+        AND (%(suggested)s::text IS NULL OR t.suggested_class = %(suggested)s)
         AND (t.kind <> 'adjudication' OR %(admin)s)"""
-    held = conn.execute(
+
+
+def _held(conn: psycopg.Connection, params: dict, limit: int) -> list[int]:
+    """Live leases the caller holds that match the filters, oldest task first."""
+    rows = conn.execute(
         f"""SELECT t.id FROM review_tasks t JOIN cells c ON c.id = t.cell_id
              WHERE t.state = 'leased' AND t.lease_owner = %(uid)s
-               AND t.lease_expires_at > now() AND {filters}
-             ORDER BY t.id LIMIT 1""",
-        params,
-    ).fetchone()
-    if held is not None:
-        return Lease(task_view(conn, principal, held["id"]), False, True)
-    row = conn.execute(
+               AND t.lease_expires_at > now() AND {_FILTERS}
+             ORDER BY t.id LIMIT %(n)s""",
+        {**params, "n": limit},
+    ).fetchall()
+    return [r["id"] for r in rows]
+
+
+def _take(conn: psycopg.Connection, params: dict, limit: int) -> list[dict]:
+    """Lease up to ``limit`` available tasks, oldest first. A task the caller skipped is
+    not theirs again for ``skip_seconds`` (so the colleague gets it), and after that comes
+    behind the rest; everyone else's order is as ever."""
+    return conn.execute(
         f"""WITH candidate AS (
                 SELECT t.id, t.state AS prev_state
                   FROM review_tasks t JOIN cells c ON c.id = t.cell_id
-                 WHERE {_AVAILABLE} AND {filters}
+                 WHERE {_AVAILABLE} AND {_FILTERS}
                    AND NOT EXISTS (SELECT 1 FROM reviews r
                                     WHERE r.task_id = t.id AND r.reviewer_id = %(uid)s)
-                 ORDER BY t.id
-                 LIMIT 1
+                   AND NOT EXISTS (SELECT 1 FROM review_skips k
+                                    WHERE k.task_id = t.id AND k.reviewer_id = %(uid)s
+                                      AND k.skipped_at > now()
+                                          - make_interval(secs => %(skip_secs)s))
+                 ORDER BY EXISTS (SELECT 1 FROM review_skips k
+                                   WHERE k.task_id = t.id AND k.reviewer_id = %(uid)s),
+                          t.id
+                 LIMIT %(n)s
                    FOR UPDATE OF t SKIP LOCKED)
             UPDATE review_tasks t
                SET state = 'leased', lease_owner = %(uid)s, lease_token = gen_random_uuid(),
@@ -125,11 +144,85 @@ def lease_next(
               FROM candidate
              WHERE t.id = candidate.id
          RETURNING t.id, candidate.prev_state""",
+        {**params, "n": limit},
+    ).fetchall()
+
+
+def lease_next(
+    conn: psycopg.Connection,
+    principal: Principal,
+    lease_seconds: int,
+    *,
+    kind: str | None = None,
+    lab_ids: list[int] | None = None,
+    suggested: str | None = None,
+    skip_seconds: int = 0,
+) -> Lease | None:
+    """Lease the oldest task the caller may answer; None when there is none.
+
+    A caller who still holds a live lease gets that task back (a reloaded page resumes
+    its task rather than stranding it until expiry).
+    """
+    params = _lease_params(principal, lease_seconds, kind, lab_ids, suggested, skip_seconds)
+    held = _held(conn, params, 1)
+    if held:
+        return Lease(task_view(conn, principal, held[0]), False, True)
+    rows = _take(conn, params, 1)
+    if not rows:
+        return None
+    return Lease(
+        task_view(conn, principal, rows[0]["id"]), rows[0]["prev_state"] == "leased", False
+    )
+
+
+def lease_page(
+    conn: psycopg.Connection,
+    principal: Principal,
+    lease_seconds: int,
+    size: int,
+    *,
+    kind: str | None = None,
+    lab_ids: list[int] | None = None,
+    suggested: str | None = None,
+    skip_seconds: int = 0,
+) -> list[Lease]:
+    """Lease up to ``size`` tasks at once: the caller's live leases that match first
+    (a reloaded page resumes them), then the oldest available.
+
+    A page of CST tasks shares one suggested class, so it can be verified as a gallery:
+    ``suggested`` when given, else the class of the caller's oldest held CST lease, else
+    of the oldest available CST task. Each task keeps its own lease and is answered by
+    its own submit.
+    """
+    params = _lease_params(principal, lease_seconds, kind, lab_ids, suggested, skip_seconds)
+    if kind == "cst" and suggested is None:
+        params["suggested"] = _page_class(conn, params)
+        if params["suggested"] is None:
+            return []
+    held = _held(conn, params, size)
+    leases = [Lease(task_view(conn, principal, i), False, True) for i in held]
+    if len(held) < size:
+        for row in _take(conn, params, size - len(held)):
+            leases.append(
+                Lease(task_view(conn, principal, row["id"]), row["prev_state"] == "leased", False)
+            )
+    return leases
+
+
+def _page_class(conn: psycopg.Connection, params: dict) -> str | None:
+    row = conn.execute(
+        f"""SELECT t.suggested_class FROM review_tasks t JOIN cells c ON c.id = t.cell_id
+             WHERE t.suggested_class IS NOT NULL AND {_FILTERS}
+               AND ((t.state = 'leased' AND t.lease_owner = %(uid)s
+                     AND t.lease_expires_at > now())
+                    OR ({_AVAILABLE} AND NOT EXISTS (
+                        SELECT 1 FROM reviews r
+                         WHERE r.task_id = t.id AND r.reviewer_id = %(uid)s)))
+             ORDER BY (t.state = 'leased' AND t.lease_owner = %(uid)s) DESC, t.id
+             LIMIT 1""",
         params,
     ).fetchone()
-    if row is None:
-        return None
-    return Lease(task_view(conn, principal, row["id"]), row["prev_state"] == "leased", False)
+    return row["suggested_class"] if row else None
 
 
 @dataclass(frozen=True)
@@ -351,6 +444,15 @@ def release(
         raise Conflict(
             f"lease is no longer held: task {task_id} is {task['state']}", field="lease_token"
         )
+    # A skip: the caller's next leases pass over this task while others remain.
+    conn.execute(
+        """INSERT INTO review_skips (task_id, reviewer_id) VALUES (%s, %s)
+           ON CONFLICT (task_id, reviewer_id) DO UPDATE SET skipped_at = now()""",
+        (task_id, principal.user_id),
+    )
+    audit.record(
+        conn, "review.skip", "review_task", task_id, {"cell_id": task["cell_id"]}, actor=principal
+    )
 
 
 def create_bootstrap_tasks(

@@ -123,14 +123,14 @@ def insert_field(conn: Connection, row: dict) -> int | None:
     got = conn.execute(
         """INSERT INTO field_images
                (lab_id, specimen_id, sha256, object_key, filename, filename_sha256, format,
-                width, height, size_bytes, segmenter, uploaded_by)
+                width, height, size_bytes, segmenter, uploaded_by, um_per_px)
            SELECT %(lab_id)s, %(specimen_id)s, %(sha256)s, %(object_key)s,
                   CASE WHEN l.keep_filenames THEN %(filename)s ELSE '' END,
                   CASE WHEN %(filename)s = '' THEN ''
                        ELSE encode(sha256(l.filename_salt || convert_to(%(filename)s, 'UTF8')),
                                    'hex') END,
                   %(format)s, %(width)s, %(height)s, %(size_bytes)s, %(segmenter)s,
-                  %(uploaded_by)s
+                  %(uploaded_by)s, %(um_per_px)s
              FROM labs l WHERE l.id = %(lab_id)s
            ON CONFLICT (lab_id, sha256) DO NOTHING RETURNING id""",
         row,

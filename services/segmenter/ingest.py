@@ -87,6 +87,8 @@ class UploadHeader:
     sha256: str = ""
     # A new specimen's role (empty: training); for an existing one it must match.
     role: str = ""
+    # The field's scale, when the uploader knows it (field_images.um_per_px).
+    um_per_px: float | None = None
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,11 @@ def check_header(h: UploadHeader) -> None:
         raise InvalidArgument("must be 64 hex digits", field="sha256")
     if h.role:
         specimens.check_role(h.role, field="header.role")
+    if h.um_per_px is not None and not 0 < h.um_per_px < 100:
+        raise InvalidArgument(
+            f"{h.um_per_px} µm per pixel is not a scale (0 < um_per_px < 100)",
+            field="header.um_per_px",
+        )
 
 
 def check_role_unchanged(h: UploadHeader, current: str | None) -> None:
@@ -395,6 +402,7 @@ class Ingestor:
                     "size_bytes": len(data),
                     "segmenter": segmenter,
                     "uploaded_by": uploader.user_id,
+                    "um_per_px": header.um_per_px,
                 },
             )
             if field_id is None:

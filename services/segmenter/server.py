@@ -24,6 +24,19 @@ from services.segmenter import models
 from services.segmenter.ingest import Ingestor, UploadHeader
 
 
+def upload_header(h: segmenter_pb2.UploadHeader) -> UploadHeader:
+    """The proto's header as the ingestor's; an unset ``um_per_px`` is None (unknown)."""
+    return UploadHeader(
+        h.lab,
+        h.specimen,
+        h.diagnosis,
+        h.filename,
+        h.sha256,
+        h.role,
+        h.um_per_px if h.HasField("um_per_px") else None,
+    )
+
+
 class SegmenterServicer(segmenter_pb2_grpc.SegmenterServicer):
     def __init__(self, runtime: Runtime[SegmenterSettings], ingestor: Ingestor) -> None:
         self.rt = runtime
@@ -45,8 +58,7 @@ class SegmenterServicer(segmenter_pb2_grpc.SegmenterServicer):
             first = next(messages, None)
             if first is None or first.WhichOneof("part") != "header":
                 raise InvalidArgument("the first message must carry the header", field="header")
-            h = first.header
-            header = UploadHeader(h.lab, h.specimen, h.diagnosis, h.filename, h.sha256, h.role)
+            header = upload_header(first.header)
             chunks = (_chunk(m) for m in messages)
             r = self.ingestor.upload(header, chunks, principal)
         return segmenter_pb2.UploadResponse(

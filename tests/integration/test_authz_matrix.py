@@ -236,6 +236,10 @@ def http_requests(w: World) -> dict[str, tuple[dict, dict]]:
             # Leases nothing: lab A has no adjudication task (reviewers may not ask).
             {"url": f"/v1/tasks/next?lab={lab}&kind=adjudication"},
         ),
+        "POST /v1/tasks/page": (
+            {"url": f"/v1/tasks/page?lab={lab}&size=2"},
+            {"url": f"/v1/tasks/page?lab={lab}&kind=adjudication"},
+        ),
         "GET /v1/tasks/{task_id}": same(f"/v1/tasks/{w.task}"),
         # A lease nobody holds: answered 409 by the allowed, so nothing changes.
         "POST /v1/tasks/{task_id}/submit": same(
@@ -249,6 +253,7 @@ def http_requests(w: World) -> dict[str, tuple[dict, dict]]:
         ),
         "GET /v1/cells/{cell_id}": same(cell),
         "GET /v1/cells/{cell_id}/image": same(f"{cell}/image"),
+        "GET /v1/cells/{cell_id}/field": same(f"{cell}/field?size=128"),
         "PUT /v1/cells/{cell_id}/label": (
             {"url": f"{cell}/label", "json": {"class_code": "MO"}},
             {"url": f"{cell}/label", "json": {"class_code": "LY"}},  # as it is

@@ -381,6 +381,54 @@ def test_lease_submit_idempotent_and_audited(
     )
 
 
+def test_page_of_cst_tasks_shares_a_class_and_a_skip_moves_on(
+    seed: Seeder, api_url: str, db: psycopg.Connection
+) -> None:
+    """The reviewer's gallery: a page of leases sharing one suggested class, held leases
+    first when asked again, one submit per task; a skip goes to a colleague."""
+    lab_id, code = seed.lab("page")
+    rnd = seed.round()
+    tasks = seed.tasks(seed.cells(lab_id, 6), kind="cst", round_id=rnd)
+    db.execute("UPDATE review_tasks SET suggested_class = 'LY' WHERE id = ANY(%s)", (tasks[1::2],))
+    seed.tasks(seed.cells(lab_id, 1), kind="al", round_id=rnd)
+    _, token = seed.user("pg", "reviewer", [code])
+    _, colleague = seed.user("pg2", "reviewer", [code])
+    ids = lambda page: [t["task_id"] for t in page["tasks"]]  # noqa: E731
+    with client(api_url, token) as c:
+        page = c.post(f"/v1/tasks/page?kind=cst&lab={code}&size=2").json()
+        assert page["suggested_class"] == "MB" and ids(page) == [tasks[0], tasks[2]]
+        again = c.post(f"/v1/tasks/page?kind=cst&lab={code}&size=3").json()
+        assert ids(again) == [tasks[0], tasks[2], tasks[4]]
+        assert [t["lease_token"] for t in again["tasks"][:2]] == [
+            t["lease_token"] for t in page["tasks"]
+        ]
+        ly = c.post(f"/v1/tasks/page?kind=cst&lab={code}&suggested=LY").json()
+        assert ly["suggested_class"] == "LY" and ids(ly) == tasks[1::2]
+        bad = c.post("/v1/tasks/page?suggested=XX")
+        assert bad.status_code == 400 and bad.json()["field"] == "suggested"
+        assert c.post("/v1/tasks/page?size=49").json()["field"] == "size"
+        for t in again["tasks"]:
+            out = c.post(
+                f"/v1/tasks/{t['task_id']}/submit",
+                json={"lease_token": t["lease_token"], "answer": "confirm"},
+            ).json()
+            assert out["status"] == "labelled" and out["class_code"] == "MB"
+        skipped = ly["tasks"][0]
+        resp = c.post(
+            f"/v1/tasks/{skipped['task_id']}/release",
+            json={"lease_token": skipped["lease_token"]},
+        )
+        assert resp.status_code == 200
+        # The skipper's page goes on without it; a colleague is given it.
+        assert ids(c.post(f"/v1/tasks/page?kind=cst&lab={code}&size=3").json()) == tasks[3::2]
+    with client(api_url, colleague) as c:
+        assert c.post(f"/v1/tasks/next?kind=cst&lab={code}").json()["task_id"] == tasks[1]
+    assert db.execute(
+        "SELECT count(*) AS n FROM audit_log WHERE action = 'review.skip' AND entity_id = %s",
+        (str(tasks[1]),),
+    ).fetchone() == {"n": 1}
+
+
 def test_bad_input_is_refused_precisely_and_changes_nothing(
     reviewer_lab: dict, api_url: str, db: psycopg.Connection
 ) -> None:

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import io
 from datetime import UTC, datetime
 
+import numpy as np
 import pytest
+from PIL import Image
 
+from bmcell import images
 from bmcell.auth import PREFIX_LEN, Principal, bearer_token, new_token
 from bmcell.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from bmcell.taxonomy import DEFAULT_TAXONOMY
-from services.labelapi import labels, queue
+from services.labelapi import field_context, labels, queue
 
 
 def test_new_token_stores_only_a_hash_and_a_prefix() -> None:
@@ -80,3 +84,32 @@ def test_csv_export_columns() -> None:
     header, line = text.strip().splitlines()
     assert header.split(",") == list(labels.EXPORT_COLUMNS)
     assert line.endswith("2025-01-02T00:00:00+00:00")
+
+
+def test_field_window_is_centred_on_the_cell_and_kept_inside_the_field() -> None:
+    assert field_context.window((100, 100, 150, 150), 128, 256, 256) == (61, 61, 189, 189)
+    # Near an edge: moved inside, not padded.
+    assert field_context.window((0, 240, 10, 256), 128, 256, 256) == (0, 128, 128, 256)
+    # A field smaller than the window: the whole field.
+    assert field_context.window((5, 5, 20, 20), 512, 300, 200) == (0, 0, 300, 200)
+
+
+def test_field_outline_rings_the_box_and_is_clipped() -> None:
+    rgb = np.zeros((40, 40, 3), np.uint8)
+    field_context.outline(rgb, (10, 10, 20, 20))
+    assert tuple(rgb[7, 15]) == (255, 220, 0) and tuple(rgb[6, 15]) == (0, 0, 0)
+    assert tuple(rgb[15, 15]) == (0, 0, 0) and tuple(rgb[10, 10]) == (0, 0, 0)  # inside untouched
+    edge = np.zeros((40, 40, 3), np.uint8)
+    field_context.outline(edge, (0, 0, 40, 40))  # rings cut to the image's border
+    assert tuple(edge[0, 5]) == (0, 0, 0) and tuple(edge[20, 20]) == (0, 0, 0)
+    field_context.outline(edge, (2, 2, 38, 38))
+    assert tuple(edge[0, 20]) == (0, 0, 0) and tuple(edge[1, 20]) == (0, 0, 0)
+
+
+def test_field_render_of_a_field_smaller_than_the_window() -> None:
+    field = np.full((60, 80, 3), 90, np.uint8)
+    png, win = field_context.render(images.png_bytes(field), (30, 20, 40, 30), 512)
+    assert win == (0, 0, 80, 60)
+    out = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    assert out.shape == (60, 80, 3) and tuple(out[25, 35]) == (90, 90, 90)
+    assert tuple(out[17, 35]) == (255, 220, 0)
