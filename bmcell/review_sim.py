@@ -476,6 +476,7 @@ def simulate_reviews(
     poll_s: float = 0.2,
     taxonomy: Taxonomy = DEFAULT_TAXONOMY,
     progress: Callable[[ReviewStats], None] | None = None,
+    page_size: int = 1,
 ) -> ReviewStats:
     """Answer tasks through the labeling API at ``labelapi_url`` until the queue is empty.
 
@@ -492,6 +493,11 @@ def simulate_reviews(
     (``stop_when_empty``; otherwise it keeps polling until ``max_tasks`` or
     ``timeout_s``), after ``max_tasks`` leases, or after ``timeout_s``. With ``labs``,
     leases ask for those labs only, so an admin adjudicator stays out of other labs.
+
+    ``page_size`` > 1: each reviewer leases that many tasks at a time
+    (``POST /v1/tasks/page``, as the reviewer page's gallery does) and answers each with
+    its own submit; one lease call then serves a page, not a task. With ``max_tasks``
+    leases stay one at a time, so the count is exact.
     """
     if not 0 <= error_rate <= 1 or not 0 <= difficult_rate <= 1:
         raise ValueError("error_rate and difficult_rate must be within 0..1")
@@ -517,78 +523,91 @@ def simulate_reviews(
     stats_lock = threading.Lock()
     lab_cycle: list[str | None] = list(labs) if labs else [None]
 
-    def lease(client: httpx.Client, lease_kind: str | None) -> dict | None:
+    page = 1 if max_tasks is not None else page_size
+
+    def lease(client: httpx.Client, lease_kind: str | None) -> list[dict]:
         for lab in lab_cycle:
             params = {k: v for k, v in (("kind", lease_kind), ("lab", lab)) if v}
+            if page > 1:
+                resp = _request(client, "POST", "/v1/tasks/page", params={**params, "size": page})
+                _check(resp)
+                tasks = resp.json()["tasks"]
+                if tasks:
+                    return tasks
+                continue
             resp = _request(client, "POST", "/v1/tasks/next", params=params)
             if resp.status_code == 204:
                 continue
             _check(resp)
-            return resp.json()
-        return None
+            return [resp.json()]
+        return []
 
     def work(name: str, token: str) -> None:
         lease_kind = "adjudication" if name == adjudicator and adjudicate else kind
         with people_client(labelapi_url, token) as client:
             while coord.claim():
                 generation = coord.generation
-                task = lease(client, lease_kind)
-                if task is None:
+                tasks = lease(client, lease_kind)
+                if not tasks:
                     coord.unclaim()
                     if stop_when_empty:
                         coord.empty(name, generation)
                     coord.stop.wait(poll_s)
                     continue
-                cell_id = task["cell"]["id"]
-                true_class = truth.truth(cell_id)
-                d = decide(
-                    task,
-                    true_class,
-                    error_rate=error_rate,
-                    difficult_rate=difficult_rate,
-                    seed=seed,
-                    taxonomy=taxonomy,
-                    on_unknown=on_unknown,
-                )
-                body: dict = {"lease_token": task["lease_token"], "answer": d.answer}
-                if d.send_class:
-                    body["class_code"] = d.class_code
-                resp = _request(client, "POST", f"/v1/tasks/{task['task_id']}/submit", json=body)
-                if resp.status_code == 409:
-                    with stats_lock:
-                        stats.conflicts += 1
-                    continue
-                _check(resp)
-                out = resp.json()
-                coord.submitted()
-                with stats_lock:
-                    stats.reviews += 1
-                    stats.by_reviewer[name] += 1
-                    stats.by_kind[task["kind"]] = stats.by_kind.get(task["kind"], 0) + 1
-                    stats.confirms += d.answer == "confirm"
-                    stats.corrections += d.answer == "correct"
-                    stats.difficult += d.answer == "difficult"
-                    stats.errors_injected += d.error
-                    stats.unknown_truth += true_class is None
-                    stats.adjudications += task["kind"] == "adjudication"
-                    stats.adjudications_created += out["status"] == "adjudication"
-                    stats.labelled += out["status"] == "labelled"
-                    stats.answers.append(
-                        {
-                            "task_id": task["task_id"],
-                            "cell_id": cell_id,
-                            "kind": task["kind"],
-                            "reviewer": name,
-                            "truth": true_class,
-                            "suggested": task.get("suggested_class"),
-                            "answer": d.answer,
-                            "class_code": d.class_code,
-                            "error": d.error,
-                            "status": out["status"],
-                        }
-                    )
-                    if progress is not None:
-                        progress(stats)
+                for task in tasks:
+                    answer(client, name, task)
+
+    def answer(client: httpx.Client, name: str, task: dict) -> None:
+        cell_id = task["cell"]["id"]
+        true_class = truth.truth(cell_id)
+        d = decide(
+            task,
+            true_class,
+            error_rate=error_rate,
+            difficult_rate=difficult_rate,
+            seed=seed,
+            taxonomy=taxonomy,
+            on_unknown=on_unknown,
+        )
+        body: dict = {"lease_token": task["lease_token"], "answer": d.answer}
+        if d.send_class:
+            body["class_code"] = d.class_code
+        resp = _request(client, "POST", f"/v1/tasks/{task['task_id']}/submit", json=body)
+        if resp.status_code == 409:
+            with stats_lock:
+                stats.conflicts += 1
+            return
+        _check(resp)
+        out = resp.json()
+        coord.submitted()
+        with stats_lock:
+            stats.reviews += 1
+            stats.by_reviewer[name] += 1
+            stats.by_kind[task["kind"]] = stats.by_kind.get(task["kind"], 0) + 1
+            stats.confirms += d.answer == "confirm"
+            stats.corrections += d.answer == "correct"
+            stats.difficult += d.answer == "difficult"
+            stats.errors_injected += d.error
+            stats.unknown_truth += true_class is None
+            stats.adjudications += task["kind"] == "adjudication"
+            stats.adjudications_created += out["status"] == "adjudication"
+            stats.labelled += out["status"] == "labelled"
+            stats.answers.append(
+                {
+                    "task_id": task["task_id"],
+                    "cell_id": cell_id,
+                    "kind": task["kind"],
+                    "reviewer": name,
+                    "truth": true_class,
+                    "suggested": task.get("suggested_class"),
+                    "answer": d.answer,
+                    "class_code": d.class_code,
+                    "error": d.error,
+                    "status": out["status"],
+                }
+            )
+            if progress is not None:
+                progress(stats)
 
     def guarded(name: str, token: str) -> None:
         try:

@@ -47,6 +47,9 @@ class Reviewers:
     error_rate: float = 0.02
     difficult_rate: float = 0.01
     seed: int = 0
+    # Tasks leased per call, as the reviewer page's gallery leases them: one lease
+    # call per page instead of per task (bmcell.review_sim.simulate_reviews).
+    page_size: int = 8
 
 
 def synthesize(
@@ -273,6 +276,7 @@ def run_round(
                 seed=reviewers.seed + r.number,
                 stop_when_empty=True,
                 labs=list(request.selection.labs) or None,
+                page_size=reviewers.page_size,
             )
             total = add_stats(total, stats)
             if checkpoint is not None:

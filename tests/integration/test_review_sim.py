@@ -114,9 +114,12 @@ def open_tasks(db: Database, cells: list[int]) -> int:
         ).fetchone()["n"]
 
 
+@pytest.mark.parametrize("page_size", [1, 5], ids=["one-by-one", "pages"])
 def test_error_free_reviewers_label_every_cell_with_its_truth(
-    rt, admin_token: str, tmp_path
+    rt, admin_token: str, tmp_path, page_size: int
 ) -> None:
+    """Leasing a task at a time or a page at a time (as the gallery does), every task
+    is answered once, from the truth."""
     db, store, url = rt
     lab, cells, truth, tasks = make_tasks(db, store, 51)
     path = tmp_path / "truth.json"
@@ -134,6 +137,7 @@ def test_error_free_reviewers_label_every_cell_with_its_truth(
         labs=[lab],
         user_prefix=prefix,
         adjudicate=False,
+        page_size=page_size,
     )
     assert stats.stopped == "empty"
     assert stats.reviews == 51 and stats.labelled == 51 and stats.errors_injected == 0
