@@ -1,29 +1,119 @@
-"""Run every ``bench/bench_*.py`` (or those named on the command line) in one process.
+"""``make bench``: every bench on one stack, one table at the end, one JSON file a run.
 
-Figures printed in one run are comparable with each other; across runs on these
-shared machines only ratios are.
+    python -m bench [--quick] [--seconds S] [--rounds N] [--cells N] [--port-base P]
+                    [segmenter] [classifier] [trainer]
+
+Starts the stack once (a private run directory, ``--port-base``), measures the
+machine's FLOP floor (a 2-thread sgemm) on the spot, runs the benches named (all by
+default; the segmenter first, as its uploads make the cells the others use), prints
+the table and writes ``bench/results/<UTC time>.json`` (see its README). Arms of a
+bench alternate A B A B in this run; compare figures across runs only as ratios.
 """
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
+import argparse
+import datetime as dt
+import json
+import subprocess
 import sys
 import time
+from pathlib import Path
 
-import bench
+from bench import bench_classifier, bench_segmenter, bench_trainer, harness
+from bench.context import BenchStack, Options
+
+BENCHES = {
+    "segmenter": bench_segmenter.run,
+    "classifier": bench_classifier.run,
+    "trainer": bench_trainer.run,
+}
+RESULTS = Path(__file__).resolve().parent / "results"
+QUICK = {"seconds": 5.0, "rounds": 1, "cells": 128, "fields_per_client": 1}
+
+
+def parse(argv: list[str]) -> tuple[Options, list[str], bool]:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    ap.add_argument("benches", nargs="*", metavar="BENCH", help=f"of {', '.join(BENCHES)}")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: short arms, A B once")
+    ap.add_argument("--seconds", type=float, help="each arm slot at least this long (30)")
+    ap.add_argument("--rounds", type=int, help="times each arm runs, alternated (2)")
+    ap.add_argument("--cells", type=int, help="cells of the pool and the training set (768)")
+    ap.add_argument("--port-base", type=int, default=Options.port_base)
+    ap.add_argument("--threads", type=int, default=Options.threads, help="in-process threads")
+    ap.add_argument("--no-save", action="store_true", help="do not write bench/results/")
+    args = ap.parse_args(argv)
+    values = dict(QUICK) if args.quick else {}
+    for name in ("seconds", "rounds", "cells"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    opts = Options(port_base=args.port_base, threads=args.threads, **values)
+    unknown = sorted(set(args.benches) - set(BENCHES))
+    if unknown:
+        ap.error(f"unknown bench {unknown}; choose from {list(BENCHES)}")
+    if opts.seconds <= 0 or opts.rounds < 1 or opts.cells < 2 * bench_trainer.WORKERS:
+        ap.error("--seconds must be > 0, --rounds >= 1, --cells >= 4")
+    chosen = [b for b in BENCHES if b in args.benches] or list(BENCHES)  # segmenter first
+    return opts, chosen, not args.no_save
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 def main(argv: list[str]) -> None:
-    names = argv or sorted(
-        m.name for m in pkgutil.iter_modules(bench.__path__) if m.name.startswith("bench_")
+    opts, names, save = parse(argv)
+    started_at = dt.datetime.now(dt.UTC)
+    wall = time.perf_counter()
+    load_start = harness.loadavg()
+    floor = harness.measure_floor(threads=opts.threads)
+    print(f"FLOP floor: {floor / 1e9:.1f} GFLOP/s ({opts.threads}-thread sgemm), load {load_start}")
+    results: list[harness.ArmResult] = []
+    ctx = BenchStack(opts)
+    with ctx.running():
+        meter = harness.CpuMeter(ctx.cpu_roots)
+        for name in names:
+            print(f"== {name} ==", flush=True)
+            t0 = time.perf_counter()
+            results.extend(BENCHES[name](ctx, meter))
+            print(f"   ({time.perf_counter() - t0:.0f} s)", flush=True)
+    load_end = harness.loadavg()
+    print()
+    print(harness.table(results, floor))
+    print(
+        f"floor {floor / 1e9:.1f} GFLOP/s; load average (1, 5, 15 min) {load_start} at the "
+        f"start, {load_end} at the end; {time.perf_counter() - wall:.0f} s in all"
     )
-    for name in names:
-        module = importlib.import_module(f"bench.{name.removeprefix('bench.')}")
-        print(f"== {name} ==", flush=True)
-        started = time.perf_counter()
-        module.main()
-        print(f"   ({time.perf_counter() - started:.1f}s)", flush=True)
+    if save:
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / f"{started_at.strftime('%Y%m%dT%H%M%SZ')}.json"
+        record = {
+            "started_at": started_at.isoformat(),
+            "git_commit": git_commit(),
+            "options": opts.__dict__,
+            "wall_seconds": time.perf_counter() - wall,
+            "load_average_start": load_start,
+            "load_average_end": load_end,
+            "floor_flop_per_s": floor,
+            "floor": f"torch.mm fp32 sgemm, {opts.threads} threads, best of ~3 s",
+            "arms": [r.to_json(floor) for r in results],
+        }
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        print(
+            f"written {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}"
+        )
 
 
 if __name__ == "__main__":
