@@ -14,20 +14,21 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import json
 import subprocess
 import sys
 import time
+import traceback
 from pathlib import Path
 
-from bench import bench_classifier, bench_segmenter, bench_trainer, harness
+from bench import harness
 from bench.context import BenchStack, Options
 
-BENCHES = {
-    "segmenter": bench_segmenter.run,
-    "classifier": bench_classifier.run,
-    "trainer": bench_trainer.run,
-}
+# In run order (the segmenter's uploads make the cells the others use). Imported
+# only once the BenchStack is made: see its note on pyarrow.
+BENCHES = ("segmenter", "classifier", "trainer")
+TRAINER_WORKERS = 2
 RESULTS = Path(__file__).resolve().parent / "results"
 QUICK = {"seconds": 5.0, "rounds": 1, "cells": 128, "fields_per_client": 1}
 
@@ -48,10 +49,11 @@ def parse(argv: list[str]) -> tuple[Options, list[str], bool]:
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)
     opts = Options(port_base=args.port_base, threads=args.threads, **values)
+    args.benches = [b.removeprefix("bench_") for b in args.benches]  # old module names
     unknown = sorted(set(args.benches) - set(BENCHES))
     if unknown:
         ap.error(f"unknown bench {unknown}; choose from {list(BENCHES)}")
-    if opts.seconds <= 0 or opts.rounds < 1 or opts.cells < 2 * bench_trainer.WORKERS:
+    if opts.seconds <= 0 or opts.rounds < 1 or opts.cells < 2 * TRAINER_WORKERS:
         ap.error("--seconds must be > 0, --rounds >= 1, --cells >= 4")
     chosen = [b for b in BENCHES if b in args.benches] or list(BENCHES)  # segmenter first
     return opts, chosen, not args.no_save
@@ -81,13 +83,19 @@ def main(argv: list[str]) -> None:
     floor = harness.measure_floor(threads=opts.threads)
     print(f"FLOP floor: {floor / 1e9:.1f} GFLOP/s ({opts.threads}-thread sgemm), load {load_start}")
     results: list[harness.ArmResult] = []
+    failed: list[str] = []
     ctx = BenchStack(opts)
+    runs = {name: importlib.import_module(f"bench.bench_{name}").run for name in names}
     with ctx.running():
         meter = harness.CpuMeter(ctx.cpu_roots)
         for name in names:
             print(f"== {name} ==", flush=True)
             t0 = time.perf_counter()
-            results.extend(BENCHES[name](ctx, meter))
+            try:
+                results.extend(runs[name](ctx, meter))
+            except Exception:  # the others still run; the exit status says it failed
+                traceback.print_exc()
+                failed.append(name)
             print(f"   ({time.perf_counter() - t0:.0f} s)", flush=True)
     load_end = harness.loadavg()
     print()
@@ -108,12 +116,13 @@ def main(argv: list[str]) -> None:
             "load_average_end": load_end,
             "floor_flop_per_s": floor,
             "floor": f"torch.mm fp32 sgemm, {opts.threads} threads, best of ~3 s",
+            "failed": failed,
             "arms": [r.to_json(floor) for r in results],
         }
         path.write_text(json.dumps(record, indent=2) + "\n")
-        print(
-            f"written {path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path}"
-        )
+        print(f"written {path}")
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)} (tracebacks above)")
 
 
 if __name__ == "__main__":

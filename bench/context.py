@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -86,6 +87,12 @@ class BenchStack:
             run_dir=REPO / ".run" / f"bench-{options.port_base}", port_base=options.port_base
         )
         self.stack = Stack(self.config, progress=lambda msg: print(f"[stack] {msg}", flush=True))
+        # Ray Train's driver (this process) reads checkpoints through pyarrow's S3
+        # client, which trusts the stack's CA only through SSL_CERT_FILE, and reads it
+        # when pyarrow.fs is imported: make the BenchStack before importing the benches.
+        if "pyarrow.fs" in sys.modules:
+            raise RuntimeError("BenchStack must be made before pyarrow.fs is imported")
+        os.environ.update(components.arrow_s3_trust(self.config))
         self.fields = FieldSource.rendered()
         self._specimens = 0
         self.token = ""
@@ -101,9 +108,6 @@ class BenchStack:
         try:
             self.stack.up()
             os.environ.update(self.stack.env())
-            # Ray Train's driver (this process) reads checkpoints through pyarrow's S3
-            # client, which trusts the stack's CA only through SSL_CERT_FILE.
-            os.environ.update(components.arrow_s3_trust(self.config))
             self.token = self.stack.operator_token()
             self.settings = load(Settings)
             self.db = Database(self.settings, name="bench").open()
@@ -113,6 +117,7 @@ class BenchStack:
             finally:
                 self.db.close()
         finally:
+            _leave_ray()  # before its cluster stops, or Ray's client ends this process
             os.environ.clear()
             os.environ.update(saved)
             self.stack.down()
@@ -184,3 +189,11 @@ def _requests(lab: str, specimen: str, png: bytes) -> Iterator[segmenter_pb2.Upl
     )
     for i in range(0, len(png), CHUNK):
         yield segmenter_pb2.UploadRequest(chunk=png[i : i + CHUNK])
+
+
+def _leave_ray() -> None:
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
