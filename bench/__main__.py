@@ -86,8 +86,7 @@ def main(argv: list[str]) -> None:
     failed: list[str] = []
     ctx = BenchStack(opts)
     runs = {name: importlib.import_module(f"bench.bench_{name}").run for name in names}
-    with ctx.running():
-        meter = harness.CpuMeter(ctx.cpu_roots)
+    with ctx.running(), harness.CpuMeter(ctx.cpu_roots) as meter:
         for name in names:
             print(f"== {name} ==", flush=True)
             t0 = time.perf_counter()

@@ -7,18 +7,20 @@ least ``seconds``, in *passes* (one pool prediction, one batch of uploads, one
 training run); the figure is the median items/s over the arm's samples (a pass,
 or an epoch where a pass reports per-epoch rates).
 
-CPU-seconds are those of every process of the stack and of this process, with
-their children: a process tree's ``utime + stime + cutime + cstime`` from
-``/proc/<pid>/stat``, summed, as a difference around each pass. A child that ends
-inside a pass and is reaped by its parent (Ray workers by the raylet) shows up in
-the parent's ``cutime``, so it is counted too. Only ratios within one run are
-comparable on a shared machine; the load average says how shared it was.
+CPU-seconds are those of every process of the stack and of this process, with all
+their descendants (Postgres backends, Ray workers, Triton's backend stubs): each
+process's ``utime + stime`` from ``/proc/<pid>/stat``. A process that ends keeps
+what it had used when last seen, so the meter samples the trees every second in a
+thread and a figure is a difference of the total around each pass (a process that
+lives less than a second between two samples is missed). Only ratios within one
+run are comparable on a shared machine; the load average says how shared it was.
 """
 
 from __future__ import annotations
 
 import os
 import statistics
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -43,11 +45,12 @@ class ProcStat:
     stime: int
     cutime: int
     cstime: int
+    starttime: int  # with the pid, names one process (pids are reused)
 
     @property
     def ticks(self) -> int:
-        """CPU of the process and of its reaped children."""
-        return self.utime + self.stime + self.cutime + self.cstime
+        """CPU of the process itself (its children are counted as processes)."""
+        return self.utime + self.stime
 
 
 def parse_stat(text: str) -> ProcStat:
@@ -59,7 +62,7 @@ def parse_stat(text: str) -> ProcStat:
         raise ValueError(f"not a /proc/<pid>/stat line: {text[:80]!r}")
     pid_text, _, comm = head.partition("(")
     rest = tail.split()
-    if len(rest) < 15:
+    if len(rest) < 20:
         raise ValueError(f"/proc/<pid>/stat line with {len(rest)} fields after the name")
     # rest[0] is field 3 (state) of proc(5); utime..cstime are fields 14..17.
     return ProcStat(
@@ -71,6 +74,7 @@ def parse_stat(text: str) -> ProcStat:
         stime=int(rest[12]),
         cutime=int(rest[13]),
         cstime=int(rest[14]),
+        starttime=int(rest[19]),
     )
 
 
@@ -88,7 +92,7 @@ def read_processes(proc: Path = PROC) -> dict[int, ProcStat]:
 
 
 def tree(processes: dict[int, ProcStat], roots: Iterable[int]) -> set[int]:
-    """``roots`` (those alive) and all their descendants."""
+    """``roots`` (those alive) and all their descendants, from every process's ppid."""
     children: dict[int, list[int]] = {}
     for p in processes.values():
         children.setdefault(p.ppid, []).append(p.pid)
@@ -103,9 +107,38 @@ def tree(processes: dict[int, ProcStat], roots: Iterable[int]) -> set[int]:
     return found
 
 
+def _children(pid: int, proc: Path) -> list[int]:
+    out: list[int] = []
+    for task in (proc / str(pid) / "task").iterdir():
+        out.extend(int(c) for c in (task / "children").read_text().split())
+    return out
+
+
+def tree_stats(roots: Iterable[int], proc: Path = PROC) -> dict[int, ProcStat]:
+    """The stat of ``roots`` and of all their descendants. Walks the kernel's
+    ``task/*/children`` lists, so only the tree is read (a shared machine has
+    thousands of other processes); without them, every process's ppid."""
+    task = proc / "self" / "task"
+    if not (task.is_dir() and any(task.glob("*/children"))):
+        processes = read_processes(proc)
+        return {p: processes[p] for p in tree(processes, roots)}
+    found: dict[int, ProcStat] = {}
+    todo = list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid in found:
+            continue
+        try:
+            found[pid] = parse_stat((proc / str(pid) / "stat").read_text())
+            todo.extend(_children(pid, proc))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue  # ended while being read: what was read of it stands
+    return found
+
+
 def tree_cpu_seconds(roots: Iterable[int], proc: Path = PROC) -> float:
-    processes = read_processes(proc)
-    return sum(processes[p].ticks for p in tree(processes, roots)) / CLOCK_TICKS
+    """CPU-seconds the live processes of the trees have used so far."""
+    return sum(s.ticks for s in tree_stats(roots, proc).values()) / CLOCK_TICKS
 
 
 def loadavg(text: str | None = None) -> tuple[float, float, float]:
@@ -231,14 +264,51 @@ class ArmResult:
 
 
 class CpuMeter:
-    """CPU-seconds of the process trees under ``roots()`` (asked anew each time, so a
-    component restarted in between is followed)."""
+    """CPU-seconds used by the process trees under ``roots()`` (asked anew at each
+    sample, so a component restarted in between is followed), counting processes
+    that have ended with what they had used when last sampled. Sampled by a thread
+    every ``interval_s`` while running (``with meter:``) and at every ``now()``."""
 
-    def __init__(self, roots: Callable[[], list[int]]) -> None:
+    def __init__(
+        self, roots: Callable[[], list[int]], interval_s: float = 1.0, proc: Path = PROC
+    ) -> None:
         self.roots = roots
+        self.interval_s = interval_s
+        self.proc = proc
+        self._seen: dict[tuple[int, int], int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> None:
+        stats = tree_stats(self.roots(), self.proc)
+        with self._lock:
+            for s in stats.values():
+                self._seen[(s.pid, s.starttime)] = s.ticks
 
     def now(self) -> float:
-        return tree_cpu_seconds(self.roots())
+        """CPU-seconds of every process seen so far, up to this moment."""
+        self.sample()
+        with self._lock:
+            return sum(self._seen.values()) / CLOCK_TICKS
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.sample()
+            except (OSError, ValueError):  # the state file mid-write, a process mid-exit
+                continue
+
+    def __enter__(self) -> CpuMeter:
+        self.sample()
+        self._thread = threading.Thread(target=self._run, name="cpu-meter", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def run_alternated(

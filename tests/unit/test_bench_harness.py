@@ -22,8 +22,8 @@ def _stat(pid: int, comm: str, ppid: int, utime: int, stime: int, cutime=0, csti
 def test_parse_stat_reads_the_cpu_fields() -> None:
     s = harness.parse_stat(_stat(42, "python", 7, 150, 25, 30, 5))
     assert (s.pid, s.comm, s.state, s.ppid) == (42, "python", "S", 7)
-    assert (s.utime, s.stime, s.cutime, s.cstime) == (150, 25, 30, 5)
-    assert s.ticks == 210
+    assert (s.utime, s.stime, s.cutime, s.cstime, s.starttime) == (150, 25, 30, 5, 99)
+    assert s.ticks == 175  # children are processes of the tree, counted on their own
 
 
 def test_parse_stat_survives_spaces_and_parentheses_in_the_name() -> None:
@@ -31,7 +31,7 @@ def test_parse_stat_survives_spaces_and_parentheses_in_the_name() -> None:
     assert (s.pid, s.comm, s.ppid, s.utime, s.stime) == (9, "ray::Train (worker) 1)", 3, 11, 2)
 
 
-@pytest.mark.parametrize("text", ["", "12 no parentheses S 1", "12 (x) S 1 2 3"])
+@pytest.mark.parametrize("text", ["", "12 no parentheses S 1", "12 (x) S 1 2 3 4 5 6 7 8 9"])
 def test_parse_stat_refuses_what_is_not_a_stat_line(text: str) -> None:
     with pytest.raises(ValueError):
         harness.parse_stat(text)
@@ -45,31 +45,70 @@ def test_this_process_parses_and_spends_cpu() -> None:
     assert harness.tree_cpu_seconds([os.getpid()]) > before
 
 
-def _fake_proc(tmp_path: Path, lines: dict[int, str]) -> Path:
+def _fake_proc(tmp_path: Path, lines: dict[int, str], *, children_lists: bool = True) -> Path:
+    """A /proc with these stat lines; ``task/<pid>/children`` made from their ppids."""
+    kids: dict[int, list[int]] = {}
+    for line in lines.values():
+        st = harness.parse_stat(line)
+        kids.setdefault(st.ppid, []).append(st.pid)
     for pid, line in lines.items():
-        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "task" / str(pid)).mkdir(parents=True, exist_ok=True)
         (tmp_path / str(pid) / "stat").write_text(line)
-    (tmp_path / "self").mkdir()  # not a pid: skipped
+        if children_lists:
+            text = " ".join(map(str, kids.get(pid, [])))
+            (tmp_path / str(pid) / "task" / str(pid) / "children").write_text(text)
+    (tmp_path / "self" / "task" / "1").mkdir(parents=True, exist_ok=True)  # not a pid
+    if children_lists:
+        (tmp_path / "self" / "task" / "1" / "children").write_text("")
     return tmp_path
 
 
-def test_tree_sums_roots_and_all_descendants_only(tmp_path: Path) -> None:
-    proc = _fake_proc(
-        tmp_path,
-        {
-            1: _stat(1, "init", 0, 1000, 1000),
-            10: _stat(10, "bench", 1, 100, 0),
-            11: _stat(11, "postgres", 10, 50, 0),
-            12: _stat(12, "postgres: backend", 11, 5, 0),
-            20: _stat(20, "raylet", 10, 7, 3, cutime=40),  # reaped a worker's 40 ticks
-            30: _stat(30, "someone else", 1, 999, 0),
-        },
-    )
-    processes = harness.read_processes(proc)
-    assert harness.tree(processes, [10]) == {10, 11, 12, 20}
-    assert harness.tree(processes, [11, 99]) == {11, 12}  # a dead root is ignored
+STACK = {
+    1: _stat(1, "init", 0, 1000, 1000),
+    10: _stat(10, "bench", 1, 100, 0),
+    11: _stat(11, "postgres", 10, 50, 0),
+    12: _stat(12, "postgres: backend", 11, 5, 0),
+    20: _stat(20, "raylet", 10, 7, 3, cutime=40),  # reaped children: not counted twice
+    30: _stat(30, "someone else", 1, 999, 0),
+}
+
+
+@pytest.mark.parametrize("children_lists", [True, False])
+def test_tree_is_the_roots_and_all_descendants_only(tmp_path: Path, children_lists) -> None:
+    proc = _fake_proc(tmp_path, STACK, children_lists=children_lists)
+    assert set(harness.tree_stats([10], proc)) == {10, 11, 12, 20}
+    assert set(harness.tree_stats([11, 99], proc)) == {11, 12}  # a dead root is ignored
+    assert harness.tree(harness.read_processes(proc), [20]) == {20}
     ticks = harness.tree_cpu_seconds([10], proc) * harness.CLOCK_TICKS
-    assert ticks == pytest.approx(100 + 50 + 5 + 10 + 40)
+    assert ticks == pytest.approx(100 + 50 + 5 + 10)
+
+
+def test_meter_keeps_the_cpu_of_processes_that_ended(tmp_path: Path) -> None:
+    proc = _fake_proc(tmp_path, STACK)
+    meter = CpuMeter(lambda: [10], proc=proc)
+    start = meter.now() * harness.CLOCK_TICKS
+    assert start == pytest.approx(165)
+    # The backend works 20 ticks, then ends; a new worker is born and works 8.
+    (proc / "12" / "stat").write_text(_stat(12, "postgres: backend", 11, 25, 0))
+    meter.sample()
+    for path in sorted((proc / "12").rglob("*"), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink()
+    (proc / "12").rmdir()
+    (proc / "11" / "task" / "11" / "children").write_text("")
+    (proc / "21" / "task" / "21").mkdir(parents=True)
+    (proc / "21" / "task" / "21" / "children").write_text("")
+    (proc / "21" / "stat").write_text(_stat(21, "ray::IDLE", 20, 6, 2))
+    (proc / "20" / "task" / "20" / "children").write_text("21")
+    assert meter.now() * harness.CLOCK_TICKS - start == pytest.approx(20 + 8)
+
+
+def test_meter_samples_in_a_thread_while_running() -> None:
+    meter = CpuMeter(lambda: [os.getpid()], interval_s=0.01)
+    with meter:
+        before = meter.now()
+        sum(i * i for i in range(3_000_000))
+    assert meter.now() > before
+    assert meter._thread is not None and not meter._thread.is_alive()
 
 
 def test_loadavg_parses_the_three_averages() -> None:
