@@ -24,6 +24,7 @@ so each pass predicts and writes every cell. A pass is one pool of ``--cells``.
 
 from __future__ import annotations
 
+import inspect
 import io
 import time
 
@@ -98,6 +99,11 @@ def run(ctx: BenchStack, meter: CpuMeter) -> list[ArmResult]:
     )
     print(f"  {len(ids)} cells, CellClassifier v{version} at {DEFAULT_INPUT_SIZE} px", flush=True)
     forward = InProcessForward(ctx.store, settings.model_name, version)
+    # Built as the service builds its own (services/classifier/server.py), with as many
+    # batches in flight where the service has that setting.
+    concurrency = {}
+    if "in_flight" in inspect.signature(Inference).parameters:
+        concurrency["in_flight"] = settings.triton_in_flight
     local = Inference(
         ctx.db,
         ctx.store,
@@ -106,6 +112,7 @@ def run(ctx: BenchStack, meter: CpuMeter) -> list[ArmResult]:
         settings.batch_size,
         images.Limits.of(settings),
         max_pool_cells=settings.max_pool_cells,
+        **concurrency,
     )
     crop_pngs = [ctx.store.get(c.crop_key) for c in cells[:64]]
 

@@ -25,6 +25,7 @@ the Ray pass's CPU includes its start and end (workers, the Train controller).
 
 from __future__ import annotations
 
+import inspect
 import io
 import math
 import time
@@ -78,11 +79,20 @@ def make_plan(settings: TrainerSettings, cells: list, epochs: int) -> Plan:
     )
 
 
+def _as_input(x: torch.Tensor) -> torch.Tensor:
+    """The network's input as the workers make it: ``loop.as_input`` (channels_last)
+    where the trainer has one, else the batch as it is."""
+    as_input = getattr(loop, "as_input", None)
+    return as_input(x) if as_input is not None else x
+
+
 def plain_run(ctx: BenchStack, plan: Plan, threads: int) -> list[dict]:
     """The worker loop's work in one process, without Ray: per-epoch records."""
     torch.set_num_threads(threads)
     batch = plan.batch_size * plan.num_workers
     model = CellClassifier(DEFAULT_TAXONOMY.num_classes)
+    if hasattr(loop, "as_input"):
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=plan.learning_rate, momentum=plan.momentum)
     weights = torch.tensor(plan.class_weights, dtype=torch.float32)
     labels = torch.tensor([k for _, k, _ in plan.train])
@@ -105,19 +115,22 @@ def plain_run(ctx: BenchStack, plan: Plan, threads: int) -> list[dict]:
         model.train()
         for start in range(0, len(order), batch):
             idx = order[start : start + batch]
-            x = augment(x_train[idx], gen, params, loop.CROP_BACKGROUND)
+            x = _as_input(augment(x_train[idx], gen, params, loop.CROP_BACKGROUND))
             loss = F.cross_entropy(model(x), labels[idx], weight=weights)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
         train_seconds = time.perf_counter() - started
-        loop.recalibrate_batchnorm(model, x_train[calibration])
+        loop.recalibrate_batchnorm(model, _as_input(x_train[calibration]))
         model.eval()
         right = seen = 0.0
         with torch.no_grad():
             for start in range(0, len(val_labels), 64):
                 r, s = loop.validation_hits(
-                    model, x_val[start : start + 64], val_labels[start : start + 64], eval_map
+                    model,
+                    _as_input(x_val[start : start + 64]),
+                    val_labels[start : start + 64],
+                    eval_map,
                 )
                 right, seen = right + r, seen + s
         buf = io.BytesIO()
@@ -148,7 +161,13 @@ def ray_run(settings: TrainerSettings, ctx: BenchStack, plan: Plan) -> list[dict
             seen_at.append(time.perf_counter())
         return False
 
-    state = runner.run(f"bench-{uuid.uuid4().hex[:8]}", plan, settings, ctx.store, on_progress)
+    extra = {}
+    if "inputs" in inspect.signature(runner.run).parameters:
+        # The trainer stages the cells' thumbs for its workers: the driver reads them,
+        # as the trainer service does for a job.
+        extra["inputs"] = runner.training_inputs(ctx.db, ctx.store, plan)
+    job_id = f"bench-{uuid.uuid4().hex[:8]}"
+    state = runner.run(job_id, plan, settings, ctx.store, on_progress, **extra)
     history = state["history"]
     gaps = np.diff(seen_at).tolist()
     for i, record in enumerate(history):
