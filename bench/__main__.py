@@ -16,6 +16,7 @@ import argparse
 import datetime as dt
 import importlib
 import json
+import math
 import subprocess
 import sys
 import time
@@ -57,6 +58,17 @@ def parse(argv: list[str]) -> tuple[Options, list[str], bool]:
         ap.error("--seconds must be > 0, --rounds >= 1, --cells >= 4")
     chosen = [b for b in BENCHES if b in args.benches] or list(BENCHES)  # segmenter first
     return opts, chosen, not args.no_save
+
+
+def finite(value: object) -> object:
+    """``value`` with NaN and infinities as null: strict JSON, for any reader."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
 
 
 def git_commit() -> str:
@@ -118,7 +130,7 @@ def main(argv: list[str]) -> None:
             "failed": failed,
             "arms": [r.to_json(floor) for r in results],
         }
-        path.write_text(json.dumps(record, indent=2) + "\n")
+        path.write_text(json.dumps(finite(record), indent=2, allow_nan=False) + "\n")
         print(f"written {path}")
     if failed:
         sys.exit(f"failed: {', '.join(failed)} (tracebacks above)")

@@ -227,5 +227,9 @@ def run(ctx: BenchStack, meter: CpuMeter) -> list[ArmResult]:
     results = run_alternated(arms, opts.rounds, opts.seconds, meter)
     for r in results:
         epoch_s = [s for p in r.passes for s in p["epoch_s"]]
-        r.figures = {"epoch_s": median(epoch_s) if epoch_s else math.nan}
+        r.figures = {
+            "epoch_s": median(epoch_s) if epoch_s else math.nan,
+            # A whole run of the epochs: for Ray, its start and end included.
+            "run_s": median(p["seconds"] for p in r.passes),
+        }
     return results
