@@ -41,7 +41,9 @@ def parse(argv: list[str]) -> tuple[Options, list[str], bool]:
     ap.add_argument("--seconds", type=float, help="each arm slot at least this long (30)")
     ap.add_argument("--rounds", type=int, help="times each arm runs, alternated (2)")
     ap.add_argument("--cells", type=int, help="cells of the pool and the training set (768)")
-    ap.add_argument("--port-base", type=int, default=Options.port_base)
+    ap.add_argument(
+        "--port-base", type=int, default=Options.port_base, help="the private stack's ports (28800)"
+    )
     ap.add_argument("--threads", type=int, default=Options.threads, help="in-process threads")
     ap.add_argument("--no-save", action="store_true", help="do not write bench/results/")
     args = ap.parse_args(argv)

@@ -44,7 +44,6 @@ class Options:
     rounds: int = 2  # A B A B: each arm this many times
     cells: int = 768  # pool cells the classifier and trainer work on
     fields_per_client: int = 2  # per segmenter pass, for each of the 3 clients
-    latency_calls: int = 300  # single-cell Classify calls at most
     threads: int = 2  # in-process arms' torch threads: the floor's budget
     port_base: int = 28800
 
