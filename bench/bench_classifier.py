@@ -1,174 +1,191 @@
-"""Classifier throughput: PredictPool through the service and Triton against in-process TorchScript.
+"""Classifier: pool prediction, fetch to stored prediction, through the service and in
+this process; and single-cell Classify latency.
 
-Starts a stack of its own (``.run/bench``, ports from ``BMCELL_BENCH_PORT_BASE``,
-default 28800), registers and activates an untrained ``CellClassifier`` at the
-default input size, seeds synthetic cells and measures, in one run:
+The model is an untrained ``CellClassifier`` at the default input size, registered
+and activated as a version (speed does not depend on the weights). The cells are
+those the segmenter cut from the bench's uploads (``BenchStack.ensure_cells``).
 
-(a) cells/s of ``PredictPool``, end to end: crops fetched from object storage,
-    preprocessed, inferred by Triton, predictions written to Postgres;
-(b) cells/s of the same TorchScript model in this process on the same PNG crops,
-    batch 64, 2 torch threads, decoding and preprocessing included;
-(c) (a) / (b);
-(d) p50/p99 latency of a single-cell ``Classify`` with a raw image.
+- ``service``: ``PredictPool`` over the cells through the classifier service: the
+  service fetches the cells' inputs, Triton runs the version, the predictions are
+  written to Postgres.
+- ``in-process``: the classifier's own pool prediction (``services.classifier.
+  inference.Inference.predict_pool``: the same fetch, batching and database write)
+  run in this process, the forward pass done here by the version's stored
+  TorchScript (``model.pt``, what Triton's backend loads) instead of over gRPC to
+  Triton; ``--threads`` intra-op threads.
+
+Before every pass the version's predictions of those cells are deleted (not timed),
+so each pass predicts and writes every cell. A pass is one pool of ``--cells``.
+
+- ``Classify 1 image`` / ``Classify 1 cell``: single-cell ``Classify`` calls one
+  after another, with a crop's PNG bytes or with a stored cell's id; the rate is
+  calls/s and ``p50_ms``/``p99_ms`` the latency over every call of the run.
 """
 
 from __future__ import annotations
 
-import os
+import inspect
+import io
 import time
 
 import numpy as np
 import torch
 
-from bmcell import modelrepo, modelstore, preprocess, tls
+from bench import flops
+from bench.context import BenchStack
+from bench.harness import Arm, ArmResult, CpuMeter, Sample, run_alternated
+from bmcell import images, modelstore
 from bmcell.db import Database
 from bmcell.network import DEFAULT_INPUT_SIZE, CellClassifier
-from bmcell.settings import Settings, load
-from bmcell.stack import Stack, StackConfig
-from bmcell.stack.config import REPO
+from bmcell.settings import ClassifierSettings, load
 from bmcell.storage import ObjectStore
 from bmcell.taxonomy import DEFAULT_TAXONOMY
 from bmcell.v1 import classifier_pb2, classifier_pb2_grpc
-from tests.integration.seed import seed_cells, synth_crops
+from services.classifier.inference import Inference
+from services.classifier.serving import ModelServing
 
-N_CELLS = int(os.environ.get("BMCELL_BENCH_CLASSIFIER_CELLS", "512"))
-N_WARMUP = 64
-BATCH = 64
-TORCH_THREADS = 2
-LATENCY_CALLS = 200
+NAME = "classifier"
+LATENCY_CALLS_PER_PASS = 20
 
 
-def _stack() -> Stack:
-    base = int(os.environ.get("BMCELL_BENCH_PORT_BASE", 28800))
-    cfg = StackConfig(run_dir=REPO / ".run" / "bench", port_base=base)
-    return Stack(cfg, progress=lambda msg: None)
+class InProcessForward:
+    """What the classifier asks of its Triton client, answered by the version's own
+    TorchScript in this process."""
+
+    def __init__(self, store: ObjectStore, model_name: str, version: int) -> None:
+        files = modelstore.version_files(store, model_name, version)
+        self.model = torch.jit.load(
+            io.BytesIO(files[f"{model_name}/{version}/model.pt"]), map_location="cpu"
+        ).eval()
+
+    def infer(self, model_name: str, version: int, batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.model(torch.from_numpy(np.ascontiguousarray(batch))).numpy()
+
+    def version_ready(self, model_name: str, version: int) -> bool:
+        return True
+
+    def load(self, model_name: str, timeout_s: float = 0.0) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
 
 
-def _predict_pool(stub, cells: list[int]) -> float:
-    started = time.perf_counter()
-    updates = list(
-        stub.PredictPool(
-            classifier_pb2.PredictPoolRequest(cell_ids=cells, batch_size=BATCH), timeout=600
+def clear_predictions(db: Database, model_name: str, version: int) -> None:
+    """The bench's version predicts the same cells pass after pass: its rows go first."""
+    with db.transaction() as conn:
+        conn.execute(
+            "DELETE FROM predictions WHERE model_name = %s AND model_version = %s",
+            (model_name, version),
         )
-    )
-    last = updates[-1] if updates else None
-    elapsed = time.perf_counter() - started
-    assert last is not None and last.finished and last.written == len(cells), last
-    return elapsed
 
 
-def _in_process(scripted, crops: list[bytes]) -> float:
-    started = time.perf_counter()
-    with torch.inference_mode():
-        for i in range(0, len(crops), BATCH):
-            x = preprocess.batch_from_crops(crops[i : i + BATCH], DEFAULT_INPUT_SIZE)
-            scripted(torch.from_numpy(x)).numpy()
-    return time.perf_counter() - started
-
-
-def main() -> None:
-    stack = _stack()
-    saved = dict(os.environ)
-    stack.down()
-    try:
-        t0 = time.perf_counter()
-        stack.up()
-        print(f"stack up: {time.perf_counter() - t0:.1f}s", flush=True)
-        os.environ.update(stack.env())
-        settings = load(Settings)
-        db = Database(settings).open()
-        store = ObjectStore(settings).ensure_buckets()
-        try:
-            _run(stack, settings, db, store)
-        finally:
-            db.close()
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-        stack.down()
-
-
-def _run(stack: Stack, settings: Settings, db: Database, store: ObjectStore) -> None:
+def run(ctx: BenchStack, meter: CpuMeter) -> list[ArmResult]:
+    opts = ctx.options
+    settings = load(ClassifierSettings)
+    cells = ctx.ensure_cells(opts.cells)
+    ids = [c.cell_id for c in cells]
     torch.manual_seed(0)
     model = CellClassifier(DEFAULT_TAXONOMY.num_classes).eval()
     version = modelstore.register_version(
-        db,
-        store,
+        ctx.db,
+        ctx.store,
         model,
         DEFAULT_TAXONOMY,
         DEFAULT_INPUT_SIZE,
         model_name=settings.model_name,
-        note="bench_classifier",
+        note="bench",
     )
-    crops, _ = synth_crops(N_WARMUP + N_CELLS, seed=1)
-    warm_cells = seed_cells(db, store, crops[:N_WARMUP])
-    cells = seed_cells(db, store, crops[N_WARMUP:])
-    measured = crops[N_WARMUP:]
-    side = preprocess._to_image(measured[0]).width
-    print(
-        f"model: CellClassifier v{version}, input {DEFAULT_INPUT_SIZE}, "
-        f"{len(cells)} cells ({side}x{side} PNG crops), batch {BATCH}",
-        flush=True,
+    print(f"  {len(ids)} cells, CellClassifier v{version} at {DEFAULT_INPUT_SIZE} px", flush=True)
+    forward = InProcessForward(ctx.store, settings.model_name, version)
+    # Built as the service builds its own (services/classifier/server.py), with as many
+    # batches in flight where the service has that setting.
+    concurrency = {}
+    if "in_flight" in inspect.signature(Inference).parameters:
+        concurrency["in_flight"] = settings.triton_in_flight
+    local = Inference(
+        ctx.db,
+        ctx.store,
+        forward,  # type: ignore[arg-type]  # the Triton client's interface
+        ModelServing(ctx.db, ctx.store, forward, settings.model_name),  # type: ignore[arg-type]
+        settings.batch_size,
+        images.Limits.of(settings),
+        max_pool_cells=settings.max_pool_cells,
+        **concurrency,
     )
+    crop_pngs = [ctx.store.get(c.crop_key) for c in cells[:64]]
 
-    with tls.grpc_channel(
-        stack.config.addr("classifier"),
-        options=[("grpc.max_receive_message_length", 64 << 20)],
-    ) as ch:
+    with ctx.channel("classifier") as ch:
         stub = classifier_pb2_grpc.ClassifierStub(ch)
         stub.ActivateModel(classifier_pb2.ActivateModelRequest(version=version), timeout=300)
-        _predict_pool(stub, warm_cells)  # loads the version in Triton, warms every path
 
-        # (a) service + Triton, end to end
-        pool_s = _predict_pool(stub, cells)
-        pool_rate = len(cells) / pool_s
+        def prepare() -> None:
+            clear_predictions(ctx.db, settings.model_name, version)
 
-        # (b) in-process TorchScript, the exact served module, same crops
-        torch.set_num_threads(TORCH_THREADS)
-        scripted = modelrepo.script_served_model(model).eval()
-        _in_process(scripted, crops[:N_WARMUP])
-        local_s = _in_process(scripted, measured)
-        local_rate = len(measured) / local_s
-
-        # same numbers both ways (sanity: the bench measures the same model)
-        resp = stub.Classify(classifier_pb2.ClassifyRequest(images=measured[:8]), timeout=60)
-        with torch.inference_mode():
-            want = scripted(
-                torch.from_numpy(preprocess.batch_from_crops(measured[:8], DEFAULT_INPUT_SIZE))
-            ).numpy()
-        got = np.array([r.probabilities for r in resp.results], dtype=np.float32)
-        max_diff = float(np.abs(got - want).max())
-
-        # (d) single-cell Classify latency
-        for c in measured[:10]:
-            stub.Classify(classifier_pb2.ClassifyRequest(images=[c]), timeout=60)
-        lat = []
-        for i in range(LATENCY_CALLS):
-            c = measured[i % len(measured)]
+        def service() -> Sample:
             started = time.perf_counter()
-            stub.Classify(classifier_pb2.ClassifyRequest(images=[c]), timeout=60)
-            lat.append(time.perf_counter() - started)
-    lat_ms = np.array(lat) * 1000.0
+            updates = list(
+                stub.PredictPool(
+                    classifier_pb2.PredictPoolRequest(cell_ids=ids, model_version=version)
+                )
+            )
+            seconds = time.perf_counter() - started
+            _check_written(updates, ids)
+            return Sample(len(ids), seconds)
 
-    ratio = pool_rate / local_rate
-    print(
-        f"(a) PredictPool end to end (service+Triton): {pool_rate:8.1f} cells/s "
-        f"({len(cells)} cells in {pool_s:.2f}s)"
-    )
-    print(
-        f"(b) in-process TorchScript, {TORCH_THREADS} threads, incl. PNG decode+preprocess: "
-        f"{local_rate:8.1f} cells/s ({len(measured)} cells in {local_s:.2f}s)"
-    )
-    print(
-        f"(c) ratio PredictPool / in-process: {ratio:.2f} (target >= 0.80: "
-        f"{'met' if ratio >= 0.8 else 'NOT met'})"
-    )
-    print(
-        f"(d) single-cell Classify latency over {LATENCY_CALLS} calls: "
-        f"p50 {np.percentile(lat_ms, 50):.1f} ms, p99 {np.percentile(lat_ms, 99):.1f} ms"
-    )
-    print(f"    max |Triton - in-process| probability difference: {max_diff:.2e}", flush=True)
+        def in_process() -> Sample:
+            torch.set_num_threads(opts.threads)
+            started = time.perf_counter()
+            updates = list(local.predict_pool(ids, version))
+            seconds = time.perf_counter() - started
+            _check_written(updates, ids)
+            return Sample(len(ids), seconds)
+
+        def classify(request: classifier_pb2.ClassifyRequest) -> float:
+            started = time.perf_counter()
+            stub.Classify(request, timeout=60)
+            return time.perf_counter() - started
+
+        calls = iter(range(10**9))
+
+        def latency_pass(make) -> Sample:  # noqa: ANN001 - index -> ClassifyRequest
+            lat = [classify(make(next(calls))) for _ in range(LATENCY_CALLS_PER_PASS)]
+            return Sample(
+                len(lat), sum(lat), rates=[1.0 / s for s in lat], extra={"latency_s": lat}
+            )
+
+        def by_image(i: int) -> classifier_pb2.ClassifyRequest:
+            return classifier_pb2.ClassifyRequest(images=[crop_pngs[i % len(crop_pngs)]])
+
+        def by_cell(i: int) -> classifier_pb2.ClassifyRequest:
+            return classifier_pb2.ClassifyRequest(cell_ids=[ids[i % len(ids)]])
+
+        per_cell = flops.classifier_forward(DEFAULT_INPUT_SIZE)
+        pool_arms = [
+            Arm(NAME, "service", "cells", per_cell, service, prepare, "PredictPool"),
+            Arm(NAME, "in-process", "cells", per_cell, in_process, prepare, "predict_pool here"),
+        ]
+        latency_arms = [
+            Arm(NAME, "Classify 1 image", "calls", per_cell, lambda: latency_pass(by_image)),
+            Arm(NAME, "Classify 1 cell", "calls", per_cell, lambda: latency_pass(by_cell)),
+        ]
+        for arm in pool_arms + latency_arms:  # Triton loads the version; every path warm
+            if arm.prepare:
+                arm.prepare()
+            arm.run_pass()
+        results = run_alternated(pool_arms, opts.rounds, opts.seconds, meter)
+        latency = run_alternated(latency_arms, opts.rounds, opts.seconds / 2, meter)
+    for r in latency:
+        ms = np.array([s for p in r.passes for s in p["latency_s"]]) * 1000.0
+        r.figures = {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+        for p in r.passes:  # the percentiles say it; keep the JSON small
+            del p["latency_s"]
+    return results + latency
 
 
-if __name__ == "__main__":
-    main()
+def _check_written(updates: list, ids: list[int]) -> None:
+    """The last progress says every cell was predicted and written by this pass."""
+    last = updates[-1] if updates else None
+    if last is None or not last.finished or last.written != len(ids):
+        raise RuntimeError(f"pool prediction did not write all {len(ids)} cells: {last}")

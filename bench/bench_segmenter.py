@@ -1,123 +1,85 @@
-"""Fields per second: segmentation alone in this process, and upload + segmentation
-through the running segmenter service (``BMCELL_SEGMENTER_ADDR``; skipped if unset),
-with ``BMCELL_TOKEN`` or, when that is unset, a token of operator ``bench`` issued
-through ``BMCELL_DATABASE_URL`` as ``bmcell users`` would.
+"""Segmenter: 704x704 fields from 3 concurrent lab clients, through the service and in
+this process.
 
-    .venv/bin/python -m bench.bench_segmenter [--fields 8] [--size 704] [--jobs 2]
+- ``service``: upload + segmentation through the segmenter service, three lab
+  clients at once (``BenchStack.upload``): transfer, decode, the U-Net,
+  post-processing, crops, thumbs, object storage and the database rows.
+- ``in-process``: the same field PNGs, three threads at once, each field decoded
+  with the service's decoder and segmented by the service's own pipeline
+  (``services.segmenter.restore.segmenter_of``, what a duplicate upload re-cuts
+  with), its crops and masks PNG-encoded as the service does before it stores
+  them; nothing is stored. Torch threads: the service's ``BMCELL_TORCH_THREADS``.
+
+An item is a field; a pass is ``3 x fields_per_client`` fields. The fields are
+fresh copies (+-1 noise) of a few rendered ones, made before the pass is timed.
 """
 
 from __future__ import annotations
 
-import argparse
-import io
-import os
-import sys
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
-from bmcell.synth import lab_style, render_field, specimen_mix
-from services.segmenter import instances, unet
+from bench import flops
+from bench.context import FIELD_SIZE, LABS, BenchStack
+from bench.harness import Arm, ArmResult, CpuMeter, Sample, run_alternated
+from bmcell.settings import SegmenterSettings, load
+from services.segmenter import images, models, restore
 
-WEIGHTS = sorted((Path(__file__).resolve().parents[1] / "services/segmenter/weights").glob("*.pt"))
-
-
-def _fields(count: int, size: int) -> list[np.ndarray]:
-    _, mix = specimen_mix(11, 0, 0)
-    style = lab_style(11, "lab-b")
-    return [
-        render_field(np.random.default_rng(900 + i), style, mix, size).image for i in range(count)
-    ]
+NAME = "segmenter"
 
 
-def in_process(images: list[np.ndarray], threads: int) -> float:
-    torch.set_num_threads(threads)
-    model, _ = unet.from_bytes(WEIGHTS[-1].read_bytes())
-    started = time.perf_counter()
-    for image in images:
-        probs = unet.predict_probabilities(model, image)
-        labels, nuclei = instances.label_instances(probs)
-        instances.cells_from(image, labels, nuclei, 282)
-    return len(images) / (time.perf_counter() - started)
+def _settings() -> SegmenterSettings:
+    return load(SegmenterSettings)
 
 
-def _token() -> str:
-    token = os.environ.get("BMCELL_TOKEN")
-    if token:
-        return token
-    from bmcell.db import Database
-    from bmcell.scenario import operator_token
-    from bmcell.settings import Settings, load
+def run(ctx: BenchStack, meter: CpuMeter) -> list[ArmResult]:
+    opts = ctx.options
+    settings = _settings()
+    per_pass = len(LABS) * opts.fields_per_client
+    loaded = models.load_latest(ctx.store, settings.segmenter_model)
+    if loaded is None:
+        raise RuntimeError(f"no segmenter weights {settings.segmenter_model!r} in object storage")
+    segment_with = restore.segmenter_of(ctx.store, loaded.name)
+    pending: list[bytes] = []
 
-    db = Database(load(Settings), name="bench").open()
-    try:
-        return operator_token(db, "bench")
-    finally:
-        db.close()
+    def prepare() -> None:
+        pending[:] = ctx.fields.pngs(per_pass)
 
-
-def through_service(images: list[np.ndarray], addr: str, jobs: int, token: str) -> float:
-    from bmcell.grpc_client import bearer, channel
-    from bmcell.v1 import segmenter_pb2, segmenter_pb2_grpc
-
-    specimen = f"bench-{uuid.uuid4().hex[:8]}"
-    blobs = []
-    for image in images:
-        buf = io.BytesIO()
-        Image.fromarray(image).save(buf, "PNG")
-        blobs.append(buf.getvalue())
-
-    def requests(data: bytes):
-        yield segmenter_pb2.UploadRequest(
-            header=segmenter_pb2.UploadHeader(lab="bench", specimen=specimen)
-        )
-        for i in range(0, len(data), 1 << 20):
-            yield segmenter_pb2.UploadRequest(chunk=data[i : i + (1 << 20)])
-
-    with channel(addr, default_timeout_s=600) as ch:
-        stub = segmenter_pb2_grpc.SegmenterStub(ch)
+    def service() -> Sample:
         started = time.perf_counter()
-        with ThreadPoolExecutor(jobs) as pool:
-            results = list(
-                pool.map(lambda b: stub.Upload(requests(b), metadata=bearer(token)), blobs)
-            )
-        elapsed = time.perf_counter() - started
-    assert not any(r.duplicate for r in results)
-    return len(blobs) / elapsed
+        answers = ctx.upload(pending)
+        seconds = time.perf_counter() - started
+        return Sample(len(answers), seconds, extra={"cells": sum(a.cells for a in answers)})
 
+    def segment_one(png: bytes) -> int:
+        field = images.decode(
+            png,
+            max_bytes=min(settings.max_upload_bytes, settings.max_image_bytes),
+            max_pixels=settings.max_image_pixels,
+            max_frames=settings.max_image_frames,
+        )
+        cells = segment_with(field.rgb, settings.crop_size)()
+        for c in cells:
+            images.png_bytes(c.crop)
+            images.png_bytes(c.mask)
+        return len(cells)
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--fields", type=int, default=8)
-    parser.add_argument("--size", type=int, default=704)
-    parser.add_argument("--jobs", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args(argv or [])
-    images = _fields(args.fields, args.size)
-    rate = in_process(images, args.threads)
-    print(
-        f"segmentation in-process ({args.size}x{args.size}, {args.threads} threads): "
-        f"{rate:.2f} fields/s"
-    )
-    addr = os.environ.get("BMCELL_SEGMENTER_ADDR")
-    if not addr:
-        print("upload + segmentation through the service: skipped (BMCELL_SEGMENTER_ADDR unset)")
-        return
-    # Fresh pixels so the service cannot answer from its content-addressed cache.
-    fresh = [
-        np.clip(
-            i.astype(np.int16) + np.random.default_rng().integers(-1, 2, i.shape), 0, 255
-        ).astype(np.uint8)
-        for i in images
+    def in_process() -> Sample:
+        torch.set_num_threads(settings.torch_threads)
+        started = time.perf_counter()
+        with ThreadPoolExecutor(len(LABS)) as pool:
+            counts = list(pool.map(segment_one, pending))
+        seconds = time.perf_counter() - started
+        return Sample(len(counts), seconds, extra={"cells": sum(counts)})
+
+    per_field = flops.segmenter_field(FIELD_SIZE)
+    arms = [
+        Arm(NAME, "service", "fields", per_field, service, prepare, "3 lab clients"),
+        Arm(NAME, "in-process", "fields", per_field, in_process, prepare, "3 threads"),
     ]
-    rate = through_service(fresh, addr, args.jobs, _token())
-    print(f"upload + segmentation through the service ({args.jobs} in flight): {rate:.2f} fields/s")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+    for arm in arms:  # weights loaded and every path warm before anything is timed
+        prepare()
+        arm.run_pass()
+    return run_alternated(arms, opts.rounds, opts.seconds, meter)
