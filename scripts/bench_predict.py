@@ -69,6 +69,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--keep-up", action="store_true", help="leave the stack running")
+    ap.add_argument(
+        "--attach",
+        action="store_true",
+        help="measure a stack a --keep-up run left (its cells and active version): "
+        "two trees' stacks can then be measured in turns, A B A B",
+    )
     args = ap.parse_args()
 
     stack = Stack(
@@ -76,12 +82,14 @@ def main() -> None:
         progress=lambda msg: None,
     )
     saved = dict(os.environ)
-    stack.down()
-    shutil.rmtree(stack.config.run_dir, ignore_errors=True)  # every run starts from empty
+    if not args.attach:
+        stack.down()
+        shutil.rmtree(stack.config.run_dir, ignore_errors=True)  # every run starts from empty
     try:
         t0 = time.perf_counter()
-        stack.up()
-        print(f"stack up: {time.perf_counter() - t0:.1f}s", flush=True)
+        if not args.attach:
+            stack.up()
+            print(f"stack up: {time.perf_counter() - t0:.1f}s", flush=True)
         os.environ.update(stack.env())
         settings = load(Settings)
         db = Database(settings).open()
@@ -93,11 +101,37 @@ def main() -> None:
     finally:
         os.environ.clear()
         os.environ.update(saved)
-        if not args.keep_up:
+        if not (args.keep_up or args.attach):
             stack.down()
 
 
 def run(stack: Stack, settings: Settings, db: Database, store: ObjectStore, args) -> None:
+    if args.attach:
+        with db.connection() as conn:
+            version = conn.execute(
+                "SELECT version FROM model_versions WHERE model_name = %s AND state = 'active'",
+                (settings.model_name,),
+            ).fetchone()["version"]
+            rows = conn.execute("SELECT id, crop_key FROM cells ORDER BY id").fetchall()
+        cells = [r["id"] for r in rows]
+        crops = [store.get(r["crop_key"]) for r in rows[:200]]
+    else:
+        version, cells, crops = seed(settings, db, store, args.cells)
+    with grpc_client.channel(
+        stack.config.addr("classifier"), default_timeout_s=600, token=stack.operator_token()
+    ) as ch:
+        stub = classifier_pb2_grpc.ClassifierStub(ch)
+        if not args.attach:
+            stub.ActivateModel(classifier_pb2.ActivateModelRequest(version=version), timeout=300)
+        predict_pool(stub, cells[:128], 600)  # loads the version, warms every path
+        for c in cells[:20]:
+            stub.Classify(classifier_pb2.ClassifyRequest(cell_ids=[c]), timeout=60)
+        measure(stub, db, version, cells, crops, args)
+
+
+def seed(
+    settings: Settings, db: Database, store: ObjectStore, n: int
+) -> tuple[int, list[int], list[bytes]]:
     torch.manual_seed(0)
     model = CellClassifier(DEFAULT_TAXONOMY.num_classes).eval()
     version = modelstore.register_version(
@@ -111,52 +145,49 @@ def run(stack: Stack, settings: Settings, db: Database, store: ObjectStore, args
     )
     crops, _ = synth_crops(200, seed=1, size=282)
     cells: list[int] = []
-    while len(cells) < args.cells:
-        cells += seed_cells(db, store, crops[: args.cells - len(cells)])
+    while len(cells) < n:
+        cells += seed_cells(db, store, crops[: n - len(cells)])
     thumbs.fetch(db, store, cells, DEFAULT_INPUT_SIZE)  # stored, as the segmenter does
     print(f"v{version}, {len(cells)} cells (282x282 PNG crops, thumbs stored)", flush=True)
+    return version, cells, crops
 
-    with grpc_client.channel(
-        stack.config.addr("classifier"), default_timeout_s=600, token=stack.operator_token()
-    ) as ch:
-        stub = classifier_pb2_grpc.ClassifierStub(ch)
-        stub.ActivateModel(classifier_pb2.ActivateModelRequest(version=version), timeout=300)
-        predict_pool(stub, cells[:128], 600)  # loads the version, warms every path
-        for c in cells[:20]:
-            stub.Classify(classifier_pb2.ClassifyRequest(cell_ids=[c]), timeout=60)
-        print(f"load average before: {loadavg()}", flush=True)
-        rates, by_id, by_image = [], [], []
-        for r in range(args.rounds):
-            with db.transaction() as conn:
-                conn.execute("DELETE FROM predictions WHERE model_version = %s", (version,))
-            s = predict_pool(stub, cells, 3600)
-            rates.append(len(cells) / s)
-            by_id.append(
-                latencies(
-                    lambda i: stub.Classify(
-                        classifier_pb2.ClassifyRequest(cell_ids=[cells[i % len(cells)]]),
-                        timeout=60,
-                    ),
-                    args.calls,
-                )
+
+def measure(stub, db: Database, version: int, cells: list[int], crops: list[bytes], args) -> None:
+    print(f"load average before: {loadavg()}", flush=True)
+    rates, by_id, by_image = [], [], []
+    for r in range(args.rounds):
+        with db.transaction() as conn:
+            conn.execute("DELETE FROM predictions WHERE model_version = %s", (version,))
+        s = predict_pool(stub, cells, 3600)
+        rates.append(len(cells) / s)
+        by_id.append(
+            latencies(
+                lambda i: stub.Classify(
+                    classifier_pb2.ClassifyRequest(cell_ids=[cells[i % len(cells)]]),
+                    timeout=60,
+                ),
+                args.calls,
             )
-            by_image.append(
-                latencies(
-                    lambda i: stub.Classify(
-                        classifier_pb2.ClassifyRequest(images=[crops[i % len(crops)]]),
-                        timeout=60,
-                    ),
-                    args.calls,
-                )
+        )
+        by_image.append(
+            latencies(
+                lambda i: stub.Classify(
+                    classifier_pb2.ClassifyRequest(images=[crops[i % len(crops)]]),
+                    timeout=60,
+                ),
+                args.calls,
             )
-            print(
-                f"pass {r + 1}: PredictPool {rates[-1]:7.1f} cells/s ({len(cells)} in {s:.1f}s); "
-                f"Classify by id p50 {np.percentile(by_id[-1], 50):6.1f} ms "
-                f"p99 {np.percentile(by_id[-1], 99):6.1f} ms; by image "
-                f"p50 {np.percentile(by_image[-1], 50):6.1f} ms "
-                f"p99 {np.percentile(by_image[-1], 99):6.1f} ms; load {loadavg()}",
-                flush=True,
-            )
+        )
+        print(
+            f"pass {r + 1}: PredictPool {rates[-1]:7.1f} cells/s ({len(cells)} in {s:.1f}s); "
+            f"Classify by id p50 {np.percentile(by_id[-1], 50):6.1f} ms "
+            f"p99 {np.percentile(by_id[-1], 99):6.1f} ms; by image "
+            f"p50 {np.percentile(by_image[-1], 50):6.1f} ms "
+            f"p99 {np.percentile(by_image[-1], 99):6.1f} ms; load {loadavg()}",
+            flush=True,
+        )
+    if not rates:
+        return
     ids, imgs = np.concatenate(by_id), np.concatenate(by_image)
     print(
         f"median PredictPool {np.median(rates):.1f} cells/s; Classify by id "
