@@ -32,6 +32,11 @@ from bmcell.taxonomy import Taxonomy
 INPUT_NAME = "INPUT"
 OUTPUT_NAME = "PROB"
 DEFAULT_MAX_BATCH_SIZE = 64
+# One torch thread per backend instance, two instances: on 2 shared cores two
+# single-threaded processes ran the classifier faster than one process with two
+# threads, and a single-cell request need not wait behind a pool batch (docs/scaling.md).
+DEFAULT_INSTANCE_COUNT = 2
+DEFAULT_TORCH_THREADS = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # torch.jit.script is not thread-safe while it compiles a module type for the first
 # time ("Can't redefine method: forward"): two publishes in one process take turns.
@@ -61,9 +66,9 @@ def config_pbtxt(
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     *,
     versions: Sequence[int] | None = None,
-    instance_count: int = 1,
+    instance_count: int = DEFAULT_INSTANCE_COUNT,
     max_queue_delay_us: int = 1000,
-    torch_num_threads: int = 0,
+    torch_num_threads: int = DEFAULT_TORCH_THREADS,
 ) -> str:
     """Triton ``config.pbtxt`` for the python backend serving a bmcell classifier.
 
@@ -163,7 +168,8 @@ def export_version(
     metadata: Mapping[str, Any],
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     versions: Sequence[int] | None = None,
-    torch_num_threads: int = 0,
+    instance_count: int = DEFAULT_INSTANCE_COUNT,
+    torch_num_threads: int = DEFAULT_TORCH_THREADS,
 ) -> dict[str, bytes]:
     """Export ``model`` (logits, or already ``WithSoftmax``) as one Triton model version.
 
@@ -203,7 +209,11 @@ def export_version(
     vdir = f"{model_name}/{version}"
     return {
         f"{model_name}/config.pbtxt": config_pbtxt(
-            model_name, max_batch_size, versions=versions, torch_num_threads=torch_num_threads
+            model_name,
+            max_batch_size,
+            versions=versions,
+            instance_count=instance_count,
+            torch_num_threads=torch_num_threads,
         ).encode(),
         f"{vdir}/model.pt": model_pt,
         f"{vdir}/model.py": backend_model_py(),

@@ -53,6 +53,17 @@ class Settings(TlsSettings):
     outbound_timeout_s: float = Field(
         30.0, gt=0, description="deadline for calls to other services"
     )
+    predict_cells_per_s: float = Field(
+        50.0,
+        gt=0,
+        description="the slowest prediction a deadline allows: a call that predicts n cells "
+        "gets outbound_timeout_s + n / this (Triton batches: triton_timeout_s + n / this)",
+    )
+
+    def prediction_deadline_s(self, n_cells: int) -> float:
+        """Deadline of a call that predicts ``n_cells``: it follows the work."""
+        return self.outbound_timeout_s + n_cells / self.predict_cells_per_s
+
     model_name: str = Field("bmcell-cell", description="the cell classifier's name in Triton")
     env: Literal["production", "development"] = Field(
         "production", description="development (the embedded stack) opens gRPC reflection"
@@ -121,6 +132,9 @@ class ClassifierSettings(ServiceSettings):
         "", description="local model repository Triton reads; empty: Triton reads the models bucket"
     )
     batch_size: int = Field(64, ge=1)
+    triton_in_flight: int = Field(
+        2, ge=1, description="pool-prediction requests in Triton at once (its instance_count)"
+    )
     # Crops are 282x282 PNGs: far smaller caps than a field image's.
     max_image_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="bytes per crop")
     max_image_pixels: int = Field(
@@ -166,7 +180,12 @@ class RoundsSettings(ServiceSettings):
     selector_addr: str = Field(description="host:port of the selector service")
     trainer_addr: str = Field(description="host:port of the trainer service")
     poll_interval_s: float = Field(1.0, gt=0, description="how often live rounds are advanced")
-    selection_timeout_s: float = Field(1800.0, gt=0, description="deadline of one selection call")
+    selection_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="deadline of one selection call besides its sample's prediction "
+        "(which adds sample_size / predict_cells_per_s)",
+    )
 
 
 class LabelApiSettings(Settings):

@@ -1,21 +1,26 @@
 """Classify crops through Triton, and predict a pool of stored cells in bulk.
 
-Pool prediction overlaps its three kinds of work: crops are fetched from object
-storage and preprocessed by a thread pool while Triton runs the previous batch, and
-predictions are written with one multi-row statement per batch. Cells that already
-have a prediction from the same version are skipped, so a rerun (or a resumed run
-after a crash) costs little and never duplicates a row.
+Stored cells are read as their thumbs (``bmcell.thumbs``: the network's input as
+uint8, kept in Postgres beside the cell), not as PNG crops from object storage:
+one query per group of cells instead of a GET and a decode per cell.
+
+Pool prediction overlaps its three kinds of work: the next group's thumbs are read
+while Triton runs the current group's batches (several requests in flight, one per
+backend instance), and each finished group is written with one multi-row
+statement. Cells that already have a prediction from the same version are skipped,
+so a rerun (or a resumed run after a crash) costs little and never duplicates a row.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
-from bmcell import images, preprocess
+from bmcell import images, preprocess, thumbs
 from bmcell.db import Database
 from bmcell.errors import InvalidArgument, NotFound
 from bmcell.storage import ObjectStore
@@ -43,7 +48,8 @@ class Inference:
         limits: images.Limits,
         *,
         max_pool_cells: int = 1_000_000,
-        io_threads: int = 8,
+        io_threads: int = 4,
+        in_flight: int = 2,
     ) -> None:
         self.db = db
         self.store = store
@@ -52,10 +58,13 @@ class Inference:
         self.batch_size = batch_size
         self.limits = limits
         self.max_pool_cells = max_pool_cells
-        self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="crops")
+        self.in_flight = in_flight
+        self.pool = ThreadPoolExecutor(io_threads, thread_name_prefix="thumbs")
+        self.triton_pool = ThreadPoolExecutor(in_flight, thread_name_prefix="triton")
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+        self.triton_pool.shutdown(wait=False, cancel_futures=True)
 
     def _infer(self, version: int, batch: np.ndarray) -> np.ndarray:
         try:
@@ -82,11 +91,10 @@ class Inference:
     ) -> tuple[dict, np.ndarray]:
         """Cells of labs the caller does not see are reported missing, like unknown ids
         (checked first, so the answer says nothing about models either)."""
-        keys = self._crop_keys(cell_ids, sees_lab)
+        self._check_visible(cell_ids, sees_lab)
         row = self.serving.resolve(version)
-        crops = list(self.pool.map(self.store.get, [keys[c] for c in cell_ids]))
-        batch = preprocess.batch_from_crops(crops, row["input_size"])
-        return row, self._run_batches(row["version"], batch)
+        pixels = thumbs.fetch(self.db, self.store, cell_ids, row["input_size"])
+        return row, self._run_batches(row["version"], thumbs.to_batch(pixels))
 
     def _run_batches(self, version: int, batch: np.ndarray) -> np.ndarray:
         out = [
@@ -95,27 +103,18 @@ class Inference:
         ]
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
-    def _crop_keys(
-        self, cell_ids: list[int], sees_lab: Callable[[int], bool] = lambda _lab: True
-    ) -> dict[int, str]:
-        if len(cell_ids) > self.max_pool_cells:
-            raise InvalidArgument(
-                f"{len(cell_ids)} cells, the limit is {self.max_pool_cells} per call "
-                "(BMCELL_MAX_POOL_CELLS)",
-                field="cell_ids",
-            )
+    def _check_visible(self, cell_ids: list[int], sees_lab: Callable[[int], bool]) -> None:
         with self.db.connection() as conn:
             rows = conn.execute(
-                "SELECT id, crop_key, lab_id FROM cells WHERE id = ANY(%s)", (cell_ids,)
+                "SELECT id, lab_id FROM cells WHERE id = ANY(%s)", (cell_ids,)
             ).fetchall()
-        keys = {r["id"]: r["crop_key"] for r in rows if sees_lab(r["lab_id"])}
-        missing = sorted(set(cell_ids) - set(keys))
+        visible = {r["id"] for r in rows if sees_lab(r["lab_id"])}
+        missing = sorted(set(cell_ids) - visible)
         if missing:
             raise NotFound(
                 f"no cells with ids {missing[:10]}" + (" ..." if len(missing) > 10 else ""),
                 field="cell_ids",
             )
-        return keys
 
     def predict_pool(
         self, cell_ids: list[int], version: int, batch_size: int = 0
@@ -125,64 +124,104 @@ class Inference:
         self.serving.ensure_loaded(version)
         bs = batch_size or self.batch_size
         unique = list(dict.fromkeys(cell_ids))
-        keys = self._crop_keys(unique)
-        with self.db.connection() as conn:
-            done_rows = conn.execute(
-                "SELECT cell_id FROM predictions WHERE cell_id = ANY(%s) AND model_name = %s "
-                "AND model_version = %s",
-                (unique, self.serving.model_name, version),
-            ).fetchall()
-        already = {r["cell_id"] for r in done_rows}
-        todo = [c for c in unique if c not in already]
-        total, done, written = len(unique), len(already), 0
+        todo = self._not_predicted(unique, version)
+        total, done, written = len(unique), len(unique) - len(todo), 0
         yield Progress(done, total, written, version)
 
-        def load(chunk: list[int]) -> np.ndarray:
-            return np.stack(
-                [preprocess.crop_to_tensor(self.store.get(keys[c]), size) for c in chunk]
-            )
-
-        chunks = [todo[i : i + bs] for i in range(0, len(todo), bs)]
-
-        # Per chunk, its crops load on the thread pool (one task per 8 cells) while
-        # Triton runs the chunk before it.
-        def submit(chunk: list[int]):
-            parts = [chunk[i : i + 8] for i in range(0, len(chunk), 8)]
-            return [self.pool.submit(load, p) for p in parts]
-
-        pending = submit(chunks[0]) if chunks else None
-        for i, chunk in enumerate(chunks):
-            batch = np.concatenate([f.result() for f in pending])
-            pending = submit(chunks[i + 1]) if i + 1 < len(chunks) else None
-            probs = self._infer(version, batch)
-            written += self._write(chunk, version, probs)
-            done += len(chunk)
-            yield Progress(done, total, written, version)
+        # Groups of cells move through three stages at once: the next group's thumbs
+        # are read (one query) on the I/O pool while the current group's batches queue
+        # on the Triton pool (``in_flight`` requests at a time, so every backend
+        # instance stays busy), and this thread writes the group before (one
+        # statement) and reports it.
+        group = bs * max(2, self.in_flight)
+        groups = [todo[i : i + group] for i in range(0, len(todo), group)]
+        pending: deque[tuple[list[int], list[Future]]] = deque()
+        try:
+            fetched = self.pool.submit(self._thumbs, groups[0], size) if groups else None
+            for i, cells in enumerate(groups):
+                pixels = fetched.result()
+                if i + 1 < len(groups):
+                    fetched = self.pool.submit(self._thumbs, groups[i + 1], size)
+                batches = [
+                    self.triton_pool.submit(self._infer_pixels, version, pixels[j : j + bs])
+                    for j in range(0, len(cells), bs)
+                ]
+                pending.append((cells, batches))
+                last = i + 1 == len(groups)
+                while len(pending) > 1 or (last and pending):
+                    cells_done, probs = self._collect(pending.popleft())
+                    written += self._write(cells_done, version, probs)
+                    done += len(cells_done)
+                    yield Progress(done, total, written, version)
+        finally:  # also when the caller went away: drop the batches not started yet
+            for _, batches in pending:
+                for f in batches:
+                    f.cancel()
         yield Progress(done, total, written, version, finished=True)
 
-    def _write(self, cell_ids: list[int], version: int, probs: np.ndarray) -> int:
-        top = np.argsort(-probs, axis=1)[:, :2]
-        p1 = probs[np.arange(len(probs)), top[:, 0]]
-        p2 = probs[np.arange(len(probs)), top[:, 1]]
-        margin = np.clip(p1 - p2, 0.0, 1.0)
-        rows = [
-            (
-                cid,
-                self.serving.model_name,
-                version,
-                probs[i].tolist(),
-                int(top[i, 0]),
-                float(min(p1[i], 1.0)),
-                float(margin[i]),
+    def _not_predicted(self, cell_ids: list[int], version: int) -> list[int]:
+        """``cell_ids`` without a prediction of ``version`` yet, in order; every id must
+        be a cell (checked before any work, so a bad id writes nothing)."""
+        if len(cell_ids) > self.max_pool_cells:
+            raise InvalidArgument(
+                f"{len(cell_ids)} cells, the limit is {self.max_pool_cells} per call "
+                "(BMCELL_MAX_POOL_CELLS)",
+                field="cell_ids",
             )
-            for i, cid in enumerate(cell_ids)
-        ]
-        with self.db.transaction() as conn, conn.cursor() as cur:
-            cur.executemany(
+        with self.db.connection() as conn:
+            rows = conn.execute(
+                """SELECT c.id, p.cell_id IS NOT NULL AS done FROM cells c
+                     LEFT JOIN predictions p ON p.cell_id = c.id AND p.model_name = %s
+                                            AND p.model_version = %s
+                    WHERE c.id = ANY(%s)""",
+                (self.serving.model_name, version, cell_ids),
+            ).fetchall()
+        done = {r["id"]: r["done"] for r in rows}
+        missing = [c for c in cell_ids if c not in done]
+        if missing:
+            raise NotFound(
+                f"no cells with ids {missing[:10]}" + (" ..." if len(missing) > 10 else ""),
+                field="cell_ids",
+            )
+        return [c for c in cell_ids if not done[c]]
+
+    def _thumbs(self, cell_ids: list[int], size: int) -> np.ndarray:
+        return thumbs.fetch(self.db, self.store, cell_ids, size)
+
+    def _infer_pixels(self, version: int, pixels: np.ndarray) -> np.ndarray:
+        return self._infer(version, thumbs.to_batch(pixels))
+
+    @staticmethod
+    def _collect(item: tuple[list[int], list[Future]]) -> tuple[list[int], np.ndarray]:
+        cells, batches = item
+        return cells, np.concatenate([f.result() for f in batches])
+
+    def _write(self, cell_ids: list[int], version: int, probs: np.ndarray) -> int:
+        """Store one group's predictions with one statement; returns the rows written
+        (a row another caller wrote meanwhile is kept, not duplicated)."""
+        probs = probs.astype(np.float32, copy=False)
+        top = np.argsort(-probs, axis=1)[:, :2]
+        rows = np.arange(len(probs))
+        p1 = np.minimum(probs[rows, top[:, 0]], 1.0)
+        margin = np.clip(probs[rows, top[:, 0]] - probs[rows, top[:, 1]], 0.0, 1.0)
+        # real[] per row as its text form: unnest() of a 2-D array would flatten it.
+        vectors = ["{" + ",".join(map(repr, p.tolist())) + "}" for p in probs]
+        with self.db.transaction() as conn:
+            cur = conn.execute(
                 """INSERT INTO predictions (cell_id, model_name, model_version, probabilities,
                                             top1, p1, margin)
-                   VALUES (%s, %s, %s, %s, %s, %s, %s)
+                   SELECT u.cell_id, %s, %s, u.probabilities::real[], u.top1, u.p1, u.margin
+                     FROM unnest(%s::bigint[], %s::text[], %s::smallint[], %s::real[],
+                                 %s::real[]) AS u(cell_id, probabilities, top1, p1, margin)
                    ON CONFLICT (cell_id, model_name, model_version) DO NOTHING""",
-                rows,
+                (
+                    self.serving.model_name,
+                    version,
+                    [int(c) for c in cell_ids],
+                    vectors,
+                    top[:, 0].tolist(),
+                    p1.tolist(),
+                    margin.tolist(),
+                ),
             )
-        return len(rows)
+            return cur.rowcount

@@ -130,7 +130,7 @@ def version_pb(r: dict) -> common_pb2.ModelVersion:
 
 def build(runtime: Runtime[ClassifierSettings]) -> Service:
     s = runtime.settings
-    triton = Triton(s.triton_url, s.triton_timeout_s, s.triton_retries)
+    triton = Triton(s.triton_url, s.triton_timeout_s, s.triton_retries, s.predict_cells_per_s)
     serving = ModelServing(runtime.db, runtime.store, triton, s.model_name, s.triton_repository)
     inference = Inference(
         runtime.db,
@@ -140,6 +140,7 @@ def build(runtime: Runtime[ClassifierSettings]) -> Service:
         s.batch_size,
         images.Limits.of(s),
         max_pool_cells=s.max_pool_cells,
+        in_flight=s.triton_in_flight,
     )
     try:
         serving.restore()

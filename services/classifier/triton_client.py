@@ -21,9 +21,10 @@ _RETRYABLE = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "INTERNA
 
 
 class Triton:
-    def __init__(self, url: str, timeout_s: float, retries: int) -> None:
+    def __init__(self, url: str, timeout_s: float, retries: int, cells_per_s: float = 50.0) -> None:
         self.url = url
         self.timeout_s = timeout_s
+        self.cells_per_s = cells_per_s
         self.retries = retries
         self.client = triton.client(url)
 
@@ -68,7 +69,8 @@ class Triton:
             [inp],
             model_version=str(version),
             outputs=[out],
-            client_timeout=self.timeout_s,
+            # A batch's deadline follows its size (BMCELL_PREDICT_CELLS_PER_S).
+            client_timeout=self.timeout_s + len(batch) / self.cells_per_s,
         )
         return result.as_numpy(OUTPUT_NAME)
 

@@ -40,9 +40,6 @@ from bmcell.settings import LabelApiSettings
 from bmcell.v1 import classifier_pb2, classifier_pb2_grpc
 
 _LOG = log.get(__name__)
-# Pool prediction takes time in proportion to the cells: allow ~50 cells/s at worst
-# on top of the usual outbound deadline (as the selector does).
-CELLS_PER_SECOND = 50
 
 
 class VerifyIn(BaseModel):
@@ -76,7 +73,8 @@ class Predictor:
         return classifier_pb2_grpc.ClassifierStub(channel)
 
     def deadline_s(self, n_cells: int) -> float:
-        return self.settings.outbound_timeout_s + n_cells / CELLS_PER_SECOND
+        # In proportion to the cells, as the selector's (BMCELL_PREDICT_CELLS_PER_S).
+        return self.settings.prediction_deadline_s(n_cells)
 
     def predict(self, cell_ids: list[int], version: int) -> Iterator[dict]:
         """Progress dicts (done, total, written) until the classifier has stored a

@@ -145,6 +145,16 @@ def round_params(request: rounds_pb2.StartRoundRequest) -> dict:
     return params
 
 
+# The selector's default sample when a round names none (services/selector/candidates).
+DEFAULT_SAMPLE_SIZE = 5000
+
+
+def selection_deadline_s(settings: RoundsSettings, params: dict) -> float:
+    """A selection predicts its sample first: its deadline grows with the sample."""
+    sample = int(params.get("sample_size") or DEFAULT_SAMPLE_SIZE)
+    return settings.selection_timeout_s + settings.prediction_deadline_s(sample)
+
+
 def grpc_ports(settings: RoundsSettings) -> Ports:
     timeout = settings.outbound_timeout_s
     token = grpc_client.service_token(settings)
@@ -172,7 +182,7 @@ def grpc_ports(settings: RoundsSettings) -> Ports:
                 strategy=strategy,
                 parameters=ParseDict(params, selector_pb2.SelectionParameters()),
             ),
-            timeout=settings.selection_timeout_s,
+            timeout=selection_deadline_s(settings, params),
         )
         return Selected(pool_size=sel.pool_size, sample_size=sel.sample_size)
 

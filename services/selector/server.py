@@ -40,8 +40,8 @@ class SelectorServicer(selector_pb2_grpc.SelectorServicer):
     def _predict(self, cell_ids: list[int]) -> int:
         """Ask the classifier to predict and store these cells; returns the model version."""
         version = 0
-        # Pool prediction takes time in proportion to the sample: allow ~50 cells/s at worst.
-        timeout = self.rt.settings.outbound_timeout_s + len(cell_ids) / 50
+        # Pool prediction takes time in proportion to the sample (BMCELL_PREDICT_CELLS_PER_S).
+        timeout = self.rt.settings.prediction_deadline_s(len(cell_ids))
         try:
             for progress in self.classifier.PredictPool(
                 classifier_pb2.PredictPoolRequest(cell_ids=cell_ids), timeout=timeout

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bmcell import modelstore, preprocess
+from bmcell import modelstore, preprocess, thumbs
 from bmcell import selection as rules
 from bmcell.network import WithSoftmax
 from bmcell.stack import Stack
@@ -157,6 +157,98 @@ def test_predict_pool_writes_once(rt, classifier, v1) -> None:
             (cells, version),
         ).fetchone()["n"]
     assert n == 40
+
+
+def _stored_predictions(db, cells: list[int], version: int) -> np.ndarray:
+    with db.connection() as conn:
+        rows = conn.execute(
+            "SELECT cell_id, probabilities FROM predictions "
+            "WHERE cell_id = ANY(%s) AND model_version = %s",
+            (cells, version),
+        ).fetchall()
+    by_cell = {r["cell_id"]: r["probabilities"] for r in rows}
+    assert sorted(by_cell) == sorted(cells)
+    return np.array([by_cell[c] for c in cells], dtype=np.float32)
+
+
+def _in_process(db, store, model: torch.nn.Module, cells: list[int]) -> np.ndarray:
+    """The version's TorchScript in this process on each cell's stored PNG crop."""
+    with db.connection() as conn:
+        keys = {
+            r["id"]: r["crop_key"]
+            for r in conn.execute(
+                "SELECT id, crop_key FROM cells WHERE id = ANY(%s)", (cells,)
+            ).fetchall()
+        }
+    x = np.stack([preprocess.crop_to_tensor(store.get(keys[c]), INPUT) for c in cells])
+    scripted = torch.jit.script(WithSoftmax(model).eval())
+    with torch.inference_mode():
+        return scripted(torch.from_numpy(x)).numpy()
+
+
+def test_pool_predictions_from_thumbs_equal_in_process_torchscript(rt, classifier, v1) -> None:
+    settings, db, store = rt
+    version, model = v1
+    # 282 px crops, as the segmenter stores them, with their thumbs stored beside them;
+    # 150 cells at batch 16: several groups in flight at once, the last one partial.
+    images, _ = synth_crops(150, seed=21, size=282)
+    cells = seed_cells(db, store, images)
+    thumbs.fetch(db, store, cells, INPUT)
+    updates = list(
+        classifier.PredictPool(
+            classifier_pb2.PredictPoolRequest(cell_ids=cells, batch_size=16), timeout=120
+        )
+    )
+    assert [u.done for u in updates] == sorted(u.done for u in updates)  # progress grows
+    assert updates[-1].finished and updates[-1].written == 150 and len(updates) > 3
+    want = _in_process(db, store, model, cells)
+    np.testing.assert_allclose(_stored_predictions(db, cells, version), want, atol=1e-5)
+    # Classify by cell id reads the same thumbs.
+    resp = classifier.Classify(classifier_pb2.ClassifyRequest(cell_ids=cells[:20]), timeout=60)
+    got = np.array([r.probabilities for r in resp.results], dtype=np.float32)
+    np.testing.assert_allclose(got, want[:20], atol=1e-5)
+
+
+def test_cell_whose_thumb_is_missing_is_still_predicted(rt, classifier, v1) -> None:
+    settings, db, store = rt
+    version, model = v1
+    images, _ = synth_crops(30, seed=22, size=282)
+    cells = seed_cells(db, store, images)
+    thumbs.fetch(db, store, cells, INPUT)
+    lost = cells[7]
+    with db.transaction() as conn:
+        conn.execute("DELETE FROM cell_thumbs WHERE cell_id = %s", (lost,))
+    updates = list(
+        classifier.PredictPool(classifier_pb2.PredictPoolRequest(cell_ids=cells), timeout=120)
+    )
+    assert updates[-1].finished and updates[-1].written == 30
+    want = _in_process(db, store, model, cells)
+    np.testing.assert_allclose(_stored_predictions(db, cells, version), want, atol=1e-5)
+    with db.connection() as conn:  # made from the crop and stored again for next time
+        n = conn.execute(
+            "SELECT count(*) AS n FROM cell_thumbs WHERE cell_id = %s AND size = %s",
+            (lost, INPUT),
+        ).fetchone()["n"]
+    assert n == 1
+
+
+def test_predict_pool_with_an_unknown_cell_writes_nothing(rt, classifier, v1) -> None:
+    settings, db, store = rt
+    version, _ = v1
+    images, _ = synth_crops(5, seed=23)
+    cells = seed_cells(db, store, images)
+    with pytest.raises(grpc.RpcError) as err:
+        list(
+            classifier.PredictPool(
+                classifier_pb2.PredictPoolRequest(cell_ids=[*cells, 10**12]), timeout=60
+            )
+        )
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND and str(10**12) in err.value.details()
+    with db.connection() as conn:
+        n = conn.execute(
+            "SELECT count(*) AS n FROM predictions WHERE cell_id = ANY(%s)", (cells,)
+        ).fetchone()["n"]
+    assert n == 0
 
 
 def test_selection_matches_the_pure_rules(rt, stack: Stack, v1, operator_channel) -> None:
