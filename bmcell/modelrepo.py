@@ -132,6 +132,23 @@ parameters: {{
 """
 
 
+_POLICY_LINE = re.compile(r"^version_policy:.*$", re.MULTILINE)
+
+
+def with_versions(config: str, versions: Sequence[int]) -> str:
+    """``config`` (a ``config.pbtxt`` as :func:`config_pbtxt` writes it) loading only
+    ``versions``: its ``version_policy`` line replaced (or added) by ``specific``."""
+    if not versions:
+        raise ValueError("versions must name at least one version")
+    for v in versions:
+        _check_version(v)
+    listed = ", ".join(str(v) for v in sorted(set(versions)))
+    policy = f"version_policy: {{ specific {{ versions: [ {listed} ] }} }}"
+    if _POLICY_LINE.search(config):
+        return _POLICY_LINE.sub(policy, config, count=1)
+    return config.rstrip("\n") + "\n" + policy + "\n"
+
+
 def script_served_model(model: nn.Module) -> torch.jit.ScriptModule:
     """TorchScript of the served form (softmax appended), on CPU in eval mode.
 

@@ -101,6 +101,17 @@ class ModelServing:
                 return
             if self.local_repository is not None:
                 files = modelstore.version_files(self.store, self.model_name, version)
+                # Only this version and the active one stay loaded: each loaded version
+                # is `instance_count` backend processes with torch in them, and a
+                # reload restarts every one, so a model with 25 rounds of versions
+                # under `version_policy: all` took minutes to load and gigabytes of
+                # memory. A request naming another version loads it on demand.
+                keep = {version, self.active_version()} - {0}
+                config = f"{self.model_name}/config.pbtxt"
+                files = {
+                    **files,
+                    config: modelrepo.with_versions(files[config].decode(), sorted(keep)).encode(),
+                }
                 modelrepo.write_tree(files, self.local_repository)
             self.triton.load(self.model_name, timeout_s)
             deadline = time.monotonic() + timeout_s

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import threading
 import time
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bmcell import modelstore, preprocess, thumbs
+from bmcell import modelstore, preprocess, thumbs, triton
 from bmcell import selection as rules
 from bmcell.network import WithSoftmax
 from bmcell.stack import Stack
@@ -389,3 +390,24 @@ def test_activation_under_load_fails_no_call(rt, classifier, v1) -> None:
         if not token:
             break
     assert paged == [v.version for v in listed.versions] and len(paged) >= 2
+
+    # A third version asked for by name is loaded beside the active one only: Triton
+    # holds two versions' instances, not every version the model ever had.
+    v3 = modelstore.register_version(
+        db, store, peaky_model(3), DEFAULT_TAXONOMY, INPUT, model_name=settings.model_name
+    )
+    r = classifier.Classify(
+        classifier_pb2.ClassifyRequest(images=images, model_version=v3), timeout=300
+    )
+    assert r.model_version == v3
+    served = triton.client(os.environ["BMCELL_TRITON_URL"])
+    try:
+        ready = {v: served.is_model_ready(settings.model_name, str(v)) for v in (v1[0], v2, v3)}
+    finally:
+        served.close()
+    assert ready == {v1[0]: True, v2: False, v3: True}
+    # ... and one unloaded is served again on demand.
+    r = classifier.Classify(
+        classifier_pb2.ClassifyRequest(images=images, model_version=v2), timeout=300
+    )
+    assert r.model_version == v2
