@@ -77,6 +77,12 @@ TRAINING_SAMPLES_PER_SECOND = Gauge(
     "Training throughput over the last completed epoch, all Ray workers together",
     ["model"],
 )
+TRAINING_EPOCH_SECONDS = Histogram(
+    "bmcell_trainer_epoch_seconds",
+    "Wall time of one training epoch, its validation and its checkpoint included",
+    ["model"],
+    buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 3600),
+)
 TRAINING_JOBS = Gauge(
     "bmcell_training_jobs",
     "Training jobs by state (queued, running, succeeded, failed, cancelled)",
@@ -149,6 +155,7 @@ ALL: tuple[MetricWrapperBase, ...] = (
     TRAINING_LOSS,
     TRAINING_ACCURACY,
     TRAINING_SAMPLES_PER_SECOND,
+    TRAINING_EPOCH_SECONDS,
     TRAINING_JOBS,
     TRAINING_JOBS_FINISHED,
     UPLOAD_BYTES,

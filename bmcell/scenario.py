@@ -35,6 +35,7 @@ from bmcell.review_sim import (
     simulate_reviews,
 )
 from bmcell.synth import Manifest, generate_dataset, load_manifest
+from bmcell.training_progress import progress_line
 from bmcell.v1 import rounds_pb2, rounds_pb2_grpc, segmenter_pb2, segmenter_pb2_grpc
 
 Say = Callable[[str], None]
@@ -258,6 +259,7 @@ def run_round(
     if checkpoint is not None:
         checkpoint(r, total)
     last_state, since = "", time.monotonic()
+    last_epoch = (r.training.job_id, r.training.epoch)
     while r.state in LIVE:
         if r.state != last_state:
             now = time.monotonic()
@@ -265,6 +267,10 @@ def run_round(
                 stages[last_state] = stages.get(last_state, 0.0) + now - since
             say(f"  round {r.number}: {r.state}")
             last_state, since = r.state, now
+        epoch = (r.training.job_id, r.training.epoch)
+        if r.training.epoch and epoch != last_epoch:  # one line per epoch seen
+            say(f"    {progress_line(r.training)}")
+        last_epoch = epoch
         if r.state == "reviewing":
             stats = simulate_reviews(
                 labelapi_url,

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from bmcell import paging
 from bmcell.cli.common import channel, rpc_errors
+from bmcell.training_progress import progress_line
 from bmcell.v1 import rounds_pb2, rounds_pb2_grpc, selector_pb2
 
 ADDR = "BMCELL_ROUNDS_ADDR"
@@ -145,8 +146,8 @@ def start(
 
 
 def follow(round_id: int, poll_s: float = 2.0) -> rounds_pb2.Round:
-    """Print state changes until the round ends."""
-    stub, last = _stub(), None
+    """Print state changes, and each training epoch, until the round ends."""
+    stub, last, last_epoch = _stub(), None, None
     console = Console(stderr=True)
     with rpc_errors(), console.status("waiting") as status:
         while True:
@@ -160,6 +161,10 @@ def follow(round_id: int, poll_s: float = 2.0) -> rounds_pb2.Round:
             if r.state != last:
                 console.print(f"round {r.number}: {r.state} {r.message}")
                 last = r.state
+            epoch = (r.training.job_id, r.training.epoch)
+            if r.training.epoch and epoch != last_epoch:
+                console.print(f"round {r.number}: {progress_line(r.training)}")
+            last_epoch = epoch
             if r.state in TERMINAL:
                 if r.model_out:
                     console.print(f"round {r.number}: model v{r.model_out}: {figures(r)}")

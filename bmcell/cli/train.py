@@ -64,7 +64,8 @@ def train(
             for last in stub.WatchJob(trainer_pb2.GetJobRequest(job_id=job.job_id)):
                 status = (
                     f"loss {last.loss:.3f} train {last.train_accuracy:.3f} "
-                    f"val {last.validation_accuracy:.3f} {last.samples_per_second:.0f}/s"
+                    f"val {last.validation_accuracy:.3f} {last.samples_per_second:.0f}/s "
+                    f"{last.epoch_seconds:.1f} s/epoch"
                     if last.epoch
                     else last.state
                 )

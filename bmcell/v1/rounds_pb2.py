@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from bmcell.v1 import selector_pb2 as bmcell_dot_v1_dot_selector__pb2
+from bmcell.v1 import trainer_pb2 as bmcell_dot_v1_dot_trainer__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62mcell/v1/rounds.proto\x12\tbmcell.v1\x1a\x18\x62mcell/v1/selector.proto\"%\n\x11RetryRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x03\"\xe2\x02\n\x11StartRoundRequest\x12\x12\n\nexperiment\x18\x01 \x01(\t\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x31\n\tselection\x18\x03 \x01(\x0b\x32\x1e.bmcell.v1.SelectionParameters\x12\x0e\n\x06\x65pochs\x18\x04 \x01(\x05\x12\x15\n\rreview_quorum\x18\x05 \x01(\x01\x12\x19\n\x11review_deadline_s\x18\x06 \x01(\x03\x12\x19\n\x11initial_per_class\x18\x07 \x01(\x05\x12\x1c\n\x14validation_per_class\x18\x08 \x01(\x05\x12\x16\n\x0etest_per_class\x18\t \x01(\x05\x12\x17\n\x0finitial_reviews\x18\n \x01(\x05\x12\x14\n\x0ctest_reviews\x18\x0b \x01(\x05\x12\x11\n\twave_size\x18\x0c \x01(\x05\x12\x11\n\tmax_waves\x18\r \x01(\x05\x12\x0c\n\x04gate\x18\x0e \x01(\x01\"7\n\x0fGetRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\x12\n\nexperiment\x18\x02 \x01(\t\"N\n\x11ListRoundsRequest\x12\x12\n\nexperiment\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\x98\x05\n\x05Round\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\x12\n\nexperiment\x18\x02 \x01(\t\x12\x0e\n\x06number\x18\x03 \x01(\x05\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x10\n\x08model_in\x18\x06 \x01(\x03\x12\x11\n\tmodel_out\x18\x07 \x01(\x03\x12\x0f\n\x07message\x18\x08 \x01(\t\x12:\n\x0etasks_by_state\x18\t \x03(\x0b\x32\".bmcell.v1.Round.TasksByStateEntry\x12G\n\x15labels_added_by_class\x18\n \x03(\x0b\x32(.bmcell.v1.Round.LabelsAddedByClassEntry\x12\x14\n\x0clabels_added\x18\x0b \x01(\x03\x12\x1b\n\x13validation_accuracy\x18\x0c \x01(\x01\x12\x15\n\rtest_accuracy\x18\r \x01(\x01\x12\x14\n\x0ctraining_job\x18\x0e \x01(\t\x12\x12\n\ncreated_at\x18\x0f \x01(\t\x12\x12\n\nupdated_at\x18\x10 \x01(\t\x12\x10\n\x08promoted\x18\x11 \x01(\x08\x12\x15\n\rshort_classes\x18\x12 \x03(\t\x12\x1e\n\x16test_balanced_accuracy\x18\x13 \x01(\x01\x12\x15\n\rtest_macro_f1\x18\x14 \x01(\x01\x12\x10\n\x08test_set\x18\x15 \x01(\t\x12\x13\n\x0b\x66\x61iled_step\x18\x16 \x01(\t\x1a\x33\n\x11TasksByStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x39\n\x17LabelsAddedByClassEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"O\n\x12ListRoundsResponse\x12 \n\x06rounds\x18\x01 \x03(\x0b\x32\x10.bmcell.v1.Round\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x89\x02\n\x06Rounds\x12<\n\nStartRound\x12\x1c.bmcell.v1.StartRoundRequest\x1a\x10.bmcell.v1.Round\x12\x38\n\x08GetRound\x12\x1a.bmcell.v1.GetRoundRequest\x1a\x10.bmcell.v1.Round\x12I\n\nListRounds\x12\x1c.bmcell.v1.ListRoundsRequest\x1a\x1d.bmcell.v1.ListRoundsResponse\x12<\n\nRetryRound\x12\x1c.bmcell.v1.RetryRoundRequest\x1a\x10.bmcell.v1.Roundb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x62mcell/v1/rounds.proto\x12\tbmcell.v1\x1a\x18\x62mcell/v1/selector.proto\x1a\x17\x62mcell/v1/trainer.proto\"%\n\x11RetryRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x03\"\xe2\x02\n\x11StartRoundRequest\x12\x12\n\nexperiment\x18\x01 \x01(\t\x12\x10\n\x08strategy\x18\x02 \x01(\t\x12\x31\n\tselection\x18\x03 \x01(\x0b\x32\x1e.bmcell.v1.SelectionParameters\x12\x0e\n\x06\x65pochs\x18\x04 \x01(\x05\x12\x15\n\rreview_quorum\x18\x05 \x01(\x01\x12\x19\n\x11review_deadline_s\x18\x06 \x01(\x03\x12\x19\n\x11initial_per_class\x18\x07 \x01(\x05\x12\x1c\n\x14validation_per_class\x18\x08 \x01(\x05\x12\x16\n\x0etest_per_class\x18\t \x01(\x05\x12\x17\n\x0finitial_reviews\x18\n \x01(\x05\x12\x14\n\x0ctest_reviews\x18\x0b \x01(\x05\x12\x11\n\twave_size\x18\x0c \x01(\x05\x12\x11\n\tmax_waves\x18\r \x01(\x05\x12\x0c\n\x04gate\x18\x0e \x01(\x01\"7\n\x0fGetRoundRequest\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\x12\n\nexperiment\x18\x02 \x01(\t\"N\n\x11ListRoundsRequest\x12\x12\n\nexperiment\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"\xc7\x05\n\x05Round\x12\x10\n\x08round_id\x18\x01 \x01(\x03\x12\x12\n\nexperiment\x18\x02 \x01(\t\x12\x0e\n\x06number\x18\x03 \x01(\x05\x12\x10\n\x08strategy\x18\x04 \x01(\t\x12\r\n\x05state\x18\x05 \x01(\t\x12\x10\n\x08model_in\x18\x06 \x01(\x03\x12\x11\n\tmodel_out\x18\x07 \x01(\x03\x12\x0f\n\x07message\x18\x08 \x01(\t\x12:\n\x0etasks_by_state\x18\t \x03(\x0b\x32\".bmcell.v1.Round.TasksByStateEntry\x12G\n\x15labels_added_by_class\x18\n \x03(\x0b\x32(.bmcell.v1.Round.LabelsAddedByClassEntry\x12\x14\n\x0clabels_added\x18\x0b \x01(\x03\x12\x1b\n\x13validation_accuracy\x18\x0c \x01(\x01\x12\x15\n\rtest_accuracy\x18\r \x01(\x01\x12\x14\n\x0ctraining_job\x18\x0e \x01(\t\x12\x12\n\ncreated_at\x18\x0f \x01(\t\x12\x12\n\nupdated_at\x18\x10 \x01(\t\x12\x10\n\x08promoted\x18\x11 \x01(\x08\x12\x15\n\rshort_classes\x18\x12 \x03(\t\x12\x1e\n\x16test_balanced_accuracy\x18\x13 \x01(\x01\x12\x15\n\rtest_macro_f1\x18\x14 \x01(\x01\x12\x10\n\x08test_set\x18\x15 \x01(\t\x12\x13\n\x0b\x66\x61iled_step\x18\x16 \x01(\t\x12-\n\x08training\x18\x17 \x01(\x0b\x32\x1b.bmcell.v1.TrainingProgress\x1a\x33\n\x11TasksByStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x39\n\x17LabelsAddedByClassEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"O\n\x12ListRoundsResponse\x12 \n\x06rounds\x18\x01 \x03(\x0b\x32\x10.bmcell.v1.Round\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t2\x89\x02\n\x06Rounds\x12<\n\nStartRound\x12\x1c.bmcell.v1.StartRoundRequest\x1a\x10.bmcell.v1.Round\x12\x38\n\x08GetRound\x12\x1a.bmcell.v1.GetRoundRequest\x1a\x10.bmcell.v1.Round\x12I\n\nListRounds\x12\x1c.bmcell.v1.ListRoundsRequest\x1a\x1d.bmcell.v1.ListRoundsResponse\x12<\n\nRetryRound\x12\x1c.bmcell.v1.RetryRoundRequest\x1a\x10.bmcell.v1.Roundb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,22 +37,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ROUND_TASKSBYSTATEENTRY']._serialized_options = b'8\001'
   _globals['_ROUND_LABELSADDEDBYCLASSENTRY']._loaded_options = None
   _globals['_ROUND_LABELSADDEDBYCLASSENTRY']._serialized_options = b'8\001'
-  _globals['_RETRYROUNDREQUEST']._serialized_start=63
-  _globals['_RETRYROUNDREQUEST']._serialized_end=100
-  _globals['_STARTROUNDREQUEST']._serialized_start=103
-  _globals['_STARTROUNDREQUEST']._serialized_end=457
-  _globals['_GETROUNDREQUEST']._serialized_start=459
-  _globals['_GETROUNDREQUEST']._serialized_end=514
-  _globals['_LISTROUNDSREQUEST']._serialized_start=516
-  _globals['_LISTROUNDSREQUEST']._serialized_end=594
-  _globals['_ROUND']._serialized_start=597
-  _globals['_ROUND']._serialized_end=1261
-  _globals['_ROUND_TASKSBYSTATEENTRY']._serialized_start=1151
-  _globals['_ROUND_TASKSBYSTATEENTRY']._serialized_end=1202
-  _globals['_ROUND_LABELSADDEDBYCLASSENTRY']._serialized_start=1204
-  _globals['_ROUND_LABELSADDEDBYCLASSENTRY']._serialized_end=1261
-  _globals['_LISTROUNDSRESPONSE']._serialized_start=1263
-  _globals['_LISTROUNDSRESPONSE']._serialized_end=1342
-  _globals['_ROUNDS']._serialized_start=1345
-  _globals['_ROUNDS']._serialized_end=1610
+  _globals['_RETRYROUNDREQUEST']._serialized_start=88
+  _globals['_RETRYROUNDREQUEST']._serialized_end=125
+  _globals['_STARTROUNDREQUEST']._serialized_start=128
+  _globals['_STARTROUNDREQUEST']._serialized_end=482
+  _globals['_GETROUNDREQUEST']._serialized_start=484
+  _globals['_GETROUNDREQUEST']._serialized_end=539
+  _globals['_LISTROUNDSREQUEST']._serialized_start=541
+  _globals['_LISTROUNDSREQUEST']._serialized_end=619
+  _globals['_ROUND']._serialized_start=622
+  _globals['_ROUND']._serialized_end=1333
+  _globals['_ROUND_TASKSBYSTATEENTRY']._serialized_start=1223
+  _globals['_ROUND_TASKSBYSTATEENTRY']._serialized_end=1274
+  _globals['_ROUND_LABELSADDEDBYCLASSENTRY']._serialized_start=1276
+  _globals['_ROUND_LABELSADDEDBYCLASSENTRY']._serialized_end=1333
+  _globals['_LISTROUNDSRESPONSE']._serialized_start=1335
+  _globals['_LISTROUNDSRESPONSE']._serialized_end=1414
+  _globals['_ROUNDS']._serialized_start=1417
+  _globals['_ROUNDS']._serialized_end=1682
 # @@protoc_insertion_point(module_scope)

@@ -1,4 +1,5 @@
 from bmcell.v1 import selector_pb2 as _selector_pb2
+from bmcell.v1 import trainer_pb2 as _trainer_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -64,7 +65,7 @@ class ListRoundsRequest(_message.Message):
     def __init__(self, experiment: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class Round(_message.Message):
-    __slots__ = ("round_id", "experiment", "number", "strategy", "state", "model_in", "model_out", "message", "tasks_by_state", "labels_added_by_class", "labels_added", "validation_accuracy", "test_accuracy", "training_job", "created_at", "updated_at", "promoted", "short_classes", "test_balanced_accuracy", "test_macro_f1", "test_set", "failed_step")
+    __slots__ = ("round_id", "experiment", "number", "strategy", "state", "model_in", "model_out", "message", "tasks_by_state", "labels_added_by_class", "labels_added", "validation_accuracy", "test_accuracy", "training_job", "created_at", "updated_at", "promoted", "short_classes", "test_balanced_accuracy", "test_macro_f1", "test_set", "failed_step", "training")
     class TasksByStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +102,7 @@ class Round(_message.Message):
     TEST_MACRO_F1_FIELD_NUMBER: _ClassVar[int]
     TEST_SET_FIELD_NUMBER: _ClassVar[int]
     FAILED_STEP_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_FIELD_NUMBER: _ClassVar[int]
     round_id: int
     experiment: str
     number: int
@@ -123,7 +125,8 @@ class Round(_message.Message):
     test_macro_f1: float
     test_set: str
     failed_step: str
-    def __init__(self, round_id: _Optional[int] = ..., experiment: _Optional[str] = ..., number: _Optional[int] = ..., strategy: _Optional[str] = ..., state: _Optional[str] = ..., model_in: _Optional[int] = ..., model_out: _Optional[int] = ..., message: _Optional[str] = ..., tasks_by_state: _Optional[_Mapping[str, int]] = ..., labels_added_by_class: _Optional[_Mapping[str, int]] = ..., labels_added: _Optional[int] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., training_job: _Optional[str] = ..., created_at: _Optional[str] = ..., updated_at: _Optional[str] = ..., promoted: _Optional[bool] = ..., short_classes: _Optional[_Iterable[str]] = ..., test_balanced_accuracy: _Optional[float] = ..., test_macro_f1: _Optional[float] = ..., test_set: _Optional[str] = ..., failed_step: _Optional[str] = ...) -> None: ...
+    training: _trainer_pb2.TrainingProgress
+    def __init__(self, round_id: _Optional[int] = ..., experiment: _Optional[str] = ..., number: _Optional[int] = ..., strategy: _Optional[str] = ..., state: _Optional[str] = ..., model_in: _Optional[int] = ..., model_out: _Optional[int] = ..., message: _Optional[str] = ..., tasks_by_state: _Optional[_Mapping[str, int]] = ..., labels_added_by_class: _Optional[_Mapping[str, int]] = ..., labels_added: _Optional[int] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., training_job: _Optional[str] = ..., created_at: _Optional[str] = ..., updated_at: _Optional[str] = ..., promoted: _Optional[bool] = ..., short_classes: _Optional[_Iterable[str]] = ..., test_balanced_accuracy: _Optional[float] = ..., test_macro_f1: _Optional[float] = ..., test_set: _Optional[str] = ..., failed_step: _Optional[str] = ..., training: _Optional[_Union[_trainer_pb2.TrainingProgress, _Mapping]] = ...) -> None: ...
 
 class ListRoundsResponse(_message.Message):
     __slots__ = ("rounds", "next_page_token")

@@ -33,7 +33,7 @@ class GetJobRequest(_message.Message):
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
 
 class TrainingProgress(_message.Message):
-    __slots__ = ("job_id", "epoch", "epochs", "loss", "train_accuracy", "validation_accuracy", "samples_per_second", "state", "message")
+    __slots__ = ("job_id", "epoch", "epochs", "loss", "train_accuracy", "validation_accuracy", "samples_per_second", "state", "message", "epoch_seconds", "training_seconds")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     EPOCHS_FIELD_NUMBER: _ClassVar[int]
@@ -43,6 +43,8 @@ class TrainingProgress(_message.Message):
     SAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_SECONDS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     epoch: int
     epochs: int
@@ -52,10 +54,12 @@ class TrainingProgress(_message.Message):
     samples_per_second: float
     state: str
     message: str
-    def __init__(self, job_id: _Optional[str] = ..., epoch: _Optional[int] = ..., epochs: _Optional[int] = ..., loss: _Optional[float] = ..., train_accuracy: _Optional[float] = ..., validation_accuracy: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., state: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    epoch_seconds: float
+    training_seconds: float
+    def __init__(self, job_id: _Optional[str] = ..., epoch: _Optional[int] = ..., epochs: _Optional[int] = ..., loss: _Optional[float] = ..., train_accuracy: _Optional[float] = ..., validation_accuracy: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., state: _Optional[str] = ..., message: _Optional[str] = ..., epoch_seconds: _Optional[float] = ..., training_seconds: _Optional[float] = ...) -> None: ...
 
 class TrainingJob(_message.Message):
-    __slots__ = ("job_id", "round_id", "state", "epoch", "epochs", "validation_accuracy", "test_accuracy", "model_version", "published", "message")
+    __slots__ = ("job_id", "round_id", "state", "epoch", "epochs", "validation_accuracy", "test_accuracy", "model_version", "published", "message", "loss", "samples_per_second", "epoch_seconds", "training_seconds")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +70,10 @@ class TrainingJob(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     PUBLISHED_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    LOSS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLES_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_SECONDS_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     round_id: int
     state: str
@@ -76,7 +84,11 @@ class TrainingJob(_message.Message):
     model_version: int
     published: bool
     message: str
-    def __init__(self, job_id: _Optional[str] = ..., round_id: _Optional[int] = ..., state: _Optional[str] = ..., epoch: _Optional[int] = ..., epochs: _Optional[int] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., model_version: _Optional[int] = ..., published: _Optional[bool] = ..., message: _Optional[str] = ...) -> None: ...
+    loss: float
+    samples_per_second: float
+    epoch_seconds: float
+    training_seconds: float
+    def __init__(self, job_id: _Optional[str] = ..., round_id: _Optional[int] = ..., state: _Optional[str] = ..., epoch: _Optional[int] = ..., epochs: _Optional[int] = ..., validation_accuracy: _Optional[float] = ..., test_accuracy: _Optional[float] = ..., model_version: _Optional[int] = ..., published: _Optional[bool] = ..., message: _Optional[str] = ..., loss: _Optional[float] = ..., samples_per_second: _Optional[float] = ..., epoch_seconds: _Optional[float] = ..., training_seconds: _Optional[float] = ...) -> None: ...
 
 class GetModelReportRequest(_message.Message):
     __slots__ = ("version",)

@@ -13,6 +13,7 @@ from bmcell.grpc_server import Service
 from bmcell.runtime import Runtime
 from bmcell.selection import STRATEGIES
 from bmcell.settings import RoundsSettings
+from bmcell.training_progress import progress_pb
 from bmcell.v1 import (
     rounds_pb2,
     rounds_pb2_grpc,
@@ -101,6 +102,7 @@ class RoundsServicer(rounds_pb2_grpc.RoundsServicer):
             tasks = store.task_counts(conn, r["id"])
             added = store.labels_added(conn, r["id"])
             mv = store.model_version(conn, self.rt.settings.model_name, r["model_out"] or 0)
+            job = store.latest_job(conn, r["id"], list(r["params"].get("retried_jobs", [])))
         metrics = (mv or {}).get("metrics") or {}
         return rounds_pb2.Round(
             round_id=r["id"],
@@ -116,7 +118,7 @@ class RoundsServicer(rounds_pb2_grpc.RoundsServicer):
             labels_added=sum(added.values()),
             validation_accuracy=(mv or {}).get("validation_accuracy") or 0.0,
             test_accuracy=(mv or {}).get("test_accuracy") or 0.0,
-            training_job=r["params"].get("training_job", ""),
+            training_job=r["params"].get("training_job") or (job["id"] if job else ""),
             created_at=r["created_at"].isoformat(),
             updated_at=r["updated_at"].isoformat(),
             # This round's own version went into service (not one a round with
@@ -132,6 +134,7 @@ class RoundsServicer(rounds_pb2_grpc.RoundsServicer):
             test_macro_f1=float(metrics.get("test_macro_f1") or 0.0),
             test_set=str(metrics.get("test_set") or ""),
             failed_step=r["failed_step"] or "",
+            training=progress_pb(job) if job else None,
         )
 
 

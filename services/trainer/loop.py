@@ -2,10 +2,12 @@
 
 The driver (``services.trainer.runner``) passes everything a worker needs in
 ``train_loop_config`` (a :class:`LoopConfig` as a dict): object-storage settings, the
-training and validation ``(crop_key, class index)`` lists, and the optimisation
-settings. Workers read their crops from object storage themselves and keep them,
-preprocessed, in memory for the rest of the run, so nothing large travels through
-the driver or Ray's object store.
+class index of every training and validation cell, the object key of their inputs
+and the optimisation settings. The inputs are one ``.npy`` object the driver wrote
+from the cells' thumbs (``bmcell.thumbs``, uint8 at the network's input size):
+training cells first, then validation cells. A worker reads it once at start and
+makes every batch from it in memory (:class:`Inputs`), so no epoch reads or decodes
+a crop.
 
 Fault tolerance: after every epoch rank 0 reports a checkpoint (model, optimiser,
 epoch, history) through ``ray.train.report``; Ray Train persists it under the run's
@@ -13,12 +15,15 @@ storage (object storage in bmcell). A worker group restarted after a failure, or
 whole run restarted by a new trainer process under the same run name, gets it back
 from ``ray.train.get_checkpoint()`` and continues with the next epoch. Each
 (re)start is recorded in the checkpointed ``starts`` list, so the history shows that
-finished epochs were not run again.
+finished epochs were not run again. The checkpoint is written every epoch, not only
+on improvement: that is what bounds the work a failure costs to the epoch in flight
+(it measured well under a second an epoch: ``checkpoint_seconds`` in the history).
 
-Progress for the driver: rank 0 writes ``<prefix>/progress.json`` after each epoch,
-and every rank writes ``<prefix>/workers/<rank>.json`` (its pid) at start. The
-driver asks for cancellation by writing ``<prefix>/cancel``; rank 0 checks it after
-each epoch and tells the others, so all ranks stop at the same epoch.
+Progress for the driver: rank 0 writes ``<prefix>/progress.json`` after each epoch
+(after its checkpoint, so the epoch's ``seconds`` include it), and every rank writes
+``<prefix>/workers/<rank>.json`` (its pid) at start. The driver asks for
+cancellation by writing ``<prefix>/cancel``; rank 0 checks it after each epoch and
+tells the others, so all ranks stop at the same epoch.
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ import math
 import os
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +47,7 @@ from torch import nn
 from bmcell.errors import NotFound
 from bmcell.evaluation import merged_hits
 from bmcell.network import CellClassifier
-from bmcell.preprocess import crop_to_tensor
+from bmcell.preprocess import SCALE
 from bmcell.settings import Settings, load
 from bmcell.storage import ObjectStore
 from services.trainer.augment import AugmentParams, augment, seeded_generator
@@ -51,7 +55,7 @@ from services.trainer.augment import AugmentParams, augment, seeded_generator
 CHECKPOINT_FILE = "state.pt"
 #: Crops have their extracellular area painted white (``bmcell.synth.CROP_FILL``,
 #: the segmenter does the same), so pixels the augmentation pulls in from outside
-#: the crop are white too: 1.0 after ``crop_to_tensor``'s scaling.
+#: the crop are white too: 1.0 after ``preprocess.uint8_to_batch``'s scaling.
 CROP_BACKGROUND = 1.0
 
 
@@ -60,8 +64,9 @@ class LoopConfig:
     job_id: str
     prefix: str  # object-storage folder of the job's progress and control objects
     s3: dict[str, Any]
-    train: list[tuple[str, int]]
-    validation: list[tuple[str, int]]
+    inputs_key: str  # the .npy of the cells' uint8 inputs: training cells, then validation
+    train_labels: list[int]  # training-class index per training cell
+    validation_labels: list[int]
     num_classes: int
     input_size: int
     epochs: int
@@ -86,21 +91,48 @@ def worker_store(s3: dict[str, Any]) -> ObjectStore:
     return ObjectStore(load(Settings, database_url="unused-by-training-workers", **s3))
 
 
-class CropCache:
-    """Preprocessed crops by key, fetched from object storage on first use."""
+class Inputs:
+    """Every cell's network input, uint8 ``(N, S, S, 3)`` as the thumbs store them,
+    made into float32 batches on demand.
 
-    def __init__(self, store: ObjectStore, input_size: int) -> None:
-        self.store = store
-        self.input_size = input_size
-        self.tensors: dict[str, np.ndarray] = {}
+    Kept as uint8 (12 KiB a cell at 64 px; float would be four times that per worker),
+    and converted per batch: ``x / 255`` in float32, the numbers
+    ``preprocess.uint8_to_batch`` gives, bit for bit. The ``(N, S, S, 3)`` layout is
+    already PyTorch's ``channels_last`` for ``(N, 3, S, S)``, so a batch is a view
+    permuted into place, no copy of the channels.
+    """
 
-    def batch(self, keys: list[str]) -> torch.Tensor:
-        missing = [k for k in dict.fromkeys(keys) if k not in self.tensors]
-        if missing:
-            with ThreadPoolExecutor(max_workers=8) as pool:
-                for key, data in zip(missing, pool.map(self.store.get, missing), strict=True):
-                    self.tensors[key] = crop_to_tensor(data, self.input_size)
-        return torch.from_numpy(np.stack([self.tensors[k] for k in keys]))
+    def __init__(self, pixels: np.ndarray) -> None:
+        if pixels.dtype != np.uint8 or pixels.ndim != 4 or pixels.shape[-1] != 3:
+            raise ValueError(
+                f"inputs must be uint8 (N, S, S, 3), got {pixels.dtype} {pixels.shape}"
+            )
+        self.pixels = torch.from_numpy(np.ascontiguousarray(pixels))
+        self._scale = torch.tensor(SCALE, dtype=torch.float32)
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def batch(self, idx: torch.Tensor | list[int]) -> torch.Tensor:
+        """float32 ``(B, 3, S, S)`` in ``channels_last`` memory, values in [0, 1]."""
+        u8 = self.pixels[torch.as_tensor(idx, dtype=torch.long)]
+        return u8.permute(0, 3, 1, 2).to(torch.float32).mul_(self._scale)
+
+
+def load_inputs(store: ObjectStore, key: str, cells: int, size: int) -> Inputs:
+    """The driver's packed inputs, checked against the config's cell count and size."""
+    pixels = np.load(io.BytesIO(store.get(key)), allow_pickle=False)
+    if pixels.shape != (cells, size, size, 3):
+        raise ValueError(
+            f"{key}: inputs of shape {pixels.shape}, the job needs ({cells}, {size}, {size}, 3)"
+        )
+    return Inputs(pixels)
+
+
+def as_input(x: torch.Tensor) -> torch.Tensor:
+    """The network's input in ``channels_last`` memory: measured faster on this CPU for
+    the classifier's convolutions and poolings (docs/trainer.md)."""
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def _put_json(store: ObjectStore, key: str, value: Any) -> None:
@@ -195,11 +227,14 @@ def train_loop(config_dict: dict[str, Any]) -> None:
     cfg = LoopConfig(**config_dict)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # One intra-op thread per CPU the worker reserved: workers sharing cores would
+    # otherwise contend (two threads on a shared core ran slower than one).
     torch.set_num_threads(max(1, cfg.threads))
     store = worker_store(cfg.s3)
-    cache = CropCache(store, cfg.input_size)
+    n_train, n_val = len(cfg.train_labels), len(cfg.validation_labels)
+    inputs = load_inputs(store, cfg.inputs_key, n_train + n_val, cfg.input_size)
 
-    model = CellClassifier(cfg.num_classes)
+    model = CellClassifier(cfg.num_classes).to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.learning_rate, momentum=cfg.momentum)
     state: dict[str, Any] = {"epoch": 0, "history": [], "starts": []}
     best: dict[str, Any] | None = None  # weights of the best validation epoch so far
@@ -224,18 +259,18 @@ def train_loop(config_dict: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(model)  # DDP (gloo on CPU) when world > 1
     weights = torch.tensor(cfg.class_weights, dtype=torch.float32)
     params = AugmentParams(**cfg.augment) if cfg.augment else AugmentParams()
-    keys = [k for k, _ in cfg.train]
-    labels = torch.tensor([c for _, c in cfg.train], dtype=torch.long)
-    val_keys = [k for k, _ in cfg.validation][rank::world]
-    val_labels = torch.tensor([c for _, c in cfg.validation][rank::world], dtype=torch.long)
-    calibration = [keys[i] for i in calibration_sample(len(keys), cfg.seed)]
+    labels = torch.tensor(cfg.train_labels, dtype=torch.long)
+    # Validation cells follow the training cells in ``inputs``; each rank scores a stride.
+    val_rows = torch.arange(n_train, n_train + n_val)[rank::world]
+    val_labels = torch.tensor(cfg.validation_labels, dtype=torch.long)[rank::world]
+    calibration = as_input(inputs.batch(calibration_sample(n_train, cfg.seed)))
 
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         started = time.perf_counter()
         for group in optimizer.param_groups:
             group["lr"] = epoch_lr(cfg.learning_rate, epoch, cfg.epochs)
         # Same permutation on every rank (seeded by epoch); each takes its stride.
-        order = torch.randperm(len(keys), generator=seeded_generator(cfg.seed * 100_003 + epoch))
+        order = torch.randperm(n_train, generator=seeded_generator(cfg.seed * 100_003 + epoch))
         mine = order[rank::world]
         # Equal step counts on all ranks, or DDP's all-reduce waits forever.
         steps = -(-len(order) // (world * cfg.batch_size))
@@ -246,7 +281,7 @@ def train_loop(config_dict: dict[str, Any]) -> None:
             idx = mine[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             if len(idx) == 0:  # a short last stride: repeat the first batch's cells
                 idx = mine[: cfg.batch_size]
-            x = augment(cache.batch([keys[i] for i in idx]), generator, params, CROP_BACKGROUND)
+            x = as_input(augment(inputs.batch(idx), generator, params, CROP_BACKGROUND))
             y = labels[idx]
             logits = model(x)
             loss = F.cross_entropy(logits, y, weight=weights)
@@ -258,12 +293,12 @@ def train_loop(config_dict: dict[str, Any]) -> None:
             seen += len(idx)
         train_seconds = time.perf_counter() - started
 
-        recalibrate_batchnorm(_bare(model), cache.batch(calibration))
+        recalibrate_batchnorm(_bare(model), calibration)
         model.eval()
         v_correct = v_seen = 0.0
         with torch.no_grad():
-            for start in range(0, len(val_keys), 64):
-                x = cache.batch(val_keys[start : start + 64])
+            for start in range(0, len(val_rows), 64):
+                x = as_input(inputs.batch(val_rows[start : start + 64]))
                 right, seen_now = validation_hits(
                     _bare(model), x, val_labels[start : start + 64], cfg.eval_index_map
                 )
@@ -278,7 +313,9 @@ def train_loop(config_dict: dict[str, Any]) -> None:
             "train_accuracy": correct / max(seen, 1.0),
             "validation_accuracy": v_correct / v_seen if v_seen else 0.0,
             "samples_per_second": seen / max(train_seconds, 1e-9),
-            "seconds": time.perf_counter() - started,
+            "train_seconds": train_seconds,
+            # BatchNorm recalibration and the validation pass.
+            "validation_seconds": time.perf_counter() - started - train_seconds,
             "start": len(state["starts"]) - 1,  # which (re)start of the run trained it
         }
         state["history"].append(record)
@@ -292,7 +329,12 @@ def train_loop(config_dict: dict[str, Any]) -> None:
                 "validation_accuracy": record["validation_accuracy"],
                 "model": {k: v.detach().clone() for k, v in _bare(model).state_dict().items()},
             }
+        reporting = time.perf_counter()
         _report(cfg, rank, model, optimizer, {**state, "best": best}, record)
+        # The checkpoint's own history has this epoch without these two; the next
+        # checkpoint and progress.json have them (runner.run merges the last one).
+        record["checkpoint_seconds"] = time.perf_counter() - reporting
+        record["seconds"] = time.perf_counter() - started  # the epoch's wall time, all in
         if rank == 0:
             _put_json(store, f"{cfg.prefix}/progress.json", state)
         if _cancel_requested(store, cfg.prefix, rank, world):

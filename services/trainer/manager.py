@@ -21,6 +21,7 @@ from bmcell.metrics import (
     MODEL_ACCURACY,
     TRAINING_ACCURACY,
     TRAINING_EPOCH,
+    TRAINING_EPOCH_SECONDS,
     TRAINING_EPOCHS_PLANNED,
     TRAINING_JOBS,
     TRAINING_JOBS_FINISHED,
@@ -29,6 +30,7 @@ from bmcell.metrics import (
 )
 from bmcell.runtime import Runtime
 from bmcell.settings import TrainerSettings
+from bmcell.training_progress import epoch_line
 from services.trainer import jobs, runner
 from services.trainer.plan import Overrides, Plan, make_plan
 from services.trainer.publish import publish
@@ -93,10 +95,12 @@ class JobManager:
         row = jobs.get(db, job_id)
         plan = Plan.from_json(row["config"])
         model = plan.model_name
-        if jobs.update(db, job_id, state="running", message="training") is None:
+        if jobs.update(db, job_id, state="running", message="reading the cells' inputs") is None:
             return
         self._count_states()
         TRAINING_EPOCHS_PLANNED.labels(model).set(plan.epochs)
+
+        observed = {h["epoch"] for h in row["history"] or []}  # by an earlier process
 
         def on_progress(progress: dict | None) -> bool:
             if progress:
@@ -106,17 +110,30 @@ class JobManager:
                     job_id,
                     epoch=progress["epoch"],
                     history=progress["history"],
-                    message=f"epoch {progress['epoch']}/{plan.epochs}: "
-                    f"loss {last['loss']:.4f}, validation {last['validation_accuracy']:.4f}",
+                    message=epoch_line(
+                        last["epoch"],
+                        plan.epochs,
+                        last["loss"],
+                        last["validation_accuracy"],
+                        last.get("seconds", 0.0),
+                        last["samples_per_second"],
+                    ),
                 )
                 TRAINING_EPOCH.labels(model).set(progress["epoch"])
                 TRAINING_LOSS.labels(model).set(last["loss"])
                 TRAINING_ACCURACY.labels(model).set(last["validation_accuracy"])
                 TRAINING_SAMPLES_PER_SECOND.labels(model).set(last["samples_per_second"])
+                # Every epoch once, also those finished between two polls.
+                for h in progress["history"]:
+                    if h["epoch"] not in observed and "seconds" in h:
+                        TRAINING_EPOCH_SECONDS.labels(model).observe(h["seconds"])
+                        observed.add(h["epoch"])
             return jobs.get(db, job_id)["state"] not in jobs.LIVE
 
         try:
-            state = runner.run(job_id, plan, settings, store, on_progress)
+            inputs = runner.training_inputs(db, store, plan)
+            jobs.update(db, job_id, message="training")
+            state = runner.run(job_id, plan, settings, store, on_progress, inputs)
             if jobs.get(db, job_id)["state"] not in jobs.LIVE:
                 self._finished(job_id, "cancelled")
                 return

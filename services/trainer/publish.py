@@ -1,8 +1,8 @@
 """After training: evaluate, register, and promote or reject the new version.
 
-Evaluation runs in the trainer process with plain PyTorch on crops preprocessed by
-``bmcell.preprocess.crop_to_tensor`` (the classifier's own preprocessing), over the
-validation and test splits, scored by ``bmcell.evaluation.evaluate`` (BN and ART
+Evaluation runs in the trainer process with plain PyTorch on the cells' thumbs
+(``bmcell.thumbs``: the classifier's own preprocessing, stored per cell, read in one
+query), over the validation and test splits, scored by ``bmcell.evaluation.evaluate`` (BN and ART
 merged). The version is registered with ``bmcell.modelstore.register_version``
 (TorchScript into the Triton repository) and its plain ``state_dict`` is stored
 beside it for the next round's transfer.
@@ -29,19 +29,17 @@ import io
 import math
 import tempfile
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bmcell import evaluation, modelstore
+from bmcell import evaluation, modelstore, thumbs
 from bmcell.db import Database
 from bmcell.errors import BmcellError
 from bmcell.modelstore import state_dict_key
 from bmcell.network import CellClassifier
-from bmcell.preprocess import crop_to_tensor
 from bmcell.storage import ObjectStore
 from bmcell.taxonomy import Taxonomy
 from services.trainer import jobs
@@ -57,26 +55,32 @@ class Outcome:
     message: str
 
 
-def predict(model: torch.nn.Module, store: ObjectStore, items: list, input_size: int) -> np.ndarray:
-    keys = [k for k, _, _ in items]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        crops = list(pool.map(store.get, keys))
+def predict(
+    model: torch.nn.Module, db: Database, store: ObjectStore, items: list, input_size: int
+) -> np.ndarray:
+    """The model's class index for each ``(crop_key, class, cell_id)`` item."""
+    pixels = thumbs.fetch(db, store, [cell for _, _, cell in items], input_size)
     preds = []
     model.eval()
     with torch.no_grad():
-        for start in range(0, len(crops), 64):
-            x = np.stack([crop_to_tensor(c, input_size) for c in crops[start : start + 64]])
-            preds.append(model(torch.from_numpy(x)).argmax(1).numpy())
+        for start in range(0, len(pixels), 64):
+            x = torch.from_numpy(thumbs.to_batch(pixels[start : start + 64]))
+            preds.append(model(x).argmax(1).numpy())
     return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
 
 
 def score(
-    model: torch.nn.Module, store: ObjectStore, items: list, plan: Plan, tax: Taxonomy
+    model: torch.nn.Module,
+    db: Database,
+    store: ObjectStore,
+    items: list,
+    plan: Plan,
+    tax: Taxonomy,
 ) -> evaluation.Evaluation | None:
     if not items:
         return None
     truth = np.asarray([c for _, c, _ in items])
-    return evaluation.evaluate(truth, predict(model, store, items, plan.input_size), tax)
+    return evaluation.evaluate(truth, predict(model, db, store, items, plan.input_size), tax)
 
 
 def upload_confusion(
@@ -108,8 +112,8 @@ def publish(
     model = CellClassifier(tax.num_classes)
     model.load_state_dict(model_state)
     model.eval()
-    val = score(model, store, plan.validation, plan, tax)
-    test = score(model, store, plan.test, plan, tax)
+    val = score(model, db, store, plan.validation, plan, tax)
+    test = score(model, db, store, plan.test, plan, tax)
     val_acc = val.accuracy if val is not None else history[-1]["validation_accuracy"]
     test_acc = test.accuracy if test is not None else None
 

@@ -8,21 +8,29 @@ the same name and storage continues from the latest one (``get_checkpoint`` in
 ``loop.train_loop``). Within one run, ``FailureConfig(max_failures)`` restarts the
 worker group from the latest checkpoint after a worker dies.
 
+The cells' inputs travel once: the caller hands ``run`` the uint8 thumbs of the
+training then validation cells (:func:`training_inputs`), ``run`` writes them as one
+``.npy`` under the job's control folder, and every worker reads that one object at
+start. No worker reads a crop or the database.
+
 ``fit()`` blocks, so it runs in a thread of its own while the caller's thread reads
 the progress object the workers write and hands each new epoch to ``on_progress``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import tempfile
 import threading
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pyarrow.fs
 
-from bmcell import log
+from bmcell import log, thumbs
+from bmcell.db import Database
 from bmcell.errors import NotFound, Unavailable
 from bmcell.settings import TrainerSettings
 from bmcell.storage import ObjectStore
@@ -36,6 +44,26 @@ _RAY_LOCK = threading.Lock()
 def control_prefix(job_id: str) -> str:
     """Object-storage folder of a job's progress, worker pids and cancel request."""
     return f"training-jobs/{job_id}"
+
+
+def inputs_key(job_id: str) -> str:
+    """The job's packed inputs (uint8 thumbs of its training, then validation cells)."""
+    return f"{control_prefix(job_id)}/inputs.npy"
+
+
+def training_inputs(db: Database, store: ObjectStore, plan: Plan) -> np.ndarray:
+    """The thumbs of the plan's training then validation cells, in plan order: one query
+    (``thumbs.fetch``; a cell without a thumb at this size gets one from its crop)."""
+    cells = [cell for _, _, cell in (*plan.train, *plan.validation)]
+    return thumbs.fetch(db, store, cells, plan.input_size)
+
+
+def stage_inputs(store: ObjectStore, job_id: str, pixels: np.ndarray) -> str:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(pixels), allow_pickle=False)
+    key = inputs_key(job_id)
+    store.put(key, buf.getvalue(), "application/octet-stream")
+    return key
 
 
 def s3_options(settings: TrainerSettings) -> dict[str, Any]:
@@ -82,8 +110,9 @@ def loop_config(job_id: str, plan: Plan, settings: TrainerSettings) -> LoopConfi
         job_id=job_id,
         prefix=control_prefix(job_id),
         s3=s3_options(settings),
-        train=[(k, c) for k, c, _ in plan.train],
-        validation=[(k, c) for k, c, _ in plan.validation],
+        inputs_key=inputs_key(job_id),
+        train_labels=[c for _, c, _ in plan.train],
+        validation_labels=[c for _, c, _ in plan.validation],
         num_classes=len(plan.taxonomy["classes"]),
         input_size=plan.input_size,
         epochs=plan.epochs,
@@ -104,9 +133,12 @@ def run(
     settings: TrainerSettings,
     store: ObjectStore,
     on_progress: Callable[[dict | None], bool],
+    inputs: np.ndarray,
 ) -> dict:
     """Train to the end (or a cancel); returns the last checkpoint's state.
 
+    ``inputs`` are the uint8 ``(N, S, S, 3)`` inputs of ``plan.train`` then
+    ``plan.validation`` (:func:`training_inputs`).
     ``on_progress`` is called every ``progress_poll_s`` with the workers' progress
     (epoch, history, starts) when a new epoch finished, else None; it returns True to
     ask the workers to stop after their current epoch.
@@ -114,7 +146,12 @@ def run(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    expected = (len(plan.train) + len(plan.validation), plan.input_size, plan.input_size, 3)
+    if inputs.shape != expected or inputs.dtype != np.uint8:
+        raise ValueError(f"inputs must be uint8 {expected}, got {inputs.dtype} {inputs.shape}")
     ensure_ray(settings.ray_address)
+    # Written again by a resumed job: the plan, hence the cells and their thumbs, are fixed.
+    stage_inputs(store, job_id, inputs)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config(job_id, plan, settings).to_dict(),
@@ -152,6 +189,7 @@ def run(
             cancel_sent = True
         if not thread.is_alive():
             break
+    store.delete(inputs_key(job_id))  # the run is over; a resumed job stages them again
     if "error" in outcome:
         raise outcome["error"]
     result = outcome["result"]
@@ -159,7 +197,13 @@ def run(
         raise RuntimeError(f"Ray Train run {job_id} ended without a checkpoint")
     with tempfile.TemporaryDirectory(prefix=f"bmcell-{job_id}-") as d:
         local = result.checkpoint.to_directory(d)
-        return load_checkpoint_state(local)
+        state = load_checkpoint_state(local)
+    # The last epoch's checkpoint and wall seconds were measured after its checkpoint
+    # was taken; progress.json, written after, has them.
+    progress = read_progress(store, job_id)
+    if progress is not None and progress["epoch"] == state["epoch"]:
+        state["history"] = progress["history"]
+    return state
 
 
 def read_progress(store: ObjectStore, job_id: str) -> dict | None:

@@ -12,6 +12,7 @@ from bmcell.grpc_client import channel, service_token
 from bmcell.grpc_server import Service
 from bmcell.runtime import Runtime
 from bmcell.settings import TrainerSettings
+from bmcell.training_progress import last_epoch, progress_pb, training_seconds
 from bmcell.v1 import classifier_pb2, classifier_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from services.trainer import jobs
 from services.trainer.manager import JobManager
@@ -57,7 +58,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
         while context.is_active():
             row = jobs.get(self.rt.db, request.job_id)
             progress = progress_pb(row)
-            key = (progress.epoch, progress.state, progress.message)
+            key = (progress.epoch, progress.state, progress.message, progress.epoch_seconds)
             if key != sent:
                 sent = key
                 yield progress
@@ -105,37 +106,23 @@ def headline_figures(metrics: dict) -> dict:
     return out
 
 
-def _last(row: dict) -> dict:
-    return (row["history"] or [{}])[-1]
-
-
 def job_pb(row: dict, test_accuracy: float = 0.0) -> trainer_pb2.TrainingJob:
+    last = last_epoch(row)
     return trainer_pb2.TrainingJob(
         job_id=row["id"],
         round_id=row["round_id"] or 0,
         state=row["state"],
         epoch=row["epoch"],
         epochs=row["epochs"],
-        validation_accuracy=_last(row).get("validation_accuracy", 0.0),
+        validation_accuracy=last.get("validation_accuracy", 0.0),
         test_accuracy=test_accuracy,
         model_version=row["model_version"] or 0,
         published=row["published"],
         message=row["message"],
-    )
-
-
-def progress_pb(row: dict) -> trainer_pb2.TrainingProgress:
-    last = _last(row)
-    return trainer_pb2.TrainingProgress(
-        job_id=row["id"],
-        epoch=row["epoch"],
-        epochs=row["epochs"],
         loss=last.get("loss", 0.0),
-        train_accuracy=last.get("train_accuracy", 0.0),
-        validation_accuracy=last.get("validation_accuracy", 0.0),
         samples_per_second=last.get("samples_per_second", 0.0),
-        state=row["state"],
-        message=row["message"],
+        epoch_seconds=last.get("seconds", 0.0),
+        training_seconds=training_seconds(row),
     )
 
 

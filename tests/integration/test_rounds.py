@@ -45,7 +45,14 @@ def world(stack: Stack, operator_token: str, admin_token: str):
     db.close()
 
 
-def _run(env, db, truth, request: rounds_pb2.StartRoundRequest) -> rounds_pb2.Round:
+def _run(
+    env, db, truth, request: rounds_pb2.StartRoundRequest, said: list[str] | None = None
+) -> rounds_pb2.Round:
+    def say(line: str) -> None:
+        print(line)
+        if said is not None:
+            said.append(line)
+
     r, _ = run_round(
         env["BMCELL_ROUNDS_ADDR"],
         request,
@@ -54,7 +61,7 @@ def _run(env, db, truth, request: rounds_pb2.StartRoundRequest) -> rounds_pb2.Ro
         admin_token=env["admin_token"],
         truth=truth,
         reviewers=Reviewers(count=3, error_rate=0.0, difficult_rate=0.0),
-        say=print,
+        say=say,
         poll_s=0.5,
     )
     return r
@@ -82,12 +89,13 @@ def test_bootstrap_then_cst_al_round(world) -> None:
             "INSERT INTO rounds (experiment, number, strategy) VALUES ('bystander', 0, 'cst') "
             "RETURNING id"
         ).fetchone()["id"]
-    boot = _run(
-        env,
-        db,
-        truth,
-        small_bootstrap(EXPERIMENT, "lab-rounds", test_reviews=2),
-    )
+    said: list[str] = []
+    boot = _run(env, db, truth, small_bootstrap(EXPERIMENT, "lab-rounds", test_reviews=2), said)
+    # While it trained, the round said how each epoch went and how long it took.
+    epochs = [line.strip() for line in said if line.strip().startswith("epoch ")]
+    assert epochs, said
+    assert all(" s (" in line and line.endswith(" samples/s)") for line in epochs), epochs
+    assert boot.training.epoch == boot.training.epochs and boot.training.epoch_seconds > 0
     with db.connection() as conn:
         sources = {
             r["source"]: r["n"]

@@ -18,13 +18,21 @@ import uuid
 import grpc
 import pytest
 
+from bmcell import thumbs
 from bmcell.db import Database
 from bmcell.modelstore import state_dict_key
 from bmcell.stack import Stack
 from bmcell.storage import ObjectStore
 from bmcell.synth import crop_rng, lab_style, render_crop
 from bmcell.taxonomy import DEFAULT_TAXONOMY
-from bmcell.v1 import classifier_pb2, classifier_pb2_grpc, trainer_pb2, trainer_pb2_grpc
+from bmcell.v1 import (
+    classifier_pb2,
+    classifier_pb2_grpc,
+    rounds_pb2,
+    rounds_pb2_grpc,
+    trainer_pb2,
+    trainer_pb2_grpc,
+)
 from services.trainer import runner
 from tests.integration.seed import png, retire_active_model, seed_cells
 
@@ -241,6 +249,66 @@ def test_round_training_publishes_and_is_idempotent(
         trainer_pb2.GetModelReportRequest(version=done.model_version), timeout=10
     )
     assert report2.state == "rejected" and "below active" in report2.note
+
+
+def test_a_job_trains_and_evaluates_from_thumbs_reading_no_crop(
+    rt, trainer, stack: Stack, operator_channel
+) -> None:
+    """The driver reads the cells' thumbs once and stages them; no worker epoch and no
+    evaluation reads a crop: with the study's crops gone from object storage the job
+    still trains, validates, checkpoints and evaluates. Its progress says how long
+    each epoch took, through the trainer's calls and through the round."""
+    settings, db, store = rt
+    # A seed of its own: crops are content-addressed, so no other test's cells share them.
+    study = seed_study(
+        db, store, train_per_class=3, val_per_class=1, test_per_class=1, seed=17, strategy="cst"
+    )
+    ids = [*study["initial"], *study["validation"], *study["test"]]
+    thumbs.fetch(db, store, ids, INPUT)  # the thumbs at this input size, made from the crops
+    with db.connection() as conn:
+        keys = [
+            r["crop_key"]
+            for r in conn.execute("SELECT crop_key FROM cells WHERE id = ANY(%s)", (ids,))
+        ]
+    crops = {k: store.get(k) for k in keys}
+    for key in crops:
+        store.delete(key)
+    try:
+        epochs = 3
+        job = start(trainer, study["round_id"], epochs=epochs, num_workers=2)
+        seen = list(trainer.WatchJob(trainer_pb2.GetJobRequest(job_id=job.job_id), timeout=300))
+        done = trainer.GetJob(trainer_pb2.GetJobRequest(job_id=job.job_id), timeout=10)
+        assert done.state == "succeeded" and done.model_version > 0, done
+        assert not any(store.exists(k) for k in crops)  # nobody needed them back
+    finally:
+        for key, data in crops.items():
+            store.put(key, data, "image/png")
+    assert not store.exists(runner.inputs_key(job.job_id))  # staged for the run only
+
+    history = job_row(db, job.job_id)["history"]
+    assert [h["epoch"] for h in history] == list(range(1, epochs + 1))
+    for h in history:  # the epoch's wall time holds its training, validation and checkpoint
+        parts = h["train_seconds"] + h["validation_seconds"] + h["checkpoint_seconds"]
+        assert 0 < parts <= h["seconds"] + 1e-6, h
+    running = [p for p in seen if p.state == "running" and p.epoch]
+    assert running and all(p.epoch_seconds > 0 for p in running), running
+    assert running[-1].epoch == epochs
+    # The job's message after an epoch says it in words, its seconds with it.
+    lines = [p.message for p in running if p.message.startswith(f"epoch {p.epoch}/{epochs}: ")]
+    assert lines and all(" s (" in m and m.endswith(" samples/s)") for m in lines), running
+    assert done.epoch_seconds == pytest.approx(history[-1]["seconds"])
+    assert done.training_seconds == pytest.approx(sum(h["seconds"] for h in history))
+    assert done.loss == pytest.approx(history[-1]["loss"]) and done.samples_per_second > 0
+    # The round shows its job's progress too (what `bmcell round start --wait` and the
+    # demo print an epoch line from).
+    with operator_channel(stack.config.addr("rounds")) as ch:
+        r = rounds_pb2_grpc.RoundsStub(ch).GetRound(
+            rounds_pb2.GetRoundRequest(round_id=study["round_id"]), timeout=10
+        )
+    assert r.training_job == job.job_id
+    assert (r.training.epoch, r.training.epochs) == (epochs, epochs)
+    assert r.training.epoch_seconds == pytest.approx(done.epoch_seconds)
+    assert r.training.state == "succeeded"
 
 
 def test_below_gate_bootstrap_is_not_served(rt, trainer, stack: Stack, operator_channel) -> None:

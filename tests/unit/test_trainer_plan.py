@@ -72,9 +72,10 @@ def test_plan_survives_its_json_round_trip() -> None:
 def test_loop_config_carries_what_workers_need_and_nothing_of_the_test_split() -> None:
     cfg = runner.loop_config("train-x", plan(), settings())
     assert isinstance(cfg, LoopConfig)
-    assert cfg.train == [("cells/a.png", 0), ("cells/b.png", 3)]
-    assert cfg.validation == [("cells/c.png", 1)]
-    assert "cells/d.png" not in repr(cfg.to_dict())  # test crops never reach the workers
+    # Class indices in plan order; the pixels travel as one object, no crop key at all.
+    assert cfg.train_labels == [0, 3] and cfg.validation_labels == [1]
+    assert cfg.inputs_key == runner.inputs_key("train-x")
+    assert "cells/" not in repr(cfg.to_dict())  # no crop is read, and no test cell known
     assert cfg.num_classes == 17 and cfg.threads == 1
     assert cfg.prefix == runner.control_prefix("train-x")
     assert cfg.s3["s3_endpoint"] == "127.0.0.1:9"
