@@ -49,12 +49,14 @@ from bmcell import audit, log, specimens, thumbs
 from bmcell.auth import Principal, require_upload
 from bmcell.db import Database, advisory_locks, lock_key, object_lock_key
 from bmcell.errors import BmcellError, FailedPrecondition, InvalidArgument
+from bmcell.images import Decoded
 from bmcell.network import DEFAULT_INPUT_SIZE
 from bmcell.settings import SegmenterSettings
 from bmcell.storage import ObjectStore, content_key, digest_of_key, sha256_hex
 from services.segmenter import cells as repo
-from services.segmenter import images, instances, restore, unet
+from services.segmenter import images, instances, restore
 from services.segmenter.models import ModelHolder
+from services.segmenter.workers import SegmentPool
 
 _LOG = log.get(__name__)
 _CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -149,11 +151,13 @@ class Ingestor:
         store: ObjectStore,
         settings: SegmenterSettings,
         model: ModelHolder,
+        segmenter: SegmentPool | None,
     ) -> None:
         self.db = db
         self.store = store
         self.settings = settings
         self.model = model
+        self.segmenter = segmenter
         self._segmenting = threading.BoundedSemaphore(settings.segment_concurrency)
 
     def upload(
@@ -236,15 +240,14 @@ class Ingestor:
             self._restore_lost(conn, found.field_id, data)
             return found
         model = self.model.get()
-        field = self._decode(data)
+        assert self.segmenter is not None, "a model without its segmentation workers"
+        pixels = self._pixels(data)
         with self._segmenting:
-            started = time.perf_counter()
-            probs = unet.predict_probabilities(model.network, field.rgb)
-            labels, nuclei = instances.label_instances(probs)
-            cells = instances.cells_from(field.rgb, labels, nuclei, self.settings.crop_size)
-            seconds = time.perf_counter() - started
+            done = self.segmenter.segment(pixels.rgb, self.settings.crop_size)
+        field = images.FieldImage(pixels.rgb, pixels.format, done.field_png)
+        cells, seconds = done.cells, done.seconds
         SEGMENTATION_SECONDS.observe(seconds)
-        encoded = [(c, images.png_bytes(c.crop), images.png_bytes(c.mask)) for c in cells]
+        encoded = [(c, crop, mask) for c, (crop, mask) in zip(cells, done.encoded, strict=True)]
         # Objects are shared with other fields: see the module doc.
         digests = [digest] + [sha256_hex(b) for _, crop, mask in encoded for b in (crop, mask)]
         with advisory_locks(conn, map(object_lock_key, digests)):
@@ -303,13 +306,18 @@ class Ingestor:
             field_id, digest, False, len(cells), border, field.width, field.height, seconds
         )
 
+    def _limits(self) -> dict:
+        return {
+            "max_bytes": min(self.settings.max_upload_bytes, self.settings.max_image_bytes),
+            "max_pixels": self.settings.max_image_pixels,
+            "max_frames": self.settings.max_image_frames,
+        }
+
+    def _pixels(self, data: bytes) -> Decoded:
+        return images.decode_pixels(data, **self._limits())
+
     def _decode(self, data: bytes) -> images.FieldImage:
-        return images.decode(
-            data,
-            max_bytes=min(self.settings.max_upload_bytes, self.settings.max_image_bytes),
-            max_pixels=self.settings.max_image_pixels,
-            max_frames=self.settings.max_image_frames,
-        )
+        return images.decode(data, **self._limits())
 
     def _restore_lost(self, conn: Connection, field_id: int, data: bytes) -> None:
         """Write again what a duplicate's field lost (see the module doc)."""
