@@ -39,6 +39,7 @@ import re
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,6 +62,7 @@ from services.segmenter.workers import SegmentPool
 _LOG = log.get(__name__)
 _CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_WRITERS = 4  # object writes in flight, shared by every upload of the service
 
 UPLOADS = Counter("bmcell_segmenter_uploads_total", "Field uploads by outcome", ["outcome"])
 UPLOAD_BYTES = Counter("bmcell_segmenter_upload_bytes_total", "Bytes received in uploads")
@@ -159,6 +161,7 @@ class Ingestor:
         self.model = model
         self.segmenter = segmenter
         self._segmenting = threading.BoundedSemaphore(settings.segment_concurrency)
+        self._writers = ThreadPoolExecutor(_WRITERS, thread_name_prefix="segmenter-s3")
 
     def upload(
         self, header: UploadHeader, chunks: Iterable[bytes], uploader: Principal
@@ -252,22 +255,19 @@ class Ingestor:
         digests = [digest] + [sha256_hex(b) for _, crop, mask in encoded for b in (crop, mask)]
         with advisory_locks(conn, map(object_lock_key, digests)):
             created: list[str] = []
+            writes: list[tuple[str, bytes]] = []
             try:
-                field_key = self._put(
-                    content_key("fields", digest, ".png"), field.png, "image/png", created
-                )
+                field_key = self._put(content_key("fields", digest, ".png"), field.png, writes)
                 cell_rows = []
                 for cell, crop, mask in encoded:
                     crop_key = self._put(
-                        content_key("cells", sha256_hex(crop), ".png"), crop, "image/png", created
+                        content_key("cells", sha256_hex(crop), ".png"), crop, writes
                     )
                     mask_key = self._put(
-                        content_key("cells", sha256_hex(mask), ".mask.png"),
-                        mask,
-                        "image/png",
-                        created,
+                        content_key("cells", sha256_hex(mask), ".mask.png"), mask, writes
                     )
                     cell_rows.append(_cell_row(cell, crop_key, mask_key))
+                self._write(writes, created)
                 if self.settings.fault_pause_before_commit_s:
                     time.sleep(self.settings.fault_pause_before_commit_s)
                 field_id = self._insert(
@@ -365,11 +365,25 @@ class Ingestor:
             not_restorable=still,
         )
 
-    def _put(self, key: str, data: bytes, content_type: str, created: list[str]) -> str:
-        if not self.store.exists(key):
-            self.store.put(key, data, content_type)
-            created.append(key)
+    @staticmethod
+    def _put(key: str, data: bytes, writes: list[tuple[str, bytes]]) -> str:
+        writes.append((key, data))
         return key
+
+    def _write(self, writes: list[tuple[str, bytes]], created: list[str]) -> None:
+        """Write each PNG not stored yet, ``_WRITERS`` at a time (a field's ~25 objects
+        one after another wait ~50 round trips); ``created`` gets every key this call
+        wrote, also when another write fails, so that the caller deletes them all."""
+
+        def one(key: str, data: bytes) -> None:
+            if not self.store.exists(key):
+                self.store.put(key, data, "image/png")
+                created.append(key)
+
+        futures = [self._writers.submit(one, key, data) for key, data in writes]
+        wait(futures)
+        for future in futures:
+            future.result()  # the first failure, once every write has ended
 
     def _delete(self, keys: list[str]) -> None:
         for key in keys:

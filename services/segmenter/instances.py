@@ -7,8 +7,10 @@ part of a rim, two cells still show as two "hills" of the interior's distance to
 its edge: every regional maximum at least ``SEED_H`` px higher than its
 surroundings (on the distance smoothed with ``SEED_SIGMA``) seeds a watershed of
 the negated distance, restricted to the foreground (anything not background), which
-also hands every rim pixel to its cell. Instances smaller than ``MIN_CELL_AREA``
-are dropped (a sliver of a cell at the border). SEED_H was chosen on the synthetic
+also hands every rim pixel to its cell (the maxima are found on the distance's
+2x2 block maxima: 6x cheaper than at full resolution, the same seeds; the
+watershed and all after it stay at full resolution). Instances smaller than
+``MIN_CELL_AREA`` are dropped (a sliver of a cell at the border). SEED_H was chosen on the synthetic
 fields of labs and a seed the network never saw in training (docs/segmenter.md).
 
 Morphometrics (pixels of the field image):
