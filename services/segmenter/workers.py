@@ -3,13 +3,13 @@
 Segmentation is CPU work in Python and C extensions that mostly hold the GIL
 (scipy.ndimage, skimage), so threads of one process share one core for it, and two
 torch threads per process on this machine's two shared cores only contend. The
-service therefore hands each field to one of ``BMCELL_SEGMENTER_WORKERS`` processes
+service can therefore hand each field to one of ``BMCELL_SEGMENTER_WORKERS`` processes
 (started with ``spawn``: the gRPC server's threads make ``fork`` unsafe), each with
 its own copy of the weights as a TorchScript graph optimised for inference and
 ``torch.set_num_threads(BMCELL_TORCH_THREADS)``. A worker returns everything the
 upload stores that costs CPU: the field's PNG, the cells with their crops and masks,
-and the crops' and masks' PNGs. 0 workers segments in the calling thread (the code
-is the same; what differs is the process).
+and the crops' and masks' PNGs. 0 workers (the default: it measured faster on the
+shared machine, docs/segmenter.md) segments in the calling thread with the same code.
 
 A worker that dies (killed for memory) breaks its pool: the upload that saw it gets
 UNAVAILABLE, having written nothing, and the next upload starts a fresh pool. So does
