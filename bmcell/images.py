@@ -179,8 +179,12 @@ def _too_many_pixels(size: tuple[int, int] | None, limits: Limits, field: str) -
     )
 
 
-def png_bytes(array: np.ndarray) -> bytes:
-    """Pixels as a PNG with no metadata: no EXIF, no text chunks, no ICC profile."""
+def png_bytes(array: np.ndarray, *, fast: bool = False) -> bytes:
+    """Pixels as a PNG with no metadata: no EXIF, no text chunks, no ICC profile.
+
+    Crops and masks are stored under the digest of these bytes, so their encoding
+    never changes; ``fast`` (zlib level 1: ~1.5x faster, ~2% larger) is for images
+    stored under another digest, like a field under its upload's."""
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG", compress_level=3)
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1 if fast else 3)
     return buf.getvalue()

@@ -34,11 +34,15 @@ from bmcell.review_sim import (
     people_client,
     simulate_reviews,
 )
-from bmcell.synth import Manifest, generate_dataset, load_manifest
+from bmcell.synth import Manifest, SpecimenRecord, generate_dataset, load_manifest
 from bmcell.training_progress import progress_line
 from bmcell.v1 import rounds_pb2, rounds_pb2_grpc, segmenter_pb2, segmenter_pb2_grpc
 
 Say = Callable[[str], None]
+# `bmcell upload` processes at once (at least one a lab) and the fields each has in
+# flight: enough that the segmenter's workers always have the next field waiting.
+UPLOAD_PROCESSES = 4
+UPLOAD_JOBS = 2
 LIVE = ("created", "predicting", "selecting", "reviewing", "training", "evaluating")
 
 
@@ -144,7 +148,8 @@ def upload(
     *,
     test_per_lab: int = 0,
 ) -> list[str]:
-    """Each lab uploads its specimens in its own `bmcell upload` process, all at once,
+    """The labs upload their specimens at once, each specimen in its own `bmcell upload`
+    process (``UPLOAD_PROCESSES`` at a time, at least one a lab, labs taking turns),
     with ``token`` (passed as BMCELL_TOKEN, so it never shows in a process list). The
     last ``test_per_lab`` specimens of each lab go up with ``--role test``; returns
     their ids."""
@@ -158,41 +163,48 @@ def upload(
     total = len(manifest.specimens)
     done = itertools.count(1)
 
-    def lab_uploads(lab: str) -> None:
-        for spec in by_lab[lab]:
-            files = [str(root / f.image) for f in spec.fields]
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    "-m",
-                    "bmcell.cli.main",
-                    "upload",
-                    "--lab",
-                    lab,
-                    "--specimen",
-                    spec.id,
-                    "--diagnosis",
-                    spec.diagnosis,
-                    "--role",
-                    "test" if (lab, spec.id) in tests else "training",
-                    "--jobs",
-                    "2",
-                    *files,
-                ],
-                capture_output=True,
-                text=True,
-                # COLUMNS: the summary line stays one line in the captured output.
-                env={**os.environ, **(env or {}), "BMCELL_TOKEN": token, "COLUMNS": "200"},
-            )
-            if out.returncode != 0:
-                raise RuntimeError(f"upload of {spec.id} failed:\n{out.stderr[-2000:]}")
-            summary = out.stderr.strip().splitlines()[-1]
-            say(f"  [{next(done)}/{total}] {lab}/{spec.id}: {summary}")
+    def upload_specimen(spec: SpecimenRecord) -> None:
+        lab = spec.lab
+        files = [str(root / f.image) for f in spec.fields]
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bmcell.cli.main",
+                "upload",
+                "--lab",
+                lab,
+                "--specimen",
+                spec.id,
+                "--diagnosis",
+                spec.diagnosis,
+                "--role",
+                "test" if (lab, spec.id) in tests else "training",
+                "--jobs",
+                str(UPLOAD_JOBS),
+                *files,
+            ],
+            capture_output=True,
+            text=True,
+            # COLUMNS: the summary line stays one line in the captured output.
+            env={**os.environ, **(env or {}), "BMCELL_TOKEN": token, "COLUMNS": "200"},
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"upload of {spec.id} failed:\n{out.stderr[-2000:]}")
+        summary = out.stderr.strip().splitlines()[-1]
+        say(f"  [{next(done)}/{total}] {lab}/{spec.id}: {summary}")
 
     say(f"{len(by_lab)} labs upload concurrently ({total} specimens)")
     started = time.monotonic()
-    with ThreadPoolExecutor(len(by_lab)) as pool:
-        list(pool.map(lab_uploads, sorted(by_lab)))
+    # Labs take turns in the queue, so every lab is uploading from the start.
+    queue = [
+        spec
+        for turn in itertools.zip_longest(*(by_lab[lab] for lab in sorted(by_lab)))
+        for spec in turn
+        if spec is not None
+    ]
+    with ThreadPoolExecutor(max(len(by_lab), UPLOAD_PROCESSES)) as pool:
+        list(pool.map(upload_specimen, queue))
     say(f"  uploaded and segmented in {time.monotonic() - started:.1f}s")
     if tests:
         say(f"test specimens (never used for training): {', '.join(sorted(s for _, s in tests))}")

@@ -111,8 +111,22 @@ class SegmenterSettings(ServiceSettings):
     segmenter_model: str = Field(
         "unet", pattern=r"^[a-z0-9][a-z0-9_-]*$", description="weights: segmenter/<name>-vN.pt"
     )
-    segment_concurrency: int = Field(2, ge=1, description="fields segmented at the same time")
-    torch_threads: int = Field(2, ge=1, description="intra-op threads of the network")
+    segment_concurrency: int = Field(
+        2, ge=1, description="fields segmenting or queued for a worker at the same time"
+    )
+    # 0 measured faster on this shared 2-core machine (docs/segmenter.md, Speed).
+    segmenter_workers: int = Field(
+        0, ge=0, le=64, description="segmentation processes; 0: in the service's own threads"
+    )
+    torch_threads: int = Field(
+        2, ge=1, description="intra-op threads of the network (each worker's)"
+    )
+    segment_timeout_s: float = Field(
+        60.0, gt=0, description="a field's segmentation deadline, plus the per-megapixel part"
+    )
+    segment_seconds_per_megapixel: float = Field(
+        30.0, ge=0, description="added to BMCELL_SEGMENT_TIMEOUT_S per million pixels"
+    )
     fault_pause_before_commit_s: float = Field(
         0.0,
         ge=0,

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from services.segmenter import instances, unet
@@ -87,7 +88,7 @@ def compare(predicted: np.ndarray, truth: np.ndarray) -> Detection:
     )
 
 
-def segment(model: unet.UNet, image: np.ndarray) -> np.ndarray:
+def segment(model: torch.nn.Module, image: np.ndarray) -> np.ndarray:
     probs = unet.predict_probabilities(model, image)
     return instances.label_instances(probs)[0]
 
@@ -98,10 +99,11 @@ def evaluate(
     progress: Callable[[str, Detection], None] | None = None,
 ) -> Detection:
     """``fields``: (image, truth instance map) paths."""
+    network = unet.for_inference(model)  # the graph the service's workers run
     total = Detection()
     for image_path, truth_path in fields:
         image = np.asarray(Image.open(image_path).convert("RGB"))
-        one = compare(segment(model, image), np.asarray(Image.open(truth_path)))
+        one = compare(segment(network, image), np.asarray(Image.open(truth_path)))
         total.add(one)
         if progress is not None:
             progress(str(image_path), one)

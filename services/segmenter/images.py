@@ -17,7 +17,7 @@ from PIL import Image
 from bmcell import images
 from bmcell.images import png_bytes
 
-__all__ = ["FieldImage", "decode", "png_bytes", "read_png"]
+__all__ = ["FieldImage", "decode", "decode_pixels", "png_bytes", "read_png"]
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,16 @@ class FieldImage:
 
 
 def decode(data: bytes, *, max_bytes: int, max_pixels: int, max_frames: int = 1) -> FieldImage:
+    decoded = decode_pixels(data, max_bytes=max_bytes, max_pixels=max_pixels, max_frames=max_frames)
+    return FieldImage(decoded.rgb, decoded.format, png_bytes(decoded.rgb, fast=True))
+
+
+def decode_pixels(
+    data: bytes, *, max_bytes: int, max_pixels: int, max_frames: int = 1
+) -> images.Decoded:
+    """The checked pixels and format, without the PNG (a segmentation worker writes it)."""
     limits = images.Limits(max_bytes, max_pixels, max_frames, "BMCELL_MAX_UPLOAD_BYTES")
-    decoded = images.decode_rgb(data, limits, field="chunk")
-    return FieldImage(decoded.rgb, decoded.format, png_bytes(decoded.rgb))
+    return images.decode_rgb(data, limits, field="chunk")
 
 
 def read_png(data: bytes) -> np.ndarray:

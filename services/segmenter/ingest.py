@@ -39,6 +39,7 @@ import re
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,16 +50,19 @@ from bmcell import audit, log, specimens, thumbs
 from bmcell.auth import Principal, require_upload
 from bmcell.db import Database, advisory_locks, lock_key, object_lock_key
 from bmcell.errors import BmcellError, FailedPrecondition, InvalidArgument
+from bmcell.images import Decoded
 from bmcell.network import DEFAULT_INPUT_SIZE
 from bmcell.settings import SegmenterSettings
 from bmcell.storage import ObjectStore, content_key, digest_of_key, sha256_hex
 from services.segmenter import cells as repo
-from services.segmenter import images, instances, restore, unet
+from services.segmenter import images, instances, restore
 from services.segmenter.models import ModelHolder
+from services.segmenter.workers import SegmentPool
 
 _LOG = log.get(__name__)
 _CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_WRITERS = 4  # object writes in flight, shared by every upload of the service
 
 UPLOADS = Counter("bmcell_segmenter_uploads_total", "Field uploads by outcome", ["outcome"])
 UPLOAD_BYTES = Counter("bmcell_segmenter_upload_bytes_total", "Bytes received in uploads")
@@ -149,12 +153,15 @@ class Ingestor:
         store: ObjectStore,
         settings: SegmenterSettings,
         model: ModelHolder,
+        segmenter: SegmentPool | None,
     ) -> None:
         self.db = db
         self.store = store
         self.settings = settings
         self.model = model
+        self.segmenter = segmenter
         self._segmenting = threading.BoundedSemaphore(settings.segment_concurrency)
+        self._writers = ThreadPoolExecutor(_WRITERS, thread_name_prefix="segmenter-s3")
 
     def upload(
         self, header: UploadHeader, chunks: Iterable[bytes], uploader: Principal
@@ -236,35 +243,31 @@ class Ingestor:
             self._restore_lost(conn, found.field_id, data)
             return found
         model = self.model.get()
-        field = self._decode(data)
+        assert self.segmenter is not None, "a model without its segmentation workers"
+        pixels = self._pixels(data)
         with self._segmenting:
-            started = time.perf_counter()
-            probs = unet.predict_probabilities(model.network, field.rgb)
-            labels, nuclei = instances.label_instances(probs)
-            cells = instances.cells_from(field.rgb, labels, nuclei, self.settings.crop_size)
-            seconds = time.perf_counter() - started
+            done = self.segmenter.segment(pixels.rgb, self.settings.crop_size)
+        field = images.FieldImage(pixels.rgb, pixels.format, done.field_png)
+        cells, seconds = done.cells, done.seconds
         SEGMENTATION_SECONDS.observe(seconds)
-        encoded = [(c, images.png_bytes(c.crop), images.png_bytes(c.mask)) for c in cells]
+        encoded = [(c, crop, mask) for c, (crop, mask) in zip(cells, done.encoded, strict=True)]
         # Objects are shared with other fields: see the module doc.
         digests = [digest] + [sha256_hex(b) for _, crop, mask in encoded for b in (crop, mask)]
         with advisory_locks(conn, map(object_lock_key, digests)):
             created: list[str] = []
+            writes: list[tuple[str, bytes]] = []
             try:
-                field_key = self._put(
-                    content_key("fields", digest, ".png"), field.png, "image/png", created
-                )
+                field_key = self._put(content_key("fields", digest, ".png"), field.png, writes)
                 cell_rows = []
                 for cell, crop, mask in encoded:
                     crop_key = self._put(
-                        content_key("cells", sha256_hex(crop), ".png"), crop, "image/png", created
+                        content_key("cells", sha256_hex(crop), ".png"), crop, writes
                     )
                     mask_key = self._put(
-                        content_key("cells", sha256_hex(mask), ".mask.png"),
-                        mask,
-                        "image/png",
-                        created,
+                        content_key("cells", sha256_hex(mask), ".mask.png"), mask, writes
                     )
                     cell_rows.append(_cell_row(cell, crop_key, mask_key))
+                self._write(writes, created)
                 if self.settings.fault_pause_before_commit_s:
                     time.sleep(self.settings.fault_pause_before_commit_s)
                 field_id = self._insert(
@@ -303,13 +306,18 @@ class Ingestor:
             field_id, digest, False, len(cells), border, field.width, field.height, seconds
         )
 
+    def _limits(self) -> dict:
+        return {
+            "max_bytes": min(self.settings.max_upload_bytes, self.settings.max_image_bytes),
+            "max_pixels": self.settings.max_image_pixels,
+            "max_frames": self.settings.max_image_frames,
+        }
+
+    def _pixels(self, data: bytes) -> Decoded:
+        return images.decode_pixels(data, **self._limits())
+
     def _decode(self, data: bytes) -> images.FieldImage:
-        return images.decode(
-            data,
-            max_bytes=min(self.settings.max_upload_bytes, self.settings.max_image_bytes),
-            max_pixels=self.settings.max_image_pixels,
-            max_frames=self.settings.max_image_frames,
-        )
+        return images.decode(data, **self._limits())
 
     def _restore_lost(self, conn: Connection, field_id: int, data: bytes) -> None:
         """Write again what a duplicate's field lost (see the module doc)."""
@@ -357,11 +365,25 @@ class Ingestor:
             not_restorable=still,
         )
 
-    def _put(self, key: str, data: bytes, content_type: str, created: list[str]) -> str:
-        if not self.store.exists(key):
-            self.store.put(key, data, content_type)
-            created.append(key)
+    @staticmethod
+    def _put(key: str, data: bytes, writes: list[tuple[str, bytes]]) -> str:
+        writes.append((key, data))
         return key
+
+    def _write(self, writes: list[tuple[str, bytes]], created: list[str]) -> None:
+        """Write each PNG not stored yet, ``_WRITERS`` at a time (a field's ~25 objects
+        one after another wait ~50 round trips); ``created`` gets every key this call
+        wrote, also when another write fails, so that the caller deletes them all."""
+
+        def one(key: str, data: bytes) -> None:
+            if not self.store.exists(key):
+                self.store.put(key, data, "image/png")
+                created.append(key)
+
+        futures = [self._writers.submit(one, key, data) for key, data in writes]
+        wait(futures)
+        for future in futures:
+            future.result()  # the first failure, once every write has ended
 
     def _delete(self, keys: list[str]) -> None:
         for key in keys:

@@ -31,6 +31,7 @@ class LoadedModel:
     name: str  # e.g. unet-v3, recorded with every field it segmented
     network: unet.UNet
     meta: dict
+    weights: bytes  # the stored file: what segmentation workers load
 
 
 def _key(name: str, version: int) -> str:
@@ -68,8 +69,9 @@ def load_latest(store: ObjectStore, name: str) -> LoadedModel | None:
     found = versions(store, name)
     if not found:
         return None
-    network, meta = unet.from_bytes(store.get(_key(name, found[-1])))
-    return LoadedModel(f"{name}-v{found[-1]}", network, meta)
+    data = store.get(_key(name, found[-1]))
+    network, meta = unet.from_bytes(data)
+    return LoadedModel(f"{name}-v{found[-1]}", network, meta, data)
 
 
 def load_named(store: ObjectStore, model: str) -> LoadedModel | None:
@@ -80,8 +82,9 @@ def load_named(store: ObjectStore, model: str) -> LoadedModel | None:
     key = _key(m.group(1), int(m.group(2)))
     if not store.exists(key):
         return None
-    network, meta = unet.from_bytes(store.get(key))
-    return LoadedModel(model, network, meta)
+    data = store.get(key)
+    network, meta = unet.from_bytes(data)
+    return LoadedModel(model, network, meta, data)
 
 
 class ModelHolder:

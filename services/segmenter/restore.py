@@ -20,10 +20,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
+import torch
 
 from bmcell.storage import ObjectStore, digest_of_key, sha256_hex
 from services.segmenter import images, instances, unet
-from services.segmenter.models import LoadedModel, load_named
+from services.segmenter.models import load_named
 
 Segment = Callable[[], list[instances.SegmentedCell]]
 
@@ -96,7 +97,7 @@ def recutter(store: ObjectStore, crop_size: int) -> Callable[[Mapping, list, set
 
 def segmenter_of(store: ObjectStore, model_name: str) -> Callable[[np.ndarray, int], Segment]:
     """``(rgb, crop_size) -> segment`` with the named weights, loaded on first use."""
-    loaded: list[LoadedModel] = []
+    loaded: list[torch.nn.Module] = []
 
     def bind(rgb: np.ndarray, crop_size: int) -> Segment:
         def segment() -> list[instances.SegmentedCell]:
@@ -104,8 +105,9 @@ def segmenter_of(store: ObjectStore, model_name: str) -> Callable[[np.ndarray, i
                 model = load_named(store, model_name)
                 if model is None:
                     return []  # the weights are gone too: nothing can be cut again
-                loaded.append(model)
-            probs = unet.predict_probabilities(loaded[0].network, rgb)
+                # The graph the segmentation workers run, so the cut is theirs.
+                loaded.append(unet.for_inference(model.network))
+            probs = unet.predict_probabilities(loaded[0], rgb)
             labels, nuclei = instances.label_instances(probs)
             return instances.cells_from(rgb, labels, nuclei, crop_size)
 

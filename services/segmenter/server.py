@@ -20,7 +20,7 @@ from bmcell.runtime import Runtime
 from bmcell.settings import SegmenterSettings
 from bmcell.v1 import common_pb2, segmenter_pb2, segmenter_pb2_grpc
 from services.segmenter import cells as cells_repo
-from services.segmenter import models
+from services.segmenter import models, workers
 from services.segmenter.ingest import Ingestor, UploadHeader
 
 
@@ -129,7 +129,17 @@ def build(runtime: Runtime[SegmenterSettings]) -> Service:
     else:
         runtime.log.info("segmentation model loaded", model=model.name)
     holder = models.ModelHolder(model, settings.torch_threads)
-    ingestor = Ingestor(runtime.db, runtime.store, settings, holder)
+    pool = None
+    if model is not None:
+        pool = workers.SegmentPool(
+            model.weights,
+            workers=settings.segmenter_workers,
+            threads=settings.torch_threads,
+            timeout_s=settings.segment_timeout_s,
+            seconds_per_megapixel=settings.segment_seconds_per_megapixel,
+        )
+        pool.start()
+    ingestor = Ingestor(runtime.db, runtime.store, settings, holder, pool)
 
     def register(server: grpc.Server) -> list[str]:
         segmenter_pb2_grpc.add_SegmenterServicer_to_server(
@@ -141,6 +151,7 @@ def build(runtime: Runtime[SegmenterSettings]) -> Service:
         "segmenter",
         register,
         runtime.db,
-        on_stop=[runtime.db.close],
+        # After the server's grace: the uploads still running need their workers.
+        on_stop=[*([pool.close] if pool else []), runtime.db.close],
         dependencies=[runtime.db.ping],
     )

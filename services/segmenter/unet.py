@@ -112,7 +112,18 @@ def class_targets(instances: np.ndarray, nuclei: np.ndarray, scale: float = SCAL
     return target
 
 
-def predict_probabilities(model: UNet, image: np.ndarray, scale: float = SCALE) -> np.ndarray:
+def for_inference(model: UNet) -> torch.nn.Module:
+    """The network as a frozen TorchScript graph optimised for inference (batch norm
+    folded into the convolutions): ~20% faster on one CPU thread, the same logits to
+    ~1e-5 and any input size (:func:`predict_probabilities` takes either)."""
+    with torch.inference_mode():
+        traced = torch.jit.trace(model.eval(), torch.zeros(1, 3, 64, 64))
+        return torch.jit.optimize_for_inference(traced)
+
+
+def predict_probabilities(
+    model: torch.nn.Module, image: np.ndarray, scale: float = SCALE
+) -> np.ndarray:
     """(h, w, 3) uint8 field -> (4, h, w) float32 class probabilities at full resolution."""
     h, w = image.shape[:2]
     small = normalise(downscale(image, scale))
