@@ -208,8 +208,10 @@ def test_gallery_verify_against_single_cell_with_the_keyboard(
     # The suggestion is in the text of every tile, not only in a colour.
     assert all("✓ MB (suggested)" in t.text for t in tiles)
     assert browser.switch_to.active_element == tiles[0]  # the arrows work at once
-    # The leases' countdown (BMCELL_LEASE_SECONDS is 300 in the test stack).
-    assert re.fullmatch(r"lease: [34]:\d\d left", browser.find_element(By.ID, "countdown").text)
+    # The leases' countdown (BMCELL_LEASE_SECONDS is 300 in the test stack): at most
+    # 5:00, and not much less whatever the machine's load.
+    countdown = browser.find_element(By.ID, "countdown").text
+    assert re.fullmatch(r"lease: (5:00|[34]:[0-5]\d) left", countdown), countdown
     cols = int(browser.find_element(By.ID, "tiles").get_attribute("data-cols"))
     assert 2 <= cols <= 12
     intended = dict.fromkeys(cells, "MB")
