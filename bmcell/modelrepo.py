@@ -88,15 +88,7 @@ def config_pbtxt(
         raise ValueError(f"max_queue_delay_us must be >= 0, got {max_queue_delay_us}")
     if torch_num_threads < 0:
         raise ValueError(f"torch_num_threads must be >= 0, got {torch_num_threads}")
-    if versions is None:
-        policy = "version_policy: { all { } }"
-    else:
-        if not versions:
-            raise ValueError("versions must name at least one version, or be None for all")
-        for v in versions:
-            _check_version(v)
-        listed = ", ".join(str(v) for v in sorted(set(versions)))
-        policy = f"version_policy: {{ specific {{ versions: [ {listed} ] }} }}"
+    policy = "version_policy: { all { } }" if versions is None else _specific(versions)
     return f"""\
 name: "{model_name}"
 backend: "python"
@@ -132,18 +124,22 @@ parameters: {{
 """
 
 
+def _specific(versions: Sequence[int]) -> str:
+    if not versions:
+        raise ValueError("versions must name at least one version, or be None for all")
+    for v in versions:
+        _check_version(v)
+    listed = ", ".join(str(v) for v in sorted(set(versions)))
+    return f"version_policy: {{ specific {{ versions: [ {listed} ] }} }}"
+
+
 _POLICY_LINE = re.compile(r"^version_policy:.*$", re.MULTILINE)
 
 
 def with_versions(config: str, versions: Sequence[int]) -> str:
     """``config`` (a ``config.pbtxt`` as :func:`config_pbtxt` writes it) loading only
     ``versions``: its ``version_policy`` line replaced (or added) by ``specific``."""
-    if not versions:
-        raise ValueError("versions must name at least one version")
-    for v in versions:
-        _check_version(v)
-    listed = ", ".join(str(v) for v in sorted(set(versions)))
-    policy = f"version_policy: {{ specific {{ versions: [ {listed} ] }} }}"
+    policy = _specific(versions)
     if _POLICY_LINE.search(config):
         return _POLICY_LINE.sub(policy, config, count=1)
     return config.rstrip("\n") + "\n" + policy + "\n"
