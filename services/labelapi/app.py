@@ -317,6 +317,20 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
     def get_taxonomy(_caller: Caller) -> dict:
         return taxonomy.to_json()
 
+    def lease_scope(caller: Principal, lab: str | None, suggested: str | None):
+        """A lease call's filters checked: the suggested class named by the taxonomy,
+        the lab one the caller sees; returns the lab ids to lease from (None: all)."""
+        if suggested is not None:
+            labels.check_class(taxonomy, suggested, field="suggested")
+        return lab_ids_for_codes(db, caller, [lab]) if lab else None
+
+    def count_leases(leases: list[queue.Lease]) -> None:
+        for lease in leases:
+            if not lease.resumed:
+                metrics.TASKS_LEASED.labels(lease.task["kind"]).inc()
+            if lease.took_over_expired:
+                metrics.TASKS_EXPIRED.labels(lease.task["kind"]).inc()
+
     @app.post(
         "/v1/tasks/next",
         summary="Lease the next task (204 when the queue is empty)",
@@ -330,9 +344,7 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
         lab: Annotated[str | None, Query(max_length=63)] = None,
         suggested: Annotated[str | None, Query(max_length=32)] = None,
     ) -> Response:
-        if suggested is not None:
-            labels.check_class(taxonomy, suggested, field="suggested")
-        lab_ids = lab_ids_for_codes(db, caller, [lab]) if lab else None
+        lab_ids = lease_scope(caller, lab, suggested)
         with db.transaction() as conn:
             lease = queue.lease_next(
                 conn,
@@ -345,11 +357,7 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
             )
         if lease is None:
             return Response(status_code=204)
-        k = lease.task["kind"]
-        if not lease.resumed:
-            metrics.TASKS_LEASED.labels(k).inc()
-        if lease.took_over_expired:
-            metrics.TASKS_EXPIRED.labels(k).inc()
+        count_leases([lease])
         return JSONResponse(task_json(lease.task, caller))
 
     @app.post(
@@ -367,9 +375,7 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
     ) -> dict:
         """Each task comes with its own lease and is answered by its own submit; a page
         whose leases ran out submits what is still held and asks again for the rest."""
-        if suggested is not None:
-            labels.check_class(taxonomy, suggested, field="suggested")
-        lab_ids = lab_ids_for_codes(db, caller, [lab]) if lab else None
+        lab_ids = lease_scope(caller, lab, suggested)
         with db.transaction() as conn:
             leases = queue.lease_page(
                 conn,
@@ -381,11 +387,7 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
                 suggested=suggested,
                 skip_seconds=settings.skip_seconds,
             )
-        for lease in leases:
-            if not lease.resumed:
-                metrics.TASKS_LEASED.labels(lease.task["kind"]).inc()
-            if lease.took_over_expired:
-                metrics.TASKS_EXPIRED.labels(lease.task["kind"]).inc()
+        count_leases(leases)
         tasks = [task_json(lease.task, caller) for lease in leases]
         classes = {t["suggested_class"] for t in tasks}
         return {
