@@ -24,7 +24,7 @@ from bmcell import scenario
 from bmcell.cli.rounds import history_rows
 from bmcell.review_sim import TruthIndex
 from bmcell.stack import Stack, StackConfig
-from bmcell.stack.config import REPO
+from bmcell.stack.config import REPO, train_on_every_ray_cpu
 from bmcell.studyreport import RoundResult, plot_figure1, table1_rows, write_table
 from bmcell.v1 import rounds_pb2, selector_pb2
 
@@ -83,6 +83,7 @@ def demo(
     # A stack of its own, started empty, so the demo's numbers never mix with a
     # developer's data on the default stack.
     cfg = StackConfig(run_dir=out / "stack", port_base=port_base)
+    train_on_every_ray_cpu(cfg, os.environ)
     stack = Stack(cfg, progress=lambda m: say(f"stack: {m}"))
     stack.down()
     shutil.rmtree(cfg.run_dir, ignore_errors=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from bmcell import experiment as exp
 from bmcell.scenario import Reviewers
 from bmcell.selection import STRATEGIES
 from bmcell.stack import Stack, StackConfig
-from bmcell.stack.config import REPO
+from bmcell.stack.config import REPO, train_on_every_ray_cpu
 
 console = Console(stderr=True)
 
@@ -81,10 +82,9 @@ def experiment(
         )
     started = time.monotonic()
     say = lambda msg: console.print(f"[bold magenta]experiment[/] {msg}")  # noqa: E731
-    stack = Stack(
-        StackConfig(run_dir=REPO / ".run" / f"experiment-{port_base}", port_base=port_base),
-        progress=lambda m: say(f"stack: {m}"),
-    )
+    stack_cfg = StackConfig(run_dir=REPO / ".run" / f"experiment-{port_base}", port_base=port_base)
+    train_on_every_ray_cpu(stack_cfg, os.environ)
+    stack = Stack(stack_cfg, progress=lambda m: say(f"stack: {m}"))
     cfg = exp.ExperimentConfig(
         strategies=chosen,
         rounds=n_rounds,
