@@ -644,6 +644,7 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
                         settings.max_body_bytes,
                         settings.import_max_pixels,
                         bytes_setting="BMCELL_MAX_BODY_BYTES",
+                        pixels_setting="BMCELL_IMPORT_MAX_PIXELS",
                     ),
                     crop_size=settings.crop_size,
                 )

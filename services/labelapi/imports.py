@@ -25,7 +25,7 @@ from bmcell import audit, images, preprocess, thumbs
 from bmcell.auth import Principal, require_upload
 from bmcell.datasets import Fitted, fit_into_frame
 from bmcell.db import Database, advisory_locks, lock_key, object_lock_key
-from bmcell.errors import BmcellError
+from bmcell.errors import BmcellError, FailedPrecondition
 from bmcell.network import DEFAULT_INPUT_SIZE
 from bmcell.storage import ObjectStore, content_key, sha256_hex
 from bmcell.taxonomy import Taxonomy
@@ -116,7 +116,12 @@ def _insert(
     x0, y0, x1, y1 = fitted.box
     area = float((x1 - x0) * (y1 - y0))
     with conn.transaction():
-        lab_id, specimen_id, _role = repo.upsert_specimen(conn, lab, specimen, "", "training")
+        lab_id, specimen_id, role = repo.upsert_specimen(conn, lab, specimen, "", "training")
+        if role != "training":  # an imported label is training data (bmcell.specimens)
+            raise FailedPrecondition(
+                f"specimen {lab}/{specimen} is a {role} specimen: import into a training one",
+                field="specimen",
+            )
         cell_id = conn.execute(
             """INSERT INTO cells
                    (field_id, specimen_id, lab_id, index_in_field, x0, y0, x1, y1, crop_key,

@@ -102,9 +102,7 @@ def test_unmapped_names_are_all_listed() -> None:
     codes = datasets.resolve_classes(["LY", "lymph"], {"lymph": "LY"}, DEFAULT_TAXONOMY)
     assert codes == {"LY": "LY", "lymph": "LY"}
     with pytest.raises(InvalidArgument) as err:
-        datasets.resolve_classes(
-            ["LY", "smudge", "Giant", "x"], {"x": "NOPE"}, DEFAULT_TAXONOMY
-        )
+        datasets.resolve_classes(["LY", "smudge", "Giant", "x"], {"x": "NOPE"}, DEFAULT_TAXONOMY)
     assert "Giant, smudge" in str(err.value) and "NOPE" in str(err.value)
     assert err.value.field == "map"
 
