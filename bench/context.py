@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from bmcell import grpc_client, paging
+from bmcell import grpc_client, paging, tls
 from bmcell.db import Database
 from bmcell.settings import Settings, load
 from bmcell.stack import Stack, StackConfig, components
@@ -91,6 +91,9 @@ class BenchStack:
         # when pyarrow.fs is imported: make the BenchStack before importing the benches.
         if "pyarrow.fs" in sys.modules:
             raise RuntimeError("BenchStack must be made before pyarrow.fs is imported")
+        # So the CA that file names is the one the stack serves with: made now, and kept
+        # when a run clears the stack's folder (a new CA there would not be trusted).
+        tls.ensure_local_ca(self.config.tls_dir, [self.config.host])
         os.environ.update(components.arrow_s3_trust(self.config))
         self.fields = FieldSource.rendered()
         self._specimens = 0
@@ -103,7 +106,10 @@ class BenchStack:
     def running(self) -> Iterator[BenchStack]:
         saved = dict(os.environ)
         self.stack.down()
-        shutil.rmtree(self.config.run_dir, ignore_errors=True)  # a fresh stack every run
+        # A fresh stack every run, under the CA made in __init__.
+        for path in self.config.run_dir.iterdir() if self.config.run_dir.exists() else []:
+            if path != self.config.tls_dir:
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
         try:
             self.stack.up()
             os.environ.update(self.stack.env())

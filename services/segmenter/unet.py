@@ -21,6 +21,7 @@ bright background level) so a lab's stain and scanner matter less.
 from __future__ import annotations
 
 import io
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -112,11 +113,20 @@ def class_targets(instances: np.ndarray, nuclei: np.ndarray, scale: float = SCAL
     return target
 
 
+#: Serialises :func:`for_inference`.
+_TRACING = threading.Lock()
+
+
 def for_inference(model: UNet) -> torch.nn.Module:
     """The network as a frozen TorchScript graph optimised for inference (batch norm
     folded into the convolutions): ~20% faster on one CPU thread, the same logits to
-    ~1e-5 and any input size (:func:`predict_probabilities` takes either)."""
-    with torch.inference_mode():
+    ~1e-5 and any input size (:func:`predict_probabilities` takes either).
+
+    One trace at a time in a process: ``torch.jit.trace`` checks its graph by tracing
+    again, and two threads tracing at once (the first uploads of a segmenter, or a
+    re-cut, on gRPC's threads) get each other's value names and fail that check.
+    """
+    with _TRACING, torch.inference_mode():
         traced = torch.jit.trace(model.eval(), torch.zeros(1, 3, 64, 64))
         return torch.jit.optimize_for_inference(traced)
 
