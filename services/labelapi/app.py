@@ -629,7 +629,6 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
 
         def run() -> imports.Imported:
             with db.connection() as conn:
-                conn.autocommit = True
                 return imports.import_crop(
                     db,
                     conn,

@@ -55,8 +55,8 @@ def import_crop(
     limits: images.Limits,
     crop_size: int,
 ) -> Imported:
-    """Import one file's crop with its label (see the module doc); ``conn`` is in
-    autocommit mode, outside any transaction."""
+    """Import one file's crop with its label (see the module doc); ``conn`` is outside
+    any transaction (the locks commit as they are taken, the rows in their own)."""
     require_upload(db, principal, lab)
     labels.check_class(taxonomy, class_code, field="class")
     digest = sha256_hex(data)

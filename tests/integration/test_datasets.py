@@ -18,7 +18,6 @@ import uuid
 import zipfile
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -168,14 +167,16 @@ def test_import_refuses_bad_input_file_by_file_and_reimport_is_a_noop(
     assert _state(rt, lab) == after
 
 
-def test_import_is_refused_to_a_reviewer(stack: Stack, admin_token: str, tmp_path) -> None:
+def test_import_is_refused_to_a_reviewer(stack: Stack, admin_token: str, api) -> None:
     from bmcell import scenario
 
     api_url = stack.env()["BMCELL_LABELAPI_URL"]
-    token = scenario.person_token(api_url, admin_token, "import-reviewer", role="reviewer")
-    with httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {token}"}) as c:
-        resp = c.post("/v1/labs/x/specimens/y/crops", params={"class": "LY"}, content=b"x")
-    assert resp.status_code == 403
+    lab = f"rev-{uuid.uuid4().hex[:6]}"
+    assert api.post("/v1/labs", json={"code": lab, "name": ""}).status_code == 201
+    token = scenario.person_token(api_url, admin_token, lab, role="reviewer", labs=[lab])
+    with http_client.client(api_url, token) as c:
+        resp = c.post(f"/v1/labs/{lab}/specimens/y/crops", params={"class": "LY"}, content=b"x")
+    assert resp.status_code == 403, resp.text
 
 
 def _round(db, experiment: str, number: int = 1) -> int:
@@ -310,7 +311,7 @@ def test_export_csv_as_before_and_lab_scoped(stack: Stack, admin_token: str, api
     other = f"other-{uuid.uuid4().hex[:6]}"
     assert api.post("/v1/labs", json={"code": other, "name": ""}).status_code == 201
     token = scenario.person_token(api_url, admin_token, other, role="reviewer", labs=[other])
-    with httpx.Client(base_url=api_url, headers={"Authorization": f"Bearer {token}"}) as c:
+    with http_client.client(api_url, token) as c:
         resp = c.get("/v1/labels/export", params={"format": "imagefolder"})
         assert resp.status_code == 200
         with zipfile.ZipFile(io.BytesIO(resp.content)) as zf:
