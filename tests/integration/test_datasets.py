@@ -318,3 +318,35 @@ def test_export_csv_as_before_and_lab_scoped(stack: Stack, admin_token: str, api
             assert zf.namelist() == ["manifest.csv"]  # another lab's cells: none of them
     text = api.get("/v1/labels/export", params={"format": "csv"}).text
     assert text.splitlines()[0].startswith("cell_id,lab,specimen")
+
+
+def test_the_cli_imports_with_a_summary_and_exports_to_a_file(api, rt, tmp_path: Path) -> None:
+    lab = f"cli-{uuid.uuid4().hex[:6]}"
+    root = _imagefolder(tmp_path / "set", {"Lymphocyte": "LY", "MB": "MB"})
+    (root / "MB" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnope")
+    (tmp_path / "map.yaml").write_text("Lymphocyte: LY\n")
+    env = {**os.environ, "COLUMNS": "200"}
+
+    def bmcell(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "bmcell.cli.main", *args],
+            capture_output=True, text=True, env=env, timeout=600,
+        )  # fmt: skip
+
+    unmapped = bmcell("import", "--lab", lab, "--specimen", "s1", str(root))
+    assert unmapped.returncode == 1 and "Lymphocyte" in unmapped.stderr, unmapped.stderr
+    args = ("import", "--lab", lab, "--specimen", "s1", "--map", str(tmp_path / "map.yaml"))
+    first = bmcell(*args, str(root))
+    assert first.returncode == 2, first.stderr  # one file refused
+    assert f"imported {2 * PER_CLASS}, duplicate 0, refused 1" in first.stdout
+    assert "refused MB/broken.png: 400" in first.stdout
+    assert "importing" in first.stderr  # the progress bar
+    again = bmcell(*args, "--json", str(root))
+    assert json.loads(again.stdout)["duplicate"] == 2 * PER_CLASS
+
+    out = tmp_path / "out.zip"
+    done = bmcell("export", "--format", "imagefolder", "--lab", lab, "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    with zipfile.ZipFile(out) as zf:
+        assert len([n for n in zf.namelist() if n.endswith(".png")]) == 2 * PER_CLASS
+    assert not out.with_name("out.zip.part").exists()
