@@ -209,12 +209,20 @@ def grpc_requests(
     }
 
 
+def _crop_png() -> bytes:
+    """A small crop to import (``bmcell import``'s route)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 40), (150, 60, 160)).save(buf, "PNG")
+    return buf.getvalue()
+
+
 def http_requests(w: World) -> dict[str, tuple[dict, dict]]:
     """ "METHOD /template" -> (request that would change something, harmless request),
     each as httpx.request keyword arguments."""
     stale = {"lease_token": str(uuid.UUID(int=7))}
     cell, lab = f"/v1/cells/{w.labelled}", w.lab_a
     person = f"mx-reviewer-{w.lab_a.removeprefix('mx-a-')}"
+    crops = f"/v1/labs/{lab}/specimens/{w.specimen_a}/crops"
 
     def same(url: str, body: dict | None = None) -> tuple[dict, dict]:
         request = {"url": url} if body is None else {"url": url, "json": body}
@@ -286,6 +294,11 @@ def http_requests(w: World) -> dict[str, tuple[dict, dict]]:
         "POST /v1/users/{name}/tokens": (
             {"url": f"/v1/users/{person}/tokens", "json": {}},
             {"url": f"/v1/users/{person}-nobody/tokens", "json": {}},  # no such user: 404
+        ),
+        "POST /v1/labs/{lab}/specimens/{specimen}/crops": (
+            {"url": f"{crops}?class=LY", "content": _crop_png()},
+            # A class the taxonomy does not have: refused before anything is written.
+            {"url": f"{crops}?class=NOPE", "content": _crop_png()},
         ),
         "POST /v1/specimens/{lab}/{specimen}/predict": same(
             f"/v1/specimens/{lab}/{w.specimen_a}/predict"
