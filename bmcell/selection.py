@@ -352,6 +352,11 @@ EFFICIENCY_STRATEGIES: tuple[str, ...] = (
     "cst+al+",
 )
 
+# What a round can run today: the study's rules and the two balanced budgets.
+# ``al-diverse`` and ``cst+al+`` need the penultimate embedding from Triton, which the
+# classifier does not return yet, so rounds do not accept them.
+ROUND_STRATEGIES: tuple[str, ...] = (*STRATEGIES, "cst-balanced", "al-balanced")
+
 
 def balanced_budget(
     indices: np.ndarray, predicted_class: np.ndarray, k: int, priority: np.ndarray
