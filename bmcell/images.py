@@ -51,6 +51,7 @@ class Limits:
     max_pixels: int
     max_frames: int = 1
     bytes_setting: str = "BMCELL_MAX_IMAGE_BYTES"
+    pixels_setting: str = "BMCELL_MAX_IMAGE_PIXELS"
 
     @classmethod
     def of(cls, settings: Any) -> Limits:
@@ -174,7 +175,7 @@ def _check_frames(img: Image.Image, fmt: str, limits: Limits, field: str) -> Non
 def _too_many_pixels(size: tuple[int, int] | None, limits: Limits, field: str) -> InvalidArgument:
     dims = f"pixel dimensions {size[0]}x{size[1]}" if size else "pixel dimensions"
     return InvalidArgument(
-        f"{dims} are beyond the limit of {limits.max_pixels} pixels (BMCELL_MAX_IMAGE_PIXELS)",
+        f"{dims} are beyond the limit of {limits.max_pixels} pixels ({limits.pixels_setting})",
         field=field,
     )
 

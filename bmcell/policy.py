@@ -112,6 +112,8 @@ HTTP: dict[str, Rule] = {
     "GET /v1/cells/{cell_id}/field": Rule(PEOPLE, "request"),
     "PUT /v1/cells/{cell_id}/label": Rule(REVIEW, "request"),
     "GET /v1/labels/export": Rule(REVIEW | OPERATE, "request"),
+    # Labelled crops brought in (`bmcell import`): labels without review, so operators.
+    "POST /v1/labs/{lab}/specimens/{specimen}/crops": Rule(OPERATE, "request"),
     "GET /v1/rounds/current/progress": Rule(PEOPLE, "request"),
     "GET /v1/specimens/{lab}/{specimen}/report": Rule(PEOPLE, "request"),
     # Labs and specimens as managed resources: everyone lists what they see, operators

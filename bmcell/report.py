@@ -48,7 +48,7 @@ DEFAULT_PER_CLASS = 12
 MIN_CELLS = 500  # ICSH: a marrow differential counts at least 500 nucleated cells
 THUMB_PX = 72
 # Label sources that are a reviewer's answer (``st`` is a model's pseudo-label).
-REVIEWED_SOURCES = ("initial", "cst", "al", "test", "validation", "random")
+REVIEWED_SOURCES = ("initial", "cst", "al", "test", "validation", "random", "import")
 
 
 class NoActiveModel(Conflict):

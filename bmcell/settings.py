@@ -218,6 +218,11 @@ class LabelApiSettings(Settings):
         3, ge=1, le=9, description="answers needed on initial, validation and test tasks"
     )
     export_max_rows: int = Field(500_000, ge=1)
+    # Imported crops (`bmcell import`): any size in, fitted into the segmenter's frame.
+    crop_size: int = Field(282, ge=32, description="the crop frame imported cells are fitted into")
+    import_max_pixels: int = Field(
+        16_000_000, ge=10_000, le=89_000_000, description="width x height per imported image"
+    )
     max_body_bytes: int = Field(
         1024 * 1024, ge=1024, description="request body limit, enforced before authentication"
     )

@@ -33,7 +33,7 @@ from bmcell.auth import Principal
 from bmcell.errors import Conflict, InvalidArgument, NotFound
 
 ROLES = ("training", "test", "excluded")
-TRAINING_SOURCES = ("initial", "cst", "al", "st", "random")
+TRAINING_SOURCES = ("initial", "cst", "al", "st", "random", "import")
 # Label sources and review-task kinds a specimen of each role may hold.
 ALLOWED_SOURCES = {
     "training": frozenset({*TRAINING_SOURCES, "validation"}),

@@ -25,8 +25,19 @@ from datetime import datetime
 
 import numpy as np
 
-SOURCES: tuple[str, ...] = ("initial", "cst", "al", "st", "random", "test", "validation")
-TRAINABLE_SOURCES: frozenset[str] = frozenset({"initial", "cst", "al", "st", "random"})
+SOURCES: tuple[str, ...] = (
+    "initial",
+    "cst",
+    "al",
+    "st",
+    "random",
+    "import",
+    "test",
+    "validation",
+)
+# ``import``: labelled crops brought in from outside (`bmcell import`), trained on like
+# the initial set.
+TRAINABLE_SOURCES: frozenset[str] = frozenset({"initial", "cst", "al", "st", "random", "import"})
 
 
 @dataclass(frozen=True)
@@ -35,7 +46,7 @@ class LabelledCell:
 
     ``round_added`` is the round whose review added the label (0 for the initial
     set); ``source`` says how: ``initial``, ``cst``, ``al``, ``st``, ``random`` (the
-    random-sampling baseline), or ``test`` /
+    random-sampling baseline), ``import`` (crops brought in labelled), or ``test`` /
     ``validation`` for cells held out for evaluation.
     """
 

@@ -15,6 +15,7 @@ import click
 
 from bmcell import audit
 from bmcell.cli.audit import audit_command
+from bmcell.cli.datasets import export_command, import_command
 from bmcell.cli.labs import labs, specimens
 from bmcell.cli.models import classify, models
 from bmcell.cli.report import report
@@ -88,6 +89,8 @@ cli.add_command(users)
 cli.add_command(labs)
 cli.add_command(specimens)
 cli.add_command(audit_command)
+cli.add_command(import_command)
+cli.add_command(export_command)
 cli.add_command(review)
 cli.add_command(report)
 cli.add_command(models)

@@ -35,7 +35,7 @@ from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
-from bmcell import audit, log, policy, specimens, users
+from bmcell import audit, images, log, policy, specimens, users
 from bmcell import metrics as shared_metrics
 from bmcell.auth import ROLES, Principal, acting_as, authenticate, lab_ids_for_codes
 from bmcell.errors import (
@@ -49,7 +49,7 @@ from bmcell.errors import (
 from bmcell.runtime import Runtime
 from bmcell.settings import LabelApiSettings
 from bmcell.taxonomy import DEFAULT_TAXONOMY
-from services.labelapi import field_context, labels, metrics, queue, reports
+from services.labelapi import exports, field_context, imports, labels, metrics, queue, reports
 from services.labelapi.limits import BodyLimit
 
 STATIC = Path(__file__).parent / "static"
@@ -510,6 +510,10 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
         neighbours. ``X-Field-Window`` gives the window in field pixels."""
         with db.connection() as conn:
             cell = _cell(conn, caller, cell_id)
+            if cell["field_id"] is None:
+                raise NotFound(
+                    f"cell {cell_id} was imported as a crop: it has no field", field="cell_id"
+                )
             key = conn.execute(
                 "SELECT object_key FROM field_images WHERE id = %s", (cell["field_id"],)
             ).fetchone()["object_key"]
@@ -539,7 +543,7 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
     @app.get("/v1/labels/export", summary="Labels as CSV or JSON, filtered")
     def export_labels(
         caller: Caller,
-        format: Literal["csv", "json"] = "csv",
+        format: Literal["csv", "json", "imagefolder", "coco"] = "csv",
         round: Annotated[int | None, Query(ge=0)] = None,
         lab: Annotated[str | None, Query(max_length=63)] = None,
         class_code: Annotated[str | None, Query(alias="class", max_length=32)] = None,
@@ -568,6 +572,27 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
                 else:
                     yield from labels.json_chunks(rows)
 
+        def zipped():
+            with db.connection() as conn:
+                rows = exports.export_rows(
+                    conn,
+                    caller,
+                    round_number=round,
+                    lab_ids=lab_ids,
+                    class_code=class_code,
+                    limit=settings.export_max_rows,
+                )
+                if format == "imagefolder":
+                    yield from exports.imagefolder_zip(rows, runtime.store)
+                else:
+                    yield from exports.coco_zip(rows, runtime.store, taxonomy)
+
+        if format in ("imagefolder", "coco"):
+            return StreamingResponse(
+                zipped(),
+                media_type="application/zip",
+                headers={"Content-Disposition": f'attachment; filename="labels-{format}.zip"'},
+            )
         if format == "csv":
             return StreamingResponse(
                 body(),
@@ -575,6 +600,61 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
                 headers={"Content-Disposition": 'attachment; filename="labels.csv"'},
             )
         return StreamingResponse(body(), media_type="application/json")
+
+    @app.post(
+        "/v1/labs/{lab}/specimens/{specimen}/crops",
+        summary="Import one labelled single-cell image into a specimen (idempotent, audited)",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"image/png": {}, "image/jpeg": {}, "image/tiff": {}},
+            }
+        },
+    )
+    async def import_crop(
+        lab: str,
+        specimen: str,
+        request: Request,
+        caller: Caller,
+        class_code: Annotated[str, Query(alias="class", min_length=1, max_length=32)],
+    ) -> dict:
+        """The body is the image's bytes; ``class`` its taxonomy code. The crop is
+        fitted into the segmenter's crop frame and stored as the segmenter stores
+        crops; the cell has no field and its label has source ``import``. The same
+        bytes again in the same specimen answer ``duplicate: true`` and change
+        nothing; a bad image is refused (400, field ``image``) with nothing written."""
+        specimens.check_code(lab, "lab")
+        specimens.check_code(specimen, "specimen")
+        data = await request.body()
+
+        def run() -> imports.Imported:
+            with db.connection() as conn:
+                return imports.import_crop(
+                    db,
+                    conn,
+                    runtime.store,
+                    caller,
+                    taxonomy,
+                    lab=lab,
+                    specimen=specimen,
+                    class_code=class_code,
+                    data=data,
+                    limits=images.Limits(
+                        settings.max_body_bytes,
+                        settings.import_max_pixels,
+                        bytes_setting="BMCELL_MAX_BODY_BYTES",
+                        pixels_setting="BMCELL_IMPORT_MAX_PIXELS",
+                    ),
+                    crop_size=settings.crop_size,
+                )
+
+        done = await run_in_threadpool(run)
+        return {
+            "cell_id": done.cell_id,
+            "sha256": done.sha256,
+            "duplicate": done.duplicate,
+            "class_code": done.class_code,
+        }
 
     @app.get("/v1/rounds/current/progress", summary="Review progress of the current round")
     def round_progress(caller: Caller, round_id: Annotated[int | None, Query(ge=1)] = None) -> dict:

@@ -49,7 +49,7 @@ SELECT t.id, t.round_id, t.cell_id, t.kind, t.suggested_class, t.top_classes,
        c.nucleus_axis_ratio, c.nucleus_width_ratio, c.status AS cell_status, f.um_per_px
   FROM review_tasks t
   JOIN cells c ON c.id = t.cell_id
-  JOIN field_images f ON f.id = c.field_id
+  LEFT JOIN field_images f ON f.id = c.field_id  -- imported crops have no field
   JOIN labs lab ON lab.id = c.lab_id
   JOIN specimens s ON s.id = c.specimen_id
   LEFT JOIN rounds r ON r.id = t.round_id

@@ -28,7 +28,7 @@ def list_cells(
         return conn.execute(
             """SELECT c.*, l.code AS lab, s.code AS specimen, f.sha256 AS field_sha256
                  FROM cells c JOIN specimens s ON s.id = c.specimen_id JOIN labs l ON l.id = c.lab_id
-                      JOIN field_images f ON f.id = c.field_id
+                      LEFT JOIN field_images f ON f.id = c.field_id
                 WHERE (%(lab)s::text IS NULL OR l.code = %(lab)s)
                   AND (%(specimen)s::text IS NULL OR s.code = %(specimen)s)
                   AND (%(field)s::bigint IS NULL OR c.field_id = %(field)s)

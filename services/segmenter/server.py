@@ -100,7 +100,7 @@ def _chunk(message: segmenter_pb2.UploadRequest) -> bytes:
 def _cell_pb(r: dict) -> common_pb2.Cell:
     return common_pb2.Cell(
         cell_id=r["id"],
-        field_id=r["field_id"],
+        field_id=r["field_id"] or 0,  # 0: an imported crop, which has no field
         lab=r["lab"],
         specimen=r["specimen"],
         bbox=common_pb2.BoundingBox(x0=r["x0"], y0=r["y0"], x1=r["x1"], y1=r["y1"]),
@@ -114,7 +114,7 @@ def _cell_pb(r: dict) -> common_pb2.Cell:
         touches_border=r["touches_border"],
         status=r["status"],
         crop_key=r["crop_key"],
-        field_sha256=r["field_sha256"].strip(),
+        field_sha256=(r["field_sha256"] or "").strip(),
     )
 
 

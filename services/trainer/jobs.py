@@ -143,7 +143,9 @@ def labelled_cells(
                  JOIN specimens s ON s.id = c.specimen_id AND s.role <> 'excluded'
                 WHERE (%s::int IS NULL OR l.round_added <= %s::int)
                   AND (%s::text IS NULL
-                       OR l.round_id IN (SELECT id FROM rounds WHERE experiment = %s))""",
+                       OR l.round_id IN (SELECT id FROM rounds WHERE experiment = %s)
+                       -- imported labels belong to no round: every experiment's
+                       OR (l.round_id IS NULL AND l.source = 'import'))""",
             (max_round, max_round, experiment, experiment),
         ).fetchall()
     cells = [
