@@ -55,6 +55,17 @@ MODEL_ACCURACY = Gauge(
     "validation or test",
     ["model", "split"],
 )
+MODEL_ECE = Gauge(
+    "bmcell_model_calibration_error_ratio",
+    "Expected calibration error (15 equal-width bins) of the latest published version on "
+    "the validation split, by probabilities: uncalibrated or calibrated (temperature scaled)",
+    ["model", "probabilities"],
+)
+MODEL_TEMPERATURE = Gauge(
+    "bmcell_model_temperature",
+    "Temperature fitted on the validation split at the latest publish (1 = unchanged)",
+    ["model"],
+)
 
 # --- training -----------------------------------------------------------------------
 
@@ -150,6 +161,8 @@ ALL: tuple[MetricWrapperBase, ...] = (
     LABELS_RECORDED,
     MODEL_ACTIVE_VERSION,
     MODEL_ACCURACY,
+    MODEL_ECE,
+    MODEL_TEMPERATURE,
     TRAINING_EPOCH,
     TRAINING_EPOCHS_PLANNED,
     TRAINING_LOSS,

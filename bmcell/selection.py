@@ -332,3 +332,163 @@ def select(strategy: str, P: np.ndarray, params: SelectionParams, seed: int) -> 
         else:
             al = select_entropy(P, k)
     return _selection(strategy, P, cst, al, st)
+
+
+# --- label-efficiency strategies (issue 18) ------------------------------------------
+#
+# Selectable per round beside the study's three, which the code above keeps unchanged.
+# ``cst-balanced`` / ``al-balanced``: the rule's candidates, cut to a budget spread as
+# evenly as the candidates allow over the predicted classes (water-filling,
+# :func:`balanced_budget`). ``al-diverse``: margin candidates thinned by k-center
+# greedy (:func:`k_center_greedy`) on the network's penultimate embedding.
+# ``cst+al+``: CST balanced plus AL balanced and diverse, from the same (calibrated)
+# predictions. The classifier's probabilities are calibrated when the version carries
+# a temperature (``bmcell.calibration``); that is what "calibrated" adds.
+
+EFFICIENCY_STRATEGIES: tuple[str, ...] = (
+    "cst-balanced",
+    "al-balanced",
+    "al-diverse",
+    "cst+al+",
+)
+
+# What a round can run today: the study's rules and the two balanced budgets.
+# ``al-diverse`` and ``cst+al+`` need the penultimate embedding from Triton, which the
+# classifier does not return yet, so rounds do not accept them.
+ROUND_STRATEGIES: tuple[str, ...] = (*STRATEGIES, "cst-balanced", "al-balanced")
+
+
+def balanced_budget(
+    indices: np.ndarray, predicted_class: np.ndarray, k: int, priority: np.ndarray
+) -> np.ndarray:
+    """At most ``k`` of ``indices``, spread over predicted classes by water-filling.
+
+    Every class gets the same quota, a class with fewer candidates gives its unused
+    quota to the others (redistributed), until ``min(k, len(indices))`` rows are
+    chosen. Within a class the highest ``priority`` is taken first (ties to the lower
+    row). Invariant: a class holds more than one row more than another only when the
+    other has no candidate left. Hence with a per-class share ``s``: whenever
+    ``sum_c min(available_c, ceil(s k)) >= k``, no class gets more than ``ceil(s k)``.
+    """
+    indices = np.asarray(indices, dtype=np.int64)
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    k = min(k, indices.size)
+    if k == 0:
+        return np.empty(0, dtype=np.int64)
+    cls = np.asarray(predicted_class)[indices]
+    pri = np.asarray(priority)[indices]
+    order = np.lexsort((indices, -pri, cls))
+    cls_sorted = cls[order]
+    starts = np.r_[0, np.flatnonzero(cls_sorted[1:] != cls_sorted[:-1]) + 1]
+    sizes = np.diff(np.r_[starts, cls_sorted.size])
+    # Smallest level L with sum(min(size, L)) >= k; classes take min(size, L - 1), then
+    # the remainder goes one each to classes that still have candidates, lower class first.
+    lo, hi = 0, int(sizes.max())
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if np.minimum(sizes, mid).sum() >= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    level = lo
+    take = np.minimum(sizes, level - 1)
+    rest = k - int(take.sum())
+    for g in np.flatnonzero(sizes >= level)[:rest]:
+        take[g] += 1
+    group_start = np.repeat(starts, sizes)
+    rank = np.arange(cls_sorted.size) - group_start
+    keep = rank < np.repeat(take, sizes)
+    return np.sort(indices[order][keep])
+
+
+def k_center_greedy(
+    embedding: np.ndarray, k: int, labelled: np.ndarray | None = None, first: int = 0
+) -> np.ndarray:
+    """Core-set selection (Sener & Savarese, ICLR 2018): ``k`` rows of ``embedding``
+    chosen one at a time, each the row farthest (Euclidean) from all chosen so far and
+    from the ``labelled`` points (an ``(m, d)`` array, may be empty). With no labelled
+    points the first pick is row ``first`` (pass the best-priority candidate). Ties go
+    to the lower row. Returns the chosen rows in the order picked."""
+    X = np.asarray(embedding, dtype=np.float64)
+    if X.ndim != 2:
+        raise ValueError(f"embedding must be (n, d), got shape {X.shape}")
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    n = X.shape[0]
+    k = min(k, n)
+    if k == 0:
+        return np.empty(0, dtype=np.int64)
+    chosen: list[int] = []
+    if labelled is not None and len(labelled):
+        L = np.asarray(labelled, dtype=np.float64)
+        dist = np.min(((X[:, None, :] - L[None, :, :]) ** 2).sum(-1), axis=1)
+    else:
+        if not 0 <= first < n:
+            raise ValueError(f"first must be a row of embedding, got {first}")
+        chosen.append(first)
+        dist = ((X - X[first]) ** 2).sum(1)
+    while len(chosen) < k:
+        dist[chosen] = -1.0
+        nxt = int(np.argmax(dist))  # first maximum: ties to the lower row
+        chosen.append(nxt)
+        dist = np.minimum(dist, ((X - X[nxt]) ** 2).sum(1))
+    return np.asarray(chosen, dtype=np.int64)
+
+
+def select_efficient(
+    strategy: str,
+    P: np.ndarray,
+    params: SelectionParams,
+    embedding: np.ndarray | None = None,
+    budget: int | None = None,
+) -> Selection:
+    """Apply one of :data:`EFFICIENCY_STRATEGIES`.
+
+    ``budget`` (default ``params.budget``, else half the rule's candidates, at least 1)
+    is per kind: CST and AL each get up to it. ``al-diverse`` and ``cst+al+`` need
+    ``embedding`` (``(n, d)``, the penultimate layer per row of ``P``): margin
+    candidates are ranked smallest margin first and thinned by k-center greedy
+    starting from the smallest-margin row; for ``cst+al+`` the AL budget is first
+    balanced over classes with a pool twice its size, then thinned to the budget.
+    """
+    if strategy not in EFFICIENCY_STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; expected one of {EFFICIENCY_STRATEGIES}")
+    P = _as_probabilities(P)
+    top1_idx, p1, _, p2 = top2(P)
+    neg_margin = -(p1 - p2)
+    empty = np.empty(0, dtype=np.int64)
+    if strategy in ("al-diverse", "cst+al+"):
+        if embedding is None:
+            raise ValueError(f"{strategy} needs the network's embedding (Triton's second output)")
+        embedding = np.asarray(embedding)
+        if embedding.ndim != 2 or embedding.shape[0] != P.shape[0]:
+            raise ValueError(f"embedding must be ({P.shape[0]}, d), got {embedding.shape}")
+    both = select_cst_al(P, params.threshold, params.margin)
+
+    def k_of(candidates: np.ndarray) -> int:
+        b = budget if budget is not None else params.budget
+        return b if b is not None else max(1, (candidates.size + 1) // 2) if candidates.size else 0
+
+    def diverse(candidates: np.ndarray, k: int) -> np.ndarray:
+        if candidates.size == 0 or k == 0:
+            return empty
+        ranked = candidates[np.lexsort((candidates, -neg_margin[candidates]))]
+        picks = k_center_greedy(embedding[ranked], k, first=0)
+        return np.sort(ranked[picks])
+
+    cst = al = empty
+    if strategy == "cst-balanced":
+        c = select_cst(P, params.threshold)
+        cst = balanced_budget(c, top1_idx, k_of(c), p1)
+    elif strategy == "al-balanced":
+        a = select_al(P, params.margin)
+        al = balanced_budget(a, top1_idx, k_of(a), neg_margin)
+    elif strategy == "al-diverse":
+        a = select_al(P, params.margin)
+        al = diverse(a, k_of(a))
+    else:
+        cst = balanced_budget(both.cst, top1_idx, k_of(both.cst), p1)
+        k = k_of(both.al)
+        al = diverse(balanced_budget(both.al, top1_idx, 2 * k, neg_margin), k)
+    return _selection(strategy, P, cst, al, empty)

@@ -157,6 +157,11 @@ class ClassifierSettings(ServiceSettings):
     max_classify_cells: int = Field(10_000, ge=1, description="cell ids per Classify call")
     max_classify_images: int = Field(256, ge=1, description="images per Classify call")
     max_pool_cells: int = Field(1_000_000, ge=1, description="cell ids per PredictPool call")
+    calibrate: bool = Field(
+        True,
+        description="apply the temperature a version was published with (softmax(logits/T)); "
+        "false serves the network's raw softmax",
+    )
 
 
 class SelectorSettings(ServiceSettings):

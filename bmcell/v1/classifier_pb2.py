@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from bmcell.v1 import common_pb2 as bmcell_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62mcell/v1/classifier.proto\x12\tbmcell.v1\x1a\x16\x62mcell/v1/common.proto\"J\n\x0f\x43lassifyRequest\x12\x10\n\x08\x63\x65ll_ids\x18\x01 \x03(\x03\x12\x0e\n\x06images\x18\x02 \x03(\x0c\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\"m\n\x10\x43lassifyResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.bmcell.v1.ClassProbabilities\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\"Q\n\x12PredictPoolRequest\x12\x10\n\x08\x63\x65ll_ids\x18\x01 \x03(\x03\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\"l\n\x13PredictPoolProgress\x12\x0c\n\x04\x64one\x18\x01 \x01(\x03\x12\r\n\x05total\x18\x02 \x01(\x03\x12\x0f\n\x07written\x18\x03 \x01(\x03\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\":\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"p\n\x12ListModelsResponse\x12)\n\x08versions\x18\x01 \x03(\x0b\x32\x17.bmcell.v1.ModelVersion\x12\x16\n\x0e\x61\x63tive_version\x18\x02 \x01(\x03\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"\'\n\x14\x41\x63tivateModelRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"\x16\n\x14RollbackModelRequest2\x82\x03\n\nClassifier\x12\x43\n\x08\x43lassify\x12\x1a.bmcell.v1.ClassifyRequest\x1a\x1b.bmcell.v1.ClassifyResponse\x12N\n\x0bPredictPool\x12\x1d.bmcell.v1.PredictPoolRequest\x1a\x1e.bmcell.v1.PredictPoolProgress0\x01\x12I\n\nListModels\x12\x1c.bmcell.v1.ListModelsRequest\x1a\x1d.bmcell.v1.ListModelsResponse\x12I\n\rActivateModel\x12\x1f.bmcell.v1.ActivateModelRequest\x1a\x17.bmcell.v1.ModelVersion\x12I\n\rRollbackModel\x12\x1f.bmcell.v1.RollbackModelRequest\x1a\x17.bmcell.v1.ModelVersionb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x62mcell/v1/classifier.proto\x12\tbmcell.v1\x1a\x16\x62mcell/v1/common.proto\"J\n\x0f\x43lassifyRequest\x12\x10\n\x08\x63\x65ll_ids\x18\x01 \x03(\x03\x12\x0e\n\x06images\x18\x02 \x03(\x0c\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\"\x81\x01\n\x10\x43lassifyResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.bmcell.v1.ClassProbabilities\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\x03\x12\x12\n\ncalibrated\x18\x04 \x01(\x08\"Q\n\x12PredictPoolRequest\x12\x10\n\x08\x63\x65ll_ids\x18\x01 \x03(\x03\x12\x15\n\rmodel_version\x18\x02 \x01(\x03\x12\x12\n\nbatch_size\x18\x03 \x01(\x05\"\x80\x01\n\x13PredictPoolProgress\x12\x0c\n\x04\x64one\x18\x01 \x01(\x03\x12\r\n\x05total\x18\x02 \x01(\x03\x12\x0f\n\x07written\x18\x03 \x01(\x03\x12\x15\n\rmodel_version\x18\x04 \x01(\x03\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x12\n\ncalibrated\x18\x06 \x01(\x08\":\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"p\n\x12ListModelsResponse\x12)\n\x08versions\x18\x01 \x03(\x0b\x32\x17.bmcell.v1.ModelVersion\x12\x16\n\x0e\x61\x63tive_version\x18\x02 \x01(\x03\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\"\'\n\x14\x41\x63tivateModelRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\"\x16\n\x14RollbackModelRequest2\x82\x03\n\nClassifier\x12\x43\n\x08\x43lassify\x12\x1a.bmcell.v1.ClassifyRequest\x1a\x1b.bmcell.v1.ClassifyResponse\x12N\n\x0bPredictPool\x12\x1d.bmcell.v1.PredictPoolRequest\x1a\x1e.bmcell.v1.PredictPoolProgress0\x01\x12I\n\nListModels\x12\x1c.bmcell.v1.ListModelsRequest\x1a\x1d.bmcell.v1.ListModelsResponse\x12I\n\rActivateModel\x12\x1f.bmcell.v1.ActivateModelRequest\x1a\x17.bmcell.v1.ModelVersion\x12I\n\rRollbackModel\x12\x1f.bmcell.v1.RollbackModelRequest\x1a\x17.bmcell.v1.ModelVersionb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,20 +34,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_CLASSIFYREQUEST']._serialized_start=65
   _globals['_CLASSIFYREQUEST']._serialized_end=139
-  _globals['_CLASSIFYRESPONSE']._serialized_start=141
-  _globals['_CLASSIFYRESPONSE']._serialized_end=250
-  _globals['_PREDICTPOOLREQUEST']._serialized_start=252
-  _globals['_PREDICTPOOLREQUEST']._serialized_end=333
-  _globals['_PREDICTPOOLPROGRESS']._serialized_start=335
-  _globals['_PREDICTPOOLPROGRESS']._serialized_end=443
-  _globals['_LISTMODELSREQUEST']._serialized_start=445
-  _globals['_LISTMODELSREQUEST']._serialized_end=503
-  _globals['_LISTMODELSRESPONSE']._serialized_start=505
-  _globals['_LISTMODELSRESPONSE']._serialized_end=617
-  _globals['_ACTIVATEMODELREQUEST']._serialized_start=619
-  _globals['_ACTIVATEMODELREQUEST']._serialized_end=658
-  _globals['_ROLLBACKMODELREQUEST']._serialized_start=660
-  _globals['_ROLLBACKMODELREQUEST']._serialized_end=682
-  _globals['_CLASSIFIER']._serialized_start=685
-  _globals['_CLASSIFIER']._serialized_end=1071
+  _globals['_CLASSIFYRESPONSE']._serialized_start=142
+  _globals['_CLASSIFYRESPONSE']._serialized_end=271
+  _globals['_PREDICTPOOLREQUEST']._serialized_start=273
+  _globals['_PREDICTPOOLREQUEST']._serialized_end=354
+  _globals['_PREDICTPOOLPROGRESS']._serialized_start=357
+  _globals['_PREDICTPOOLPROGRESS']._serialized_end=485
+  _globals['_LISTMODELSREQUEST']._serialized_start=487
+  _globals['_LISTMODELSREQUEST']._serialized_end=545
+  _globals['_LISTMODELSRESPONSE']._serialized_start=547
+  _globals['_LISTMODELSRESPONSE']._serialized_end=659
+  _globals['_ACTIVATEMODELREQUEST']._serialized_start=661
+  _globals['_ACTIVATEMODELREQUEST']._serialized_end=700
+  _globals['_ROLLBACKMODELREQUEST']._serialized_start=702
+  _globals['_ROLLBACKMODELREQUEST']._serialized_end=724
+  _globals['_CLASSIFIER']._serialized_start=727
+  _globals['_CLASSIFIER']._serialized_end=1113
 # @@protoc_insertion_point(module_scope)

@@ -18,14 +18,16 @@ class ClassifyRequest(_message.Message):
     def __init__(self, cell_ids: _Optional[_Iterable[int]] = ..., images: _Optional[_Iterable[bytes]] = ..., model_version: _Optional[int] = ...) -> None: ...
 
 class ClassifyResponse(_message.Message):
-    __slots__ = ("results", "model_name", "model_version")
+    __slots__ = ("results", "model_name", "model_version", "calibrated")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATED_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[_common_pb2.ClassProbabilities]
     model_name: str
     model_version: int
-    def __init__(self, results: _Optional[_Iterable[_Union[_common_pb2.ClassProbabilities, _Mapping]]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ...) -> None: ...
+    calibrated: bool
+    def __init__(self, results: _Optional[_Iterable[_Union[_common_pb2.ClassProbabilities, _Mapping]]] = ..., model_name: _Optional[str] = ..., model_version: _Optional[int] = ..., calibrated: _Optional[bool] = ...) -> None: ...
 
 class PredictPoolRequest(_message.Message):
     __slots__ = ("cell_ids", "model_version", "batch_size")
@@ -38,18 +40,20 @@ class PredictPoolRequest(_message.Message):
     def __init__(self, cell_ids: _Optional[_Iterable[int]] = ..., model_version: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
 
 class PredictPoolProgress(_message.Message):
-    __slots__ = ("done", "total", "written", "model_version", "finished")
+    __slots__ = ("done", "total", "written", "model_version", "finished", "calibrated")
     DONE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
     WRITTEN_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATED_FIELD_NUMBER: _ClassVar[int]
     done: int
     total: int
     written: int
     model_version: int
     finished: bool
-    def __init__(self, done: _Optional[int] = ..., total: _Optional[int] = ..., written: _Optional[int] = ..., model_version: _Optional[int] = ..., finished: _Optional[bool] = ...) -> None: ...
+    calibrated: bool
+    def __init__(self, done: _Optional[int] = ..., total: _Optional[int] = ..., written: _Optional[int] = ..., model_version: _Optional[int] = ..., finished: _Optional[bool] = ..., calibrated: _Optional[bool] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ("page_size", "page_token")

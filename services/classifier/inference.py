@@ -9,6 +9,12 @@ while Triton runs the current group's batches (several requests in flight, one p
 backend instance), and each finished group is written with one multi-row
 statement. Cells that already have a prediction from the same version are skipped,
 so a rerun (or a resumed run after a crash) costs little and never duplicates a row.
+
+Calibration: a version published with a temperature (``metrics.calibration``) has its
+probabilities temperature scaled here, before they are returned or stored
+(``bmcell.calibration.apply``: softmax(log p / T) equals softmax(logits / T)), unless
+``BMCELL_CALIBRATE`` is false. The selector reads the stored predictions, so its
+CST threshold and AL margin see calibrated probabilities.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bmcell import images, preprocess, thumbs
+from bmcell import calibration, images, preprocess, thumbs
 from bmcell.db import Database
 from bmcell.errors import InvalidArgument, NotFound
 from bmcell.storage import ObjectStore
@@ -35,6 +41,7 @@ class Progress:
     written: int
     model_version: int
     finished: bool = False
+    calibrated: bool = False
 
 
 class Inference:
@@ -50,7 +57,9 @@ class Inference:
         max_pool_cells: int = 1_000_000,
         io_threads: int = 4,
         in_flight: int = 2,
+        calibrate: bool = True,
     ) -> None:
+        self.calibrate = calibrate
         self.db = db
         self.store = store
         self.triton = triton
@@ -84,7 +93,14 @@ class Inference:
             batch = preprocess.batch_from_crops(decoded, row["input_size"])
         except ValueError as exc:
             raise InvalidArgument(str(exc), field="images") from exc
-        return row, self._run_batches(row["version"], batch)
+        return row, self._calibrated(row, self._run_batches(row["version"], batch))
+
+    def temperature(self, row: dict) -> float | None:
+        """The temperature this classifier applies for ``row``'s version (None: raw)."""
+        return calibration.temperature_of(row) if self.calibrate else None
+
+    def _calibrated(self, row: dict, probs: np.ndarray) -> np.ndarray:
+        return calibration.apply(probs, self.temperature(row))
 
     def classify_cells(
         self, cell_ids: list[int], version: int, sees_lab: Callable[[int], bool]
@@ -94,7 +110,9 @@ class Inference:
         self._check_visible(cell_ids, sees_lab)
         row = self.serving.resolve(version)
         pixels = thumbs.fetch(self.db, self.store, cell_ids, row["input_size"])
-        return row, self._run_batches(row["version"], thumbs.to_batch(pixels))
+        return row, self._calibrated(
+            row, self._run_batches(row["version"], thumbs.to_batch(pixels))
+        )
 
     def _run_batches(self, version: int, batch: np.ndarray) -> np.ndarray:
         out = [
@@ -122,11 +140,12 @@ class Inference:
         row = self.serving.resolve(version)
         version, size = row["version"], row["input_size"]
         self.serving.ensure_loaded(version)
+        cal = self.temperature(row) is not None
         bs = batch_size or self.batch_size
         unique = list(dict.fromkeys(cell_ids))
         todo = self._not_predicted(unique, version)
         total, done, written = len(unique), len(unique) - len(todo), 0
-        yield Progress(done, total, written, version)
+        yield Progress(done, total, written, version, calibrated=cal)
 
         # Groups of cells move through three stages at once: the next group's thumbs
         # are read (one query) on the I/O pool while the current group's batches queue
@@ -150,14 +169,15 @@ class Inference:
                 last = i + 1 == len(groups)
                 while len(pending) > 1 or (last and pending):
                     cells_done, probs = self._collect(pending.popleft())
+                    probs = self._calibrated(row, probs)
                     written += self._write(cells_done, version, probs)
                     done += len(cells_done)
-                    yield Progress(done, total, written, version)
+                    yield Progress(done, total, written, version, calibrated=cal)
         finally:  # also when the caller went away: drop the batches not started yet
             for _, batches in pending:
                 for f in batches:
                     f.cancel()
-        yield Progress(done, total, written, version, finished=True)
+        yield Progress(done, total, written, version, finished=True, calibrated=cal)
 
     def _not_predicted(self, cell_ids: list[int], version: int) -> list[int]:
         """``cell_ids`` without a prediction of ``version`` yet, in order; every id must

@@ -70,6 +70,7 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
             ],
             model_name=row["model_name"],
             model_version=row["version"],
+            calibrated=self.inference.temperature(row) is not None,
         )
 
     def PredictPool(self, request: classifier_pb2.PredictPoolRequest, context):
@@ -88,6 +89,7 @@ class ClassifierServicer(classifier_pb2_grpc.ClassifierServicer):
                 written=p.written,
                 model_version=p.model_version,
                 finished=p.finished,
+                calibrated=p.calibrated,
             )
 
     def ListModels(self, request, context):
@@ -141,6 +143,7 @@ def build(runtime: Runtime[ClassifierSettings]) -> Service:
         images.Limits.of(s),
         max_pool_cells=s.max_pool_cells,
         in_flight=s.triton_in_flight,
+        calibrate=s.calibrate,
     )
     try:
         serving.restore()

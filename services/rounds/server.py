@@ -11,7 +11,7 @@ from bmcell import grpc_client, paging
 from bmcell.errors import InvalidArgument, Unavailable
 from bmcell.grpc_server import Service
 from bmcell.runtime import Runtime
-from bmcell.selection import STRATEGIES
+from bmcell.selection import ROUND_STRATEGIES
 from bmcell.settings import RoundsSettings
 from bmcell.training_progress import progress_pb
 from bmcell.v1 import (
@@ -25,7 +25,7 @@ from bmcell.v1 import (
 from services.rounds import store
 from services.rounds.driver import Job, Ports, RoundDriver, Selected, run_forever
 
-STRATEGIES_WITH_BOOTSTRAP = ("bootstrap", *STRATEGIES)
+STRATEGIES_WITH_BOOTSTRAP = ("bootstrap", *ROUND_STRATEGIES)
 
 
 class RoundsServicer(rounds_pb2_grpc.RoundsServicer):

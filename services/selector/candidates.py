@@ -43,9 +43,10 @@ class SelectionRequest:
     labs: list[str] = field(default_factory=list)
 
     def params(self) -> rules.SelectionParams:
-        if self.strategy not in rules.STRATEGIES:
+        if self.strategy not in rules.ROUND_STRATEGIES:
             raise InvalidArgument(
-                f"unknown strategy {self.strategy!r}; expected one of {list(rules.STRATEGIES)}",
+                f"unknown strategy {self.strategy!r}; expected one of "
+                f"{list(rules.ROUND_STRATEGIES)}",
                 field="strategy",
             )
         if not 0 < self.sample_size <= MAX_SAMPLE_SIZE:
@@ -107,7 +108,10 @@ class CandidateSelector:
                     (self.model_name, version),
                 ).fetchone()
                 codes = [c["code"] for c in model["taxonomy"]["classes"]]
-                chosen = rules.select(req.strategy, P, params, seed)
+                if req.strategy in rules.EFFICIENCY_STRATEGIES:
+                    chosen = rules.select_efficient(req.strategy, P, params)
+                else:
+                    chosen = rules.select(req.strategy, P, params, seed)
             else:
                 codes, chosen = [], None
         tasks, pseudo = _tasks(sample, chosen, codes)

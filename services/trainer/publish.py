@@ -19,7 +19,9 @@ training loop chose its best epoch by:
 
 Passing calls ``activate`` (the classifier's ActivateModel, injected by the server so
 that this module has no transport code); failing marks the version ``rejected`` with
-the reason. Every step is idempotent: a job resumed after a crash
+the reason. Calibration: a temperature fitted on the validation logits
+(``bmcell.calibration``, Guo et al. 2017) is stored under ``metrics["calibration"]``
+with the 15-bin ECE before and after; the classifier applies it. Every step is idempotent: a job resumed after a crash
 here finds the version it already registered (``metrics.job_id``) and carries on.
 """
 
@@ -35,9 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bmcell import evaluation, modelstore, thumbs
+from bmcell import calibration, evaluation, modelstore, thumbs
 from bmcell.db import Database
 from bmcell.errors import BmcellError
+from bmcell.metrics import MODEL_ECE, MODEL_TEMPERATURE
 from bmcell.modelstore import state_dict_key
 from bmcell.network import CellClassifier
 from bmcell.storage import ObjectStore
@@ -55,18 +58,26 @@ class Outcome:
     message: str
 
 
-def predict(
+def logits(
     model: torch.nn.Module, db: Database, store: ObjectStore, items: list, input_size: int
 ) -> np.ndarray:
-    """The model's class index for each ``(crop_key, class, cell_id)`` item."""
+    """The model's logits ``(n, C)`` for each ``(crop_key, class, cell_id)`` item."""
     pixels = thumbs.fetch(db, store, [cell for _, _, cell in items], input_size)
-    preds = []
+    out = []
     model.eval()
     with torch.no_grad():
         for start in range(0, len(pixels), 64):
             x = torch.from_numpy(thumbs.to_batch(pixels[start : start + 64]))
-            preds.append(model(x).argmax(1).numpy())
-    return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+            out.append(model(x).double().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), dtype=np.float64)
+
+
+def predict(
+    model: torch.nn.Module, db: Database, store: ObjectStore, items: list, input_size: int
+) -> np.ndarray:
+    """The model's class index for each ``(crop_key, class, cell_id)`` item."""
+    z = logits(model, db, store, items, input_size)
+    return z.argmax(1) if len(z) else np.zeros(0, dtype=np.int64)
 
 
 def score(
@@ -77,10 +88,23 @@ def score(
     plan: Plan,
     tax: Taxonomy,
 ) -> evaluation.Evaluation | None:
-    if not items:
+    return score_logits(
+        logits(model, db, store, items, plan.input_size) if items else None, items, tax
+    )
+
+
+def score_logits(z: np.ndarray | None, items: list, tax: Taxonomy) -> evaluation.Evaluation | None:
+    if not items or z is None:
         return None
     truth = np.asarray([c for _, c, _ in items])
-    return evaluation.evaluate(truth, predict(model, db, store, items, plan.input_size), tax)
+    return evaluation.evaluate(truth, z.argmax(1), tax)
+
+
+def fit_calibration(z: np.ndarray | None, items: list) -> calibration.Calibration | None:
+    """Temperature scaling on the validation split's logits (None without one)."""
+    if z is None or not items:
+        return None
+    return calibration.calibrate(z, np.asarray([c for _, c, _ in items], dtype=np.int64))
 
 
 def upload_confusion(
@@ -112,7 +136,9 @@ def publish(
     model = CellClassifier(tax.num_classes)
     model.load_state_dict(model_state)
     model.eval()
-    val = score(model, db, store, plan.validation, plan, tax)
+    val_z = logits(model, db, store, plan.validation, plan.input_size) if plan.validation else None
+    val = score_logits(val_z, plan.validation, tax)
+    cal = fit_calibration(val_z, plan.validation)
     test = score(model, db, store, plan.test, plan, tax)
     val_acc = val.accuracy if val is not None else history[-1]["validation_accuracy"]
     test_acc = test.accuracy if test is not None else None
@@ -138,6 +164,9 @@ def publish(
             "learning_rate": plan.learning_rate,
             "transferred_from": plan.init_version,
             "history": history,
+            # Temperature scaling fitted on the validation split (bmcell.calibration);
+            # the classifier applies metrics.calibration.temperature when present.
+            "calibration": cal.to_json() if cal else None,
         }
         version = modelstore.register_version(
             db,
@@ -152,6 +181,10 @@ def publish(
             test_accuracy=test_acc,
             note=f"training job {job_id}",
         )
+    if cal is not None:
+        MODEL_ECE.labels(plan.model_name, "uncalibrated").set(cal.ece_before)
+        MODEL_ECE.labels(plan.model_name, "calibrated").set(cal.ece_after)
+        MODEL_TEMPERATURE.labels(plan.model_name).set(cal.temperature)
     buf = io.BytesIO()
     torch.save(model.state_dict(), buf)
     store.put(state_dict_key(plan.model_name, version), buf.getvalue())

@@ -151,6 +151,46 @@ def assert_resumed_after(db: Database, job_id: str, epochs: int, interrupted_at:
     assert first_after >= interrupted_at, (first_after, interrupted_at, history)
 
 
+def assert_served_calibrated(
+    metrics, store, db, settings, version, study, stack, operator_channel
+) -> None:
+    """The version carries a validation-fitted temperature, and the classifier serves
+    softmax(logits / T) of the published weights with calibrated=true."""
+    import io
+
+    import numpy as np
+    import torch
+
+    from bmcell import calibration
+    from bmcell.network import CellClassifier
+
+    cal = metrics["calibration"]
+    assert cal["temperature"] > 0 and cal["bins"] == 15 and cal["split"] == "validation"
+    assert cal["n"] == metrics["validation"]["n"]
+    assert cal["nll_after"] <= cal["nll_before"] + 1e-9
+    cells = study["test"][:4]
+    with operator_channel(stack.config.addr("classifier")) as ch:
+        got = classifier_pb2_grpc.ClassifierStub(ch).Classify(
+            classifier_pb2.ClassifyRequest(cell_ids=cells, model_version=version), timeout=60
+        )
+    assert got.calibrated and got.model_version == version
+    model = CellClassifier(DEFAULT_TAXONOMY.num_classes)
+    state = torch.load(io.BytesIO(store.get(state_dict_key(settings.model_name, version))))
+    model.load_state_dict(state)
+    model.eval()
+    with db.connection() as conn:
+        size = conn.execute(
+            "SELECT input_size FROM model_versions WHERE model_name = %s AND version = %s",
+            (settings.model_name, version),
+        ).fetchone()["input_size"]
+    x = torch.from_numpy(thumbs.to_batch(thumbs.fetch(db, store, cells, size)))
+    with torch.no_grad():
+        z = model(x).double().numpy()
+    want = calibration.softmax(z / cal["temperature"])
+    served = np.array([list(r.probabilities) for r in got.results])
+    np.testing.assert_allclose(served, want, atol=2e-4)
+
+
 # --- tests -------------------------------------------------------------------------------
 
 
@@ -226,6 +266,9 @@ def test_round_training_publishes_and_is_idempotent(
             classifier_pb2.ListModelsRequest(), timeout=10
         )
     assert listed.active_version == final.model_version
+    assert_served_calibrated(
+        metrics, store, db, settings, final.model_version, study, stack, operator_channel
+    )
 
     # Round 2 transfers from it; a gate that it cannot pass rejects it.
     with db.transaction() as conn:
