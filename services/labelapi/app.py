@@ -556,10 +556,10 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
                 conn, caller, round_number=round, lab_ids=lab_ids, class_code=class_code
             )
 
-        def body():
+        def streamed(export_rows, write):
             # One connection for the export's server-side cursor, held while it streams.
             with db.connection() as conn:
-                rows = labels.export_rows(
+                rows = export_rows(
                     conn,
                     caller,
                     round_number=round,
@@ -567,25 +567,21 @@ def create_app(runtime: Runtime[LabelApiSettings]) -> FastAPI:
                     class_code=class_code,
                     limit=settings.export_max_rows,
                 )
-                if format == "csv":
-                    yield from labels.csv_lines(rows)
-                else:
-                    yield from labels.json_chunks(rows)
+                yield from write(rows)
+
+        def body():
+            return streamed(
+                labels.export_rows, labels.csv_lines if format == "csv" else labels.json_chunks
+            )
 
         def zipped():
-            with db.connection() as conn:
-                rows = exports.export_rows(
-                    conn,
-                    caller,
-                    round_number=round,
-                    lab_ids=lab_ids,
-                    class_code=class_code,
-                    limit=settings.export_max_rows,
+            if format == "imagefolder":
+                return streamed(
+                    exports.export_rows, lambda rows: exports.imagefolder_zip(rows, runtime.store)
                 )
-                if format == "imagefolder":
-                    yield from exports.imagefolder_zip(rows, runtime.store)
-                else:
-                    yield from exports.coco_zip(rows, runtime.store, taxonomy)
+            return streamed(
+                exports.export_rows, lambda rows: exports.coco_zip(rows, runtime.store, taxonomy)
+            )
 
         if format in ("imagefolder", "coco"):
             return StreamingResponse(

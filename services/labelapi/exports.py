@@ -30,6 +30,7 @@ from PIL import Image
 from bmcell.auth import Principal
 from bmcell.storage import ObjectStore
 from bmcell.taxonomy import Taxonomy
+from services.labelapi import labels
 
 MANIFEST_COLUMNS = (
     "cell_id",
@@ -73,18 +74,13 @@ def export_rows(
     limit: int,
 ) -> Iterator[dict]:
     """Labelled cells the caller may see with what an export with images needs."""
-    params = {
-        "all": principal.all_labs,
-        "scope": principal.lab_list(),
-        "labs": lab_ids,
-        "round": round_number,
-        "class": class_code,
-        "limit": limit,
-    }
+    params = labels.export_params(
+        principal, round_number=round_number, lab_ids=lab_ids, class_code=class_code, limit=limit
+    )
     with conn.cursor(name="labels_export_images") as cur:
         cur.itersize = 500
         cur.execute(
-            """SELECT l.cell_id, lab.code AS lab, s.code AS specimen, l.class_code, l.source,
+            f"""SELECT l.cell_id, lab.code AS lab, s.code AS specimen, l.class_code, l.source,
                       r.number AS round, r.model_in AS model_version,
                       COALESCE((SELECT string_agg(u2.name, ';' ORDER BY u2.name)
                                   FROM reviews rv JOIN users u2 ON u2.id = rv.reviewer_id
@@ -100,10 +96,7 @@ def export_rows(
                  LEFT JOIN field_images f ON f.id = c.field_id
                  LEFT JOIN rounds r ON r.id = l.round_id
                  LEFT JOIN users u ON u.id = l.labelled_by
-                WHERE (%(all)s OR c.lab_id = ANY(%(scope)s))
-                  AND (%(labs)s::bigint[] IS NULL OR c.lab_id = ANY(%(labs)s))
-                  AND (%(round)s::int IS NULL OR r.number = %(round)s)
-                  AND (%(class)s::text IS NULL OR l.class_code = %(class)s)
+                {labels.EXPORT_FILTER}
                 ORDER BY c.field_id NULLS LAST, l.cell_id
                 LIMIT %(limit)s""",
             params,

@@ -170,6 +170,33 @@ def label_history(conn: psycopg.Connection, cell_id: int) -> list[dict]:
     ).fetchall()
 
 
+#: The rows every export may hold: the caller's labs (``all``, ``scope``), then the
+#: labs, round and class asked for; ``l`` labels, ``c`` cells, ``r`` rounds.
+EXPORT_FILTER = """WHERE (%(all)s OR c.lab_id = ANY(%(scope)s))
+                  AND (%(labs)s::bigint[] IS NULL OR c.lab_id = ANY(%(labs)s))
+                  AND (%(round)s::int IS NULL OR r.number = %(round)s)
+                  AND (%(class)s::text IS NULL OR l.class_code = %(class)s)"""
+
+
+def export_params(
+    principal: Principal,
+    *,
+    round_number: int | None,
+    lab_ids: list[int] | None,
+    class_code: str | None,
+    limit: int,
+) -> dict:
+    """The parameters of :data:`EXPORT_FILTER` (and ``limit``)."""
+    return {
+        "all": principal.all_labs,
+        "scope": principal.lab_list(),
+        "labs": lab_ids,
+        "round": round_number,
+        "class": class_code,
+        "limit": limit,
+    }
+
+
 def export_rows(
     conn: psycopg.Connection,
     principal: Principal,
@@ -183,14 +210,9 @@ def export_rows(
     is bmcell.policy's). The rows come from a server-side cursor as they are iterated,
     so an export of half a million labels never sits in memory.
     """
-    params = {
-        "all": principal.all_labs,
-        "scope": principal.lab_list(),
-        "labs": lab_ids,
-        "round": round_number,
-        "class": class_code,
-        "limit": limit,
-    }
+    params = export_params(
+        principal, round_number=round_number, lab_ids=lab_ids, class_code=class_code, limit=limit
+    )
     return _stream_export(conn, params)
 
 
@@ -198,7 +220,7 @@ def _stream_export(conn: psycopg.Connection, params: dict) -> Iterator[dict]:
     with conn.cursor(name="labels_export") as cur:
         cur.itersize = 1000
         cur.execute(
-            """SELECT l.cell_id, lab.code AS lab, s.code AS specimen, s.is_test, l.class_code,
+            f"""SELECT l.cell_id, lab.code AS lab, s.code AS specimen, s.is_test, l.class_code,
                       l.source, r.number AS round, l.round_added, u.name AS labelled_by,
                       l.task_id, c.crop_key, l.updated_at
                  FROM labels l
@@ -207,10 +229,7 @@ def _stream_export(conn: psycopg.Connection, params: dict) -> Iterator[dict]:
                  JOIN specimens s ON s.id = c.specimen_id
                  LEFT JOIN rounds r ON r.id = l.round_id
                  LEFT JOIN users u ON u.id = l.labelled_by
-                WHERE (%(all)s OR c.lab_id = ANY(%(scope)s))
-                  AND (%(labs)s::bigint[] IS NULL OR c.lab_id = ANY(%(labs)s))
-                  AND (%(round)s::int IS NULL OR r.number = %(round)s)
-                  AND (%(class)s::text IS NULL OR l.class_code = %(class)s)
+                {EXPORT_FILTER}
                 ORDER BY l.cell_id
                 LIMIT %(limit)s""",
             params,
