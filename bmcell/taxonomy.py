@@ -216,7 +216,7 @@ def parse_taxonomy(text: str, *, fmt: str = "json", source: str = "") -> Taxonom
         if not isinstance(c, dict):
             raise err("each class must be a mapping with code and name", fld, "classes")
         code = c.get("code")
-        cline = _line_of(text, str(code), line) if isinstance(code, str) else None
+        cline = _line_of(text, str(code), line + (1 if i else 0)) if isinstance(code, str) else None
         line = cline or line
         for key in c:
             if key not in _CLASS_FIELDS:
