@@ -320,7 +320,7 @@ def for_model(conn, model_name: str, *, max_age_s: float = _CACHE_TTL_S) -> Taxo
         "SELECT taxonomy FROM model_taxonomies WHERE model_name = %s ORDER BY version DESC LIMIT 1",
         (model_name,),
     ).fetchone()
-    tax = DEFAULT_TAXONOMY if row is None else Taxonomy.from_json(row[0])
+    tax = DEFAULT_TAXONOMY if row is None else Taxonomy.from_json(row["taxonomy"])
     _cache[model_name] = (now, tax)
     return tax
 
@@ -334,8 +334,8 @@ def store_for_model(conn, model_name: str, taxonomy: Taxonomy, *, loaded_by: str
             (model_name,),
         ).fetchone()
         if row is not None:
-            check_additive(Taxonomy.from_json(row[1]), taxonomy)
-        version = 1 if row is None else row[0] + 1
+            check_additive(Taxonomy.from_json(row["taxonomy"]), taxonomy)
+        version = 1 if row is None else row["version"] + 1
         conn.execute(
             "INSERT INTO model_taxonomies (model_name, version, taxonomy, loaded_by)"
             " VALUES (%s, %s, %s::jsonb, %s)",
